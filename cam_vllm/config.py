@@ -1,0 +1,72 @@
+"""User-facing settings of a KV policy, validated once, shared by every engine.
+
+The same model is read from ``vllm serve --kv-policy ...`` flags, from vLLM's
+``--additional-config``, from the evaluation CLI and from tests, so a bad setting gets the same
+message everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class KVPolicyConfig(BaseModel):
+    """A KV policy and its budget.
+
+    The budget is either absolute (``window_tokens``) or a fraction of a length (``budget``:
+    sinks + window = budget * length); :meth:`resolve` turns a fraction into tokens once the
+    length is known (vLLM: ``max_model_len``; evaluations: the prompt length, as the paper does).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str = Field("none", description="policy name, e.g. none, streaming, cam-streaming")
+    sink_tokens: int = Field(4, ge=0, description="first tokens always kept (attention sinks)")
+    window_tokens: int | None = Field(None, ge=1, description="recent tokens kept (incl. the newest)")
+    budget: float | None = Field(None, gt=0.0, le=1.0, description="sinks + window as a fraction")
+    block_size: int = Field(1, ge=1, description="eviction granularity in tokens (vLLM: its block size)")
+    merge_targets: int = Field(16, ge=1, description="CaM: oldest window tokens receiving a merge (m)")
+    merge_clamp: tuple[float, float] = Field((0.0, 1.0), description="CaM: clamp interval of Eq. 14")
+    merge_target_mode: Literal["even", "random-single"] = "even"
+    score_mode: Literal["accumulated", "current"] = "accumulated"
+    seed: int = Field(0, description="CaM: default seed of the merge draws")
+
+    @model_validator(mode="after")
+    def _check(self) -> KVPolicyConfig:
+        from cam_vllm.policies import base_policy_name
+
+        base_policy_name(self.policy)  # raises on unknown names
+        if self.window_tokens is not None and self.budget is not None:
+            raise ValueError("give either window_tokens or budget, not both")
+        lo, hi = self.merge_clamp
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"merge_clamp must satisfy 0 <= lo <= hi <= 1, got {self.merge_clamp}")
+        return self
+
+    @property
+    def evicts(self) -> bool:
+        return self.policy != "none"
+
+    def resolve(self, length: int | None = None) -> KVPolicyConfig:
+        """Return a copy with ``window_tokens`` set (from ``budget`` * ``length`` if needed).
+
+        The window is rounded down to whole blocks; a budget that leaves less than one block
+        (or no more than the sinks) is an error naming the numbers.
+        """
+        if not self.evicts or self.window_tokens is not None:
+            return self
+        if self.budget is None:
+            raise ValueError(f"policy {self.policy!r} needs window_tokens or budget")
+        if length is None:
+            raise ValueError("a fractional budget needs the length it is a fraction of")
+        total = int(self.budget * length)
+        window = (total - self.sink_tokens) // self.block_size * self.block_size
+        if window < self.block_size or window <= self.sink_tokens:
+            raise ValueError(
+                f"budget {self.budget} of {length} tokens is {total} tokens, which leaves a window of "
+                f"{max(window, 0)} tokens after {self.sink_tokens} sinks; it must exceed the sinks and "
+                f"hold at least one block of {self.block_size} tokens"
+            )
+        return self.model_copy(update={"window_tokens": window, "budget": None})

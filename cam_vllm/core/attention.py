@@ -1,0 +1,64 @@
+"""Attention probabilities and accumulated attention per KV head.
+
+Layout-agnostic: every function takes plain token-major tensors of *one sequence*
+(``q [Nq, Hq, D]``, ``k/v [Nk, Hkv, D]``). Whoever owns the storage (the reference cache, or
+the vLLM glue reading paged blocks) gathers into this form and scatters results back.
+
+GQA convention, used everywhere in this project: the probability a KV head gives to a token is
+the **mean** over the query heads that share that KV head. Each row of the reduced
+probabilities still sums to one, so ``Abar`` has the same scale with or without GQA. (CaM only
+uses ratios of ``Abar`` values of the same head, so the sum would give identical decisions.)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+ScoreMode = Literal["accumulated", "current"]
+
+
+def attention_with_probs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax attention that also returns the probabilities.
+
+    q: [Nq, Hq, D]; k, v: [Nk, Hkv, D]; visible: [Nq, Nk] bool (True = may attend).
+    Returns (output [Nq, Hq, D] in q's dtype, probs [Nq, Hq, Nk] float32).
+    Computed in float32; a query row with no visible token gets zeros (never NaN).
+    """
+    nq, hq, _ = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    qf = q.float().reshape(nq, hkv, group, -1)  # [Nq, Hkv, G, D]
+    kf = k.float()
+    logits = torch.einsum("qhgd,khd->qhgk", qf, kf) * scale  # [Nq, Hkv, G, Nk]
+    mask = visible[:, None, None, :]
+    logits = logits.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)
+    out = torch.einsum("qhgk,khd->qhgd", probs, v.float())
+    return out.reshape(nq, hq, -1).to(q.dtype), probs.reshape(nq, hq, -1)
+
+
+def reduce_to_kv_heads(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[..., Hq, Nk] -> [..., Hkv, Nk]: mean over the query heads of each KV head (GQA)."""
+    *lead, hq, nk = probs.shape
+    return probs.reshape(*lead, num_kv_heads, hq // num_kv_heads, nk).mean(dim=-2)
+
+
+def accumulate_attention(
+    abar: torch.Tensor, probs_kv: torch.Tensor, mode: ScoreMode = "accumulated"
+) -> torch.Tensor:
+    """Update the per-token score ``Abar`` [Nk, Hkv] with this step's probabilities.
+
+    probs_kv: [Nq, Hkv, Nk] (queries of this step, already reduced to KV heads).
+    ``accumulated`` (the paper): Abar_i += sum over this step's queries of A[i].
+    ``current`` (ablation, Table 2): Abar_i = A[i] of this step's last query.
+    """
+    if mode == "accumulated":
+        return abar + probs_kv.sum(dim=0).transpose(0, 1)
+    if mode == "current":
+        return probs_kv[-1].transpose(0, 1).clone()
+    raise ValueError(f"unknown score mode {mode!r}")

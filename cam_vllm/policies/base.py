@@ -1,0 +1,67 @@
+"""The eviction-policy interface.
+
+A policy answers two questions about one sequence, for one layer:
+  * which cached tokens may a query at position ``q`` attend to (``visible``), and
+  * which cached tokens does the cache drop once ``num_tokens`` tokens exist (``retained``).
+CaM merging is not a policy: it wraps any policy (see :class:`cam_vllm.policies.KVPolicy`) and
+merges what the policy drops into the policy's recent window, whose start ``window_start`` gives.
+
+Policies here are *positional*: their decisions depend only on token positions and the sequence
+length, so vLLM's scheduler (which frees blocks) and its workers (which attend and merge)
+compute the same retained set independently. ``block_size`` > 1 makes decisions at block
+granularity, as a paged cache must; ``block_size == 1`` is the per-token behaviour of the paper.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class EvictionPolicy(ABC):
+    """Base class: subclasses define ``retained`` and ``window_start`` and register a name."""
+
+    name: ClassVar[str]
+    block_size: int = 1
+
+    @abstractmethod
+    def retained(self, positions: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
+        """Bool mask: is a token at ``positions`` kept while the sequence has ``num_tokens``?
+
+        Both arguments broadcast (e.g. positions [1, Nk] against num_tokens [Nq, 1]).
+        """
+
+    @abstractmethod
+    def window_start(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor:
+        """First position of the recent window (the merge targets start there)."""
+
+    def max_retained_tokens(self) -> int | None:
+        """Upper bound on retained tokens for any length (None: unbounded)."""
+        return None
+
+    def visible(self, q_positions: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
+        """[Nq, Nk] bool: causal and retained when the query is the newest token.
+
+        Queries of one chunk each see the retained set of their own length (q + 1), so a chunked
+        prefill attends exactly like token-by-token decoding would.
+        """
+        kv = kv_positions[None, :]
+        q = q_positions[:, None]
+        return self.retained(kv, q + 1) & (kv <= q)
+
+
+@dataclass(frozen=True)
+class FullCache(EvictionPolicy):
+    """Keep everything: vLLM's own behaviour."""
+
+    name: ClassVar[str] = "none"
+
+    def retained(self, positions: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(positions + num_tokens, dtype=torch.bool)
+
+    def window_start(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor:
+        return num_tokens * 0

@@ -1,0 +1,65 @@
+"""StreamingLLM (Xiao et al., 2023): keep the first tokens (attention sinks) and a recent window.
+
+Per token (block_size 1), a query at position q sees positions [0, S) and [q + 1 - W, q]: the
+window W counts the query itself, so the cache never holds more than S + W tokens. With
+blocks of B tokens, the sink region is rounded up to whole blocks and the window is the last W/B
+blocks (the newest possibly partial), so the window holds between W - B + 1 and W tokens and
+a whole block leaves it at once. Keys keep the rotary position they were written with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from cam_vllm.policies.base import EvictionPolicy
+
+
+@dataclass(frozen=True)
+class StreamingPolicy(EvictionPolicy):
+    name: ClassVar[str] = "streaming"
+    sink_tokens: int = 4
+    window_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        b = self.block_size
+        if b < 1:
+            raise ValueError(f"block_size must be >= 1, got {b}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink tokens must be >= 0, got {self.sink_tokens}")
+        if self.window_tokens < b:
+            raise ValueError(
+                f"window of {self.window_tokens} tokens is smaller than one block ({b} tokens); "
+                "raise the window or lower the block size"
+            )
+        if self.window_tokens % b:
+            raise ValueError(
+                f"window of {self.window_tokens} tokens is not a multiple of the block size {b}; "
+                f"use {self.window_tokens // b * b} or {(self.window_tokens // b + 1) * b}"
+            )
+        if self.sink_tokens >= self.window_tokens:
+            raise ValueError(
+                f"sink tokens ({self.sink_tokens}) must be fewer than window tokens "
+                f"({self.window_tokens}); StreamingLLM keeps a few sinks and a larger window"
+            )
+
+    @property
+    def sink_end(self) -> int:
+        """End of the sink region: the sinks rounded up to whole blocks."""
+        b = self.block_size
+        return -(-self.sink_tokens // b) * b
+
+    def window_start(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor:
+        b = self.block_size
+        start = -(-num_tokens // b) * b - self.window_tokens
+        if isinstance(start, torch.Tensor):
+            return start.clamp(min=self.sink_end)
+        return max(self.sink_end, start)
+
+    def retained(self, positions: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
+        return (positions < self.sink_end) | (positions >= self.window_start(num_tokens))
+
+    def max_retained_tokens(self) -> int:
+        return self.sink_end + self.window_tokens

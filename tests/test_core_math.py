@@ -1,0 +1,176 @@
+"""Unit and property tests of the layout-agnostic CaM math (cam_vllm.core)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cam_vllm.core.attention import accumulate_attention, attention_with_probs, reduce_to_kv_heads
+from cam_vllm.core.merge import MergeConfig, cam_merge, merge_probability, merge_values
+from cam_vllm.core.rng import merge_uniforms, target_choices
+
+
+def test_attention_with_probs_matches_sdpa_with_gqa():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(5, 9, 8), torch.randn(12, 3, 8), torch.randn(12, 3, 8)
+    visible = torch.rand(5, 12) > 0.3
+    visible[:, 0] = True
+    out, probs = attention_with_probs(q, k, v, visible, scale=0.3)
+    kk = k.repeat_interleave(3, dim=1).transpose(0, 1)  # [9, 12, 8]
+    vv = v.repeat_interleave(3, dim=1).transpose(0, 1)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), kk, vv, attn_mask=visible, scale=0.3
+    ).transpose(0, 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert probs.shape == (5, 9, 12)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5, 9))
+    assert (probs[~visible[:, None, :].expand(5, 9, 12)] == 0).all()
+
+
+def test_row_without_visible_tokens_gives_zeros_not_nan():
+    out, probs = attention_with_probs(
+        torch.randn(2, 2, 4),
+        torch.randn(3, 1, 4),
+        torch.randn(3, 1, 4),
+        torch.tensor([[True, False, False], [False, False, False]]),
+        1.0,
+    )
+    assert torch.isfinite(out).all() and (out[1] == 0).all() and (probs[1] == 0).all()
+
+
+def test_gqa_reduction_is_mean_over_group_9_query_to_3_kv_heads():
+    probs = torch.softmax(torch.randn(4, 9, 7), dim=-1)
+    red = reduce_to_kv_heads(probs, 3)
+    assert red.shape == (4, 3, 7)
+    torch.testing.assert_close(red[:, 1], probs[:, 3:6].mean(1))
+    torch.testing.assert_close(red.sum(-1), torch.ones(4, 3))  # still a distribution per KV head
+
+
+def test_accumulate_modes():
+    abar = torch.ones(3, 2)
+    p = torch.rand(4, 2, 3)  # [Nq, Hkv, Nk]
+    torch.testing.assert_close(accumulate_attention(abar, p), 1 + p.sum(0).T)
+    torch.testing.assert_close(accumulate_attention(abar, p, "current"), p[-1].T)
+    with pytest.raises(ValueError):
+        accumulate_attention(abar, p, "bogus")  # type: ignore[arg-type]
+
+
+def test_merge_probability_clamps_and_handles_zero():
+    ev = torch.tensor([[0.5, 0.0, 3.0, 0.0]])
+    tg = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    p = merge_probability(ev, tg)
+    assert p.tolist() == [[0.5, 0.0, 1.0, 0.0]]  # 3/1 clamped to 1; 0/0 -> 0 (no merge)
+    assert merge_probability(torch.tensor([[1.0]]), torch.tensor([[0.0]])).item() == 1.0
+    assert merge_probability(ev, tg, (0.5, 0.75)).tolist() == [[0.5, 0.5, 0.75, 0.5]]
+
+
+def test_merge_values_even_spread_is_eq15():
+    vt = torch.randn(4, 3, 8)
+    ve = torch.randn(2, 3, 8)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    new = merge_values(vt, ve, mask)
+    expected = vt + ((ve * mask[..., None]).sum(0) / 4)[None]
+    torch.testing.assert_close(new, expected)
+
+
+def test_merge_values_random_single_target_adds_whole_value_to_one_target():
+    vt = torch.zeros(4, 1, 2)
+    ve = torch.ones(1, 1, 2)
+    new = merge_values(vt, ve, torch.tensor([[True]]), choice=torch.tensor([[2]]))
+    assert new[2].tolist() == [[1.0, 1.0]] and new[[0, 1, 3]].abs().sum() == 0
+
+
+def test_draws_are_reproducible_and_keyed_by_what_is_decided():
+    pos = torch.arange(100, 140)
+    a = merge_uniforms(7, 3, pos, 4)
+    assert torch.equal(a, merge_uniforms(7, 3, pos, 4))
+    # the draw for one (position, head) does not depend on which other tokens are drawn with it
+    assert torch.equal(a[5:9], merge_uniforms(7, 3, pos[5:9], 4))
+    assert torch.equal(a[:, 2:], merge_uniforms(7, 3, pos, torch.tensor([2, 3])))
+    assert not torch.equal(a, merge_uniforms(8, 3, pos, 4))
+    assert not torch.equal(a, merge_uniforms(7, 4, pos, 4))
+    assert ((a >= 0) & (a < 1)).all()
+
+
+def test_draws_are_uniform_enough_for_bernoulli():
+    u = merge_uniforms(0, 0, torch.arange(20000), 5)
+    assert abs(u.mean().item() - 0.5) < 0.01
+    for p in (0.1, 0.5, 0.9):
+        assert abs((u < p).float().mean().item() - p) < 0.01
+    c = target_choices(0, 0, torch.arange(20000), 1, 16)
+    counts = torch.bincount(c.flatten(), minlength=16).float()
+    assert counts.min() > 0.8 * counts.mean()
+
+
+def test_cam_merge_same_seed_same_merges_and_forced_probabilities():
+    torch.manual_seed(1)
+    vt, ve = torch.randn(16, 3, 8), torch.randn(32, 3, 8)
+    at, ae = torch.rand(16, 3), torch.rand(32, 3)
+    pos = torch.arange(50, 82)
+    cfg = MergeConfig(seed=11)
+    v1, m1 = cam_merge(vt, ve, at, ae, pos, layer=2, config=cfg)
+    v2, m2 = cam_merge(vt, ve, at, ae, pos, layer=2, config=cfg)
+    assert torch.equal(v1, v2) and torch.equal(m1, m2)
+    _, m3 = cam_merge(vt, ve, at, ae, pos, layer=2, config=cfg, seed=12)
+    assert not torch.equal(m1, m3)
+    never, mn = cam_merge(vt, ve, at, ae, pos, 2, MergeConfig(clamp=(0.0, 0.0)))
+    assert not mn.any() and torch.equal(never, vt)
+    _, ma = cam_merge(vt, ve, at, ae, pos, 2, MergeConfig(clamp=(1.0, 1.0)))
+    assert ma.all()
+
+
+def test_merge_config_validation():
+    with pytest.raises(ValueError, match="clamp"):
+        MergeConfig(clamp=(0.8, 0.2))
+    with pytest.raises(ValueError, match="num_targets"):
+        MergeConfig(num_targets=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    a_i=st.floats(1e-4, 1.0),
+    a_targets=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=16),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_theorem_3_3_merge_beats_eviction_exactly_when_mean_in_0_2ai(a_i, a_targets, seed):
+    """Theorem 3.3, checked through our Eq. 15 implementation.
+
+    A future query gives fixed attention a_i to the evicted token and a_targets to the m merge
+    targets. Evicting changes its output by -a_i V_i; merging V_i evenly (mask = 1) changes it
+    by (mean(a_targets) - a_i) V_i. Merging is better exactly when 0 < mean < 2 a_i and
+    lossless when mean == a_i.
+    """
+    g = torch.Generator().manual_seed(seed)
+    m = len(a_targets)
+    d = 8
+    v_i = torch.randn(1, 1, d, generator=g, dtype=torch.float64)
+    v_t = torch.randn(m, 1, d, generator=g, dtype=torch.float64)
+    a_t = torch.tensor(a_targets, dtype=torch.float64)
+
+    full = a_i * v_i[0, 0] + (a_t[:, None] * v_t[:, 0]).sum(0)
+    evicted = (a_t[:, None] * v_t[:, 0]).sum(0)
+    merged_v = merge_values(v_t, v_i, torch.ones(1, 1, dtype=torch.bool))
+    merged = (a_t[:, None] * merged_v[:, 0]).sum(0)
+
+    err_evict = (evicted - full).norm().item()
+    err_merge = (merged - full).norm().item()
+    mean_t = a_t.mean().item()
+    # the perturbations are exactly the theorem's expressions
+    assert err_merge == pytest.approx(abs(mean_t - a_i) * v_i.norm().item(), rel=1e-9, abs=1e-12)
+    assert err_evict == pytest.approx(a_i * v_i.norm().item(), rel=1e-9)
+    margin = 1e-9 * max(1.0, a_i)
+    if 0 + margin < mean_t < 2 * a_i - margin:
+        assert err_merge < err_evict
+    elif mean_t == 0 or mean_t >= 2 * a_i + margin:
+        assert err_merge >= err_evict - 1e-12
+
+
+def test_theorem_3_3_lossless_when_equal():
+    v_i = torch.randn(1, 1, 4, dtype=torch.float64)
+    v_t = torch.randn(4, 1, 4, dtype=torch.float64)
+    a = torch.full((4,), 0.2, dtype=torch.float64)
+    full = 0.2 * v_i[0, 0] + (a[:, None] * v_t[:, 0]).sum(0)
+    merged = (a[:, None] * merge_values(v_t, v_i, torch.ones(1, 1, dtype=torch.bool))[:, 0]).sum(0)
+    torch.testing.assert_close(merged, full)

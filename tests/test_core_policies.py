@@ -1,0 +1,116 @@
+"""The retained-set rules and the user-facing policy configuration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cam_vllm.config import KVPolicyConfig
+from cam_vllm.policies import StreamingPolicy, build_policy, policy_names
+
+
+@st.composite
+def streaming_policies(draw):
+    block = draw(st.sampled_from([1, 2, 4, 16, 32]))
+    window = block * draw(st.integers(1, 12))
+    sinks = draw(st.integers(0, window - 1))
+    return StreamingPolicy(block_size=block, sink_tokens=sinks, window_tokens=window)
+
+
+@settings(max_examples=200, deadline=None)
+@given(policy=streaming_policies(), n=st.integers(1, 600))
+def test_streaming_retained_set_bounds(policy, n):
+    pos = torch.arange(n)
+    kept = policy.retained(pos, n)
+    b, w = policy.block_size, policy.window_tokens
+    assert kept[: min(policy.sink_end, n)].all(), "sinks are always retained"
+    assert kept[-1], "the newest token is always retained"
+    assert int(kept.sum()) <= policy.sink_end + w == policy.max_retained_tokens()
+    window = pos[kept & (pos >= policy.sink_end)]
+    if n > policy.sink_end + w:
+        # window tokens are contiguous, end at the newest token, and number W - B + 1 .. W
+        assert w - b + 1 <= window.numel() <= w
+        assert window[-1] == n - 1 and window.numel() == int(window[-1] - window[0] + 1)
+        assert int(window[0]) % b == 0, "eviction is block-granular"
+        assert policy.window_start(n) == window[0]
+    else:
+        assert kept.all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(policy=streaming_policies(), n=st.integers(1, 300))
+def test_retention_is_monotonic_once_evicted_never_back(policy, n):
+    pos = torch.arange(n)
+    assert not (policy.retained(pos, n + 1) & ~policy.retained(pos, n)).any()
+
+
+def test_visible_is_causal_and_per_query():
+    p = StreamingPolicy(block_size=4, sink_tokens=2, window_tokens=8)
+    vis = p.visible(torch.arange(20), torch.arange(20))
+    for q in range(20):
+        expected = p.retained(torch.arange(20), q + 1) & (torch.arange(20) <= q)
+        assert torch.equal(vis[q], expected)
+    assert vis.diagonal().all()
+
+
+def test_per_token_mode_is_sinks_plus_last_w_tokens():
+    p = StreamingPolicy(block_size=1, sink_tokens=4, window_tokens=6)
+    assert p.retained(torch.arange(20), 20).nonzero().flatten().tolist() == [
+        0,
+        1,
+        2,
+        3,
+        14,
+        15,
+        16,
+        17,
+        18,
+        19,
+    ]
+
+
+def test_sinks_round_up_to_blocks():
+    p = StreamingPolicy(block_size=32, sink_tokens=4, window_tokens=64)
+    assert p.sink_end == 32 and p.max_retained_tokens() == 96
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sink_tokens": 8, "window_tokens": 8}, "fewer than window"),
+        ({"sink_tokens": 4, "window_tokens": 16, "block_size": 32}, "smaller than one block"),
+        ({"sink_tokens": 4, "window_tokens": 48, "block_size": 32}, "not a multiple"),
+    ],
+)
+def test_bad_streaming_settings_are_refused_with_a_reason(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_policy(KVPolicyConfig(policy="streaming", **kwargs))
+
+
+def test_unknown_policy_names_the_choices():
+    with pytest.raises(ValueError, match="unknown KV policy 'h3o'.*cam-streaming"):
+        KVPolicyConfig(policy="h3o")
+    with pytest.raises(ValueError, match="unknown KV policy"):
+        KVPolicyConfig(policy="cam-none")
+    assert {"none", "streaming", "cam-streaming"} <= set(policy_names())
+
+
+def test_budget_fraction_resolves_to_whole_blocks():
+    cfg = KVPolicyConfig(policy="cam-streaming", budget=0.25, sink_tokens=4, block_size=32)
+    pol = build_policy(cfg, length=1000)  # 250 tokens -> 246 after sinks -> 224 (7 blocks)
+    assert pol.eviction.window_tokens == 224 and pol.merge is not None
+    with pytest.raises(ValueError, match="budget 0.01 of 1000 tokens"):
+        build_policy(cfg.model_copy(update={"budget": 0.01}), length=1000)
+    with pytest.raises(ValueError, match="either window_tokens or budget"):
+        KVPolicyConfig(policy="streaming", budget=0.5, window_tokens=64)
+    with pytest.raises(ValueError, match="needs window_tokens or budget"):
+        build_policy(KVPolicyConfig(policy="streaming"))
+
+
+def test_cam_prefix_adds_merge_plain_policy_has_none():
+    assert build_policy(KVPolicyConfig(policy="streaming", window_tokens=64)).merge is None
+    cam = build_policy(KVPolicyConfig(policy="cam-streaming", window_tokens=64, merge_targets=8, seed=3))
+    assert cam.merge.num_targets == 8 and cam.merge.seed == 3 and cam.tracks_scores
+    assert build_policy(KVPolicyConfig()).eviction.retained(torch.arange(5), 5).all()
