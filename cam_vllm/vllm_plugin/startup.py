@@ -1,0 +1,316 @@
+"""Start-up validation: refuse every configuration a KV policy cannot serve, with the fix.
+
+Runs twice, from the same functions:
+  * in the process that builds the engine config (API server of ``vllm serve``, the user's
+    process for ``vllm.LLM``), right after ``EngineArgs.create_engine_config`` (see ``cli.py``):
+    the error is raised there, before any engine process starts, so the user sees it directly;
+  * in the engine core, where the layers' KV specs arrive from the workers: the spec's memory
+    bound (``PolicyAttentionSpec.max_memory_usage_bytes``) re-checks the config, and after the
+    KV cache is set up every KV cache group must carry the policy spec
+    (:func:`check_kv_cache_config`); a layer left on full attention is an error, never a silent
+    fallback. Errors there end the engine core; vLLM logs them with an ``(EngineCore pid=...)``
+    prefix on stderr and the front end fails with "Engine core initialization failed".
+
+No vLLM import at module level.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cam_vllm.vllm_plugin.settings import (
+    ADDITIONAL_CONFIG_KEY,
+    policy_config_from_additional,
+    policy_from_vllm_config,
+)
+
+FLAG_HINT = (
+    "set it with --kv-policy/--kv-sink-tokens/--kv-window-tokens/--kv-budget, or in "
+    f"--additional-config '{{\"{ADDITIONAL_CONFIG_KEY}\": {{...}}}}'"
+)
+
+
+class KVPolicyStartupError(ValueError):
+    """A KV policy cannot run with this engine configuration. The message names the fix."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"cam-vllm: {message}")
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+def policy_config_or_error(additional_config: Any) -> Any:
+    """The :class:`KVPolicyConfig` in ``additional_config`` (None: no policy), or a clear error."""
+    try:
+        return policy_config_from_additional(additional_config)
+    except ValueError as exc:
+        raise KVPolicyStartupError(
+            f"invalid KV policy settings: {_short_reason(exc)}. Fix: correct the KV policy "
+            f"settings ({FLAG_HINT})."
+        ) from exc
+
+
+def _short_reason(exc: BaseException) -> str:
+    """One line per problem, without pydantic's boilerplate (links, input echoes)."""
+    cause = exc.__cause__
+    errors = getattr(cause, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for err in errors():
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
+        if err.get("type") == "extra_forbidden":
+            msg = f"unknown setting {loc!r}"
+        elif loc:
+            msg = f"{loc}: {msg}"
+        parts.append(msg)
+    return "; ".join(parts) or str(exc)
+
+
+def policy_or_error(vllm_config: Any) -> Any:
+    """The resolved :class:`KVPolicy` for this engine (None: no policy), or a clear error.
+
+    Resolution needs the block size and ``max_model_len``: a window that is not a whole number of
+    blocks, fewer than one block, not larger than the sinks, or a budget that leaves less than one
+    block are refused here.
+    """
+    config = policy_config_or_error(getattr(vllm_config, "additional_config", None))
+    if config is None or not config.evicts:
+        return None
+    try:
+        return policy_from_vllm_config(vllm_config)
+    except ValueError as exc:
+        block = vllm_config.cache_config.block_size
+        raise KVPolicyStartupError(
+            f"KV policy {config.policy!r} cannot run with block size {block} and max_model_len "
+            f"{vllm_config.model_config.max_model_len}: {exc}. Fix: use a window that is a multiple "
+            f"of the block size ({block}) and larger than the sinks, a --kv-budget that leaves at "
+            "least one block, or a different --block-size."
+        ) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Model and engine features
+# --------------------------------------------------------------------------------------------
+
+_MODEL_FIX = (
+    "KV policies support plain decoder-only full-attention models (e.g. Llama, Qwen2, Mistral "
+    "without sliding window). Fix: serve such a model, or drop --kv-policy / the "
+    f"{ADDITIONAL_CONFIG_KEY!r} entry of --additional-config."
+)
+
+
+def model_problems(model_config: Any) -> list[str]:
+    """Why this model cannot run under a KV policy (empty: it can)."""
+    problems: list[str] = []
+    hf = getattr(model_config, "hf_text_config", None)
+    arch = ", ".join(getattr(model_config, "architectures", None) or []) or "this model"
+
+    def flag(name: str) -> bool:
+        try:
+            return bool(getattr(model_config, name))
+        except Exception:  # a property that cannot be evaluated counts as "not set"
+            return False
+
+    if getattr(model_config, "runner_type", "generate") != "generate":
+        problems.append(f"{arch} runs as a {model_config.runner_type!r} model, not text generation")
+    if flag("is_encoder_decoder"):
+        problems.append(f"{arch} is an encoder-decoder model")
+    if flag("use_mla"):
+        problems.append(f"{arch} uses multi-head latent attention (MLA)")
+    if flag("is_attention_free"):
+        problems.append(f"{arch} has no attention layers")
+    if flag("is_hybrid"):
+        problems.append(f"{arch} mixes attention with state-space / linear-attention layers")
+    if flag("is_multimodal_model"):
+        problems.append(f"{arch} is multimodal")
+    if flag("is_diffusion"):
+        problems.append(f"{arch} is a diffusion language model")
+    if getattr(model_config, "rswa_window", None):
+        problems.append(f"{arch} uses reference sliding-window attention")
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        kinds = sorted({t for t in layer_types if t != "full_attention"})
+        problems.append(f"{arch} has layers that are not full attention ({', '.join(kinds)})")
+    window = model_config.get_sliding_window() if hasattr(model_config, "get_sliding_window") else None
+    if window is not None and getattr(hf, "use_sliding_window", True) is not False:
+        problems.append(
+            f"{arch} uses sliding-window attention (sliding_window={window}); if the window is "
+            "larger than every sequence you serve, disable it with "
+            "--hf-overrides '{\"sliding_window\": null}'"
+        )
+    if getattr(hf, "attention_chunk_size", None):
+        problems.append(f"{arch} uses chunked local attention")
+    return problems
+
+
+def engine_problems(vllm_config: Any) -> list[str]:
+    """Engine features that conflict with evicting and merging KV blocks (empty: none)."""
+    problems: list[str] = []
+    cache = vllm_config.cache_config
+    if cache.enable_prefix_caching:
+        problems.append(
+            "prefix caching is enabled: merged blocks hold request-private values and must never "
+            "be shared. Fix: drop --enable-prefix-caching (a KV policy turns it off by default)"
+        )
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        problems.append(
+            "speculative decoding is not supported with a KV policy. Fix: drop --speculative-config"
+        )
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        problems.append("KV transfer / offloading connectors are not supported with a KV policy")
+    parallel = vllm_config.parallel_config
+    if (
+        getattr(parallel, "decode_context_parallel_size", 1) > 1
+        or getattr(parallel, "prefill_context_parallel_size", 1) > 1
+    ):
+        problems.append("decode/prefill context parallelism is not supported with a KV policy")
+    if getattr(cache, "kv_sharing_fast_prefill", False):
+        problems.append("--kv-sharing-fast-prefill is not supported with a KV policy")
+    return problems
+
+
+def validate_vllm_config(vllm_config: Any) -> Any:
+    """Every start-up check that needs only the engine config. Returns the policy (or None)."""
+    policy = policy_or_error(vllm_config)
+    if policy is None:
+        return None
+    from cam_vllm.vllm_plugin import registration_error
+
+    if (err := registration_error()) is not None:
+        raise KVPolicyStartupError(
+            f"KV policy {policy.name!r} is configured but cam-vllm could not hook into this vLLM: {err}"
+        )
+    problems = model_problems(vllm_config.model_config)
+    if problems:
+        raise KVPolicyStartupError(
+            f"KV policy {policy.name!r} cannot serve model {vllm_config.model_config.model!r}: "
+            + "; ".join(problems)
+            + ". "
+            + _MODEL_FIX
+        )
+    problems = engine_problems(vllm_config)
+    if problems:
+        raise KVPolicyStartupError(f"KV policy {policy.name!r}: " + "; ".join(problems) + ".")
+    return policy
+
+
+# --------------------------------------------------------------------------------------------
+# Engine core: what the workers reported
+# --------------------------------------------------------------------------------------------
+
+_checked_configs: set[int] = set()
+
+
+def check_spec_against_config(spec: Any, vllm_config: Any) -> None:
+    """Engine core: the policy spec a worker reported agrees with this engine's config."""
+    # Checked once per engine config: vLLM calls the memory bound again while it searches for a
+    # max_model_len that fits, with max_model_len temporarily changed (a --kv-budget would then
+    # resolve to other windows).
+    key = id(vllm_config)
+    if key in _checked_configs:
+        return
+    policy = validate_vllm_config(vllm_config)
+    if policy is None:
+        raise KVPolicyStartupError(
+            "a layer reported a KV policy spec but no KV policy is configured in this engine; "
+            "the worker and the engine core disagree (stale worker process?)"
+        )
+    eviction = policy.eviction
+    expected = (
+        eviction.block_size,
+        getattr(eviction, "sink_end", None),
+        getattr(eviction, "window_tokens", None),
+    )
+    got = (spec.block_size, spec.sink_end, spec.window_tokens)
+    if expected != got:
+        raise KVPolicyStartupError(
+            f"worker and engine core disagree on the KV policy (block, sink_end, window): worker "
+            f"{got}, engine {expected}"
+        )
+    _checked_configs.add(key)
+
+
+def check_kv_cache_config(vllm_config: Any, kv_cache_config: Any) -> None:
+    """Engine core, after KV set-up: with a policy, every KV cache group carries the policy spec.
+
+    A group on any other spec means some layer would silently run full attention (or another
+    scheme) and keep every block; that is refused with the layer names.
+    """
+    from cam_vllm.vllm_plugin.kv_manager import PolicyAttentionSpec
+
+    policy = policy_or_error(vllm_config)
+    groups = list(getattr(kv_cache_config, "kv_cache_groups", []) or [])
+    ours = [g for g in groups if isinstance(g.kv_cache_spec, PolicyAttentionSpec)]
+    if policy is None:
+        if ours:
+            raise KVPolicyStartupError(
+                "layers report a KV policy spec but no KV policy is configured in the engine core"
+            )
+        return
+    others = [g for g in groups if not isinstance(g.kv_cache_spec, PolicyAttentionSpec)]
+    if not groups or others:
+        detail = (
+            "; ".join(
+                f"{type(g.kv_cache_spec).__name__} for {', '.join(g.layer_names[:3])}"
+                + (" ..." if len(g.layer_names) > 3 else "")
+                for g in others
+            )
+            or "the model has no KV cache"
+        )
+        raise KVPolicyStartupError(
+            f"KV policy {policy.name!r} is configured but not every attention layer uses it ({detail}). "
+            "Those layers would keep their full KV cache. This happens when cam-vllm's attention "
+            "backend is not active in the workers (another --attention-backend was chosen, the "
+            "platform has none, or cam-vllm's worker side is not installed) or when the model has "
+            "non-full-attention layers. " + _MODEL_FIX
+        )
+
+
+def set_step_tokens(vllm_config: Any, kv_cache_config: Any) -> None:
+    """Give the scheduler's policy specs this engine's ``max_in_flight_tokens``.
+
+    The workers build the spec where the scheduler limits may be unknown; the engine core knows
+    them. The manager sizes its admission cap from ``step_tokens``, which must match the bound the
+    start-up check used (``max_memory_usage_bytes`` reads the same number from the config).
+    """
+    from dataclasses import replace
+
+    from cam_vllm.vllm_plugin.kv_manager import PolicyAttentionSpec
+
+    step = vllm_config.max_in_flight_tokens
+    for group in getattr(kv_cache_config, "kv_cache_groups", []) or []:
+        spec = group.kv_cache_spec
+        if isinstance(spec, PolicyAttentionSpec) and spec.step_tokens != step:
+            group.kv_cache_spec = replace(spec, step_tokens=step)
+
+
+# --------------------------------------------------------------------------------------------
+# Engine-core hook
+# --------------------------------------------------------------------------------------------
+
+
+def install_engine_core_check() -> None:
+    """Wrap ``EngineCore._initialize_kv_caches`` so the engine core refuses a policy that the
+    workers did not apply (idempotent). Runs before the scheduler is built and before serving."""
+    from vllm.v1.engine.core import EngineCore
+
+    original = EngineCore._initialize_kv_caches
+    if getattr(original, "_cam_vllm_wrapped", False):
+        return
+
+    def _initialize_kv_caches(self: Any, vllm_config: Any) -> Any:
+        validate_vllm_config(vllm_config)
+        kv_cache_config = original(self, vllm_config)
+        check_kv_cache_config(vllm_config, kv_cache_config)
+        set_step_tokens(vllm_config, kv_cache_config)
+        return kv_cache_config
+
+    _initialize_kv_caches._cam_vllm_wrapped = True  # type: ignore[attr-defined]
+    _initialize_kv_caches.__wrapped__ = original  # type: ignore[attr-defined]
+    _initialize_kv_caches.__doc__ = original.__doc__
+    EngineCore._initialize_kv_caches = _initialize_kv_caches  # type: ignore[method-assign]

