@@ -1,0 +1,295 @@
+"""The worker side of cam-vllm on CPU: vLLM's ``CPU_ATTN`` backend, taught a KV policy.
+
+:func:`register_attention` points vLLM's ``CPU_ATTN`` registry entry at
+:class:`PolicyCPUAttentionBackend` (the CPU platform ignores ``--attention-backend CUSTOM``, and
+re-pointing the registry entry is vLLM's supported override). The backend therefore replaces the
+stock one whenever the plugin is loaded, so with no policy configured (or for layers a policy does
+not apply to) every method defers to the stock class unchanged.
+
+With a policy (see docs/vllm-worker.md):
+
+* the builder (once per step) rewrites the batch so the fused kernel attends exactly to the
+  retained blocks (:func:`~cam_vllm.vllm_plugin.step_plan.compact_for_kernel`), then calls the
+  stock ``build``;
+* for merging policies it also plans the scores and merges of the step
+  (:func:`~cam_vllm.vllm_plugin.step_plan.plan_scores`);
+* the impl runs the stock kernel, then (merging policies only) scores this step's queries with
+  ``attention_with_probs`` over the gathered cached tokens, accumulates ``Abar`` in a per-layer
+  side tensor indexed by physical slot, and merges the tokens that leave the retained set into
+  their targets' values in the KV cache, in place, with ``cam_merge``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from cam_vllm.core.attention import accumulate_attention, attention_with_probs, reduce_to_kv_heads
+from cam_vllm.core.merge import cam_merge
+from cam_vllm.policies import KVPolicy
+from cam_vllm.vllm_plugin.paged import PagedKV, probe_layout
+from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
+from cam_vllm.vllm_plugin.step_plan import (
+    StepPlan,
+    StepTokens,
+    compact_for_kernel,
+    plan_scores,
+)
+
+logger = init_logger(__name__)
+
+BACKEND_PATH = f"{__name__}.PolicyCPUAttentionBackend"
+_KV_MANAGER_MODULE = "cam_vllm.vllm_plugin.kv_manager"
+
+
+def register_attention() -> None:
+    """Make vLLM's ``CPU_ATTN`` resolve to our backend. Idempotent; imports nothing heavy."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if AttentionBackendEnum.CPU_ATTN.get_path() != BACKEND_PATH:
+        register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+
+
+# The vLLM config the attention layers of this process were built under. The worker asks for the
+# layers' KV specs (``customize_spec``) outside any ``set_current_vllm_config`` context, after the
+# model (and so every impl) was built under it; a worker process serves exactly one config.
+_layers_config: VllmConfig | None = None
+
+
+def _policy(vllm_config: VllmConfig | None) -> KVPolicy | None:
+    return None if vllm_config is None else policy_from_vllm_config(vllm_config)
+
+
+class PolicyCPUAttentionBackend(CPUAttentionBackend):
+    """``CPU_ATTN`` with a KV policy; identical to the stock backend when none is configured."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CPU_ATTN"  # vLLM looks the name up in AttentionBackendEnum
+
+    @staticmethod
+    def get_impl_cls() -> type[PolicyCPUAttentionBackendImpl]:
+        return PolicyCPUAttentionBackendImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[PolicyCPUAttentionMetadataBuilder]:
+        return PolicyCPUAttentionMetadataBuilder
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """With a policy, the scheduler side's ``policy_kv_spec`` replaces the layer's spec.
+
+        It refuses specs a policy cannot serve (a layer must never silently stay on full
+        attention). Without a current vLLM config (some callers in the front-end process) or
+        without a policy, the stock spec is returned.
+        """
+        spec = super().customize_spec(spec)
+        policy = _policy(get_current_vllm_config_or_none() or _layers_config)
+        if policy is None:
+            return spec
+        if importlib.util.find_spec(_KV_MANAGER_MODULE) is None:
+            return spec  # the scheduler side has not landed: blocks are just never freed
+        from cam_vllm.vllm_plugin.kv_manager import policy_kv_spec  # type: ignore[import-not-found]
+
+        return policy_kv_spec(spec, policy)
+
+
+@dataclass
+class PolicyCPUAttentionMetadata(CPUAttentionMetadata):
+    """Stock metadata (built from the compacted batch) plus this step's score/merge plan."""
+
+    cam_plan: StepPlan | None = None
+
+
+def _unsupported(vllm_config: VllmConfig, policy: KVPolicy, spec: AttentionSpec) -> str | None:
+    """Why the policy cannot run on this KV-cache group (None: it can)."""
+    if policy.eviction.block_size != spec.block_size:
+        return f"policy block size {policy.eviction.block_size} != KV-cache block size {spec.block_size}"
+    if getattr(spec, "sliding_window", None) is not None:
+        return "the model has sliding-window layers"
+    if (
+        policy.merge is not None
+        and vllm_config.cache_config.enable_prefix_caching
+        and getattr(spec, "prefix_cacheable", True)
+    ):
+        return (
+            "CaM merging writes into cached blocks, which prefix caching may share with other "
+            "requests; disable prefix caching (--no-enable-prefix-caching)"
+        )
+    return None
+
+
+class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    """Per step: compact the batch to the retained blocks, and plan scores and merges."""
+
+    def __init__(
+        self,
+        kv_cache_spec: AttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        policy = policy_from_vllm_config(vllm_config)
+        if policy is not None and (self.is_cross_attention or self.is_encoder_only_attention):
+            policy = None  # policies govern the decoder's self-attention cache only
+        if policy is not None:
+            reason = _unsupported(vllm_config, policy, kv_cache_spec)
+            if reason:
+                raise ValueError(f"KV policy {policy.name!r} cannot run: {reason}")
+        self.policy = policy
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> CPUAttentionMetadata:
+        if self.policy is None:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        cm = common_attn_metadata
+        if isinstance(cm.causal, torch.Tensor) or not cm.causal or cm.mm_req_doc_ranges:
+            raise NotImplementedError("KV policies support causal decoder attention only")
+        tokens = StepTokens.from_batch(cm.query_start_loc, cm.seq_lens, cm.num_reqs)
+        retained = self.policy.eviction.retained
+        block_table = cm.block_table_tensor
+        kernel = compact_for_kernel(retained, tokens, block_table, self.block_size)
+        kernel_cm = cm
+        if kernel is not None:
+            g = kernel.request
+            kernel_cm = cm.replace(
+                query_start_loc=kernel.query_start_loc,
+                query_start_loc_cpu=kernel.query_start_loc,
+                seq_lens=kernel.seq_lens,
+                seq_lens_cpu_upper_bound=kernel.seq_lens,
+                num_reqs=int(g.numel()),
+                max_query_len=kernel.max_query_len,
+                max_seq_len=kernel.max_seq_len,
+                block_table_tensor=kernel.block_table,
+                is_prefilling=None if cm.is_prefilling is None else cm.is_prefilling[g],
+                positions=cm.positions,
+                req_idx=None,
+                dcp_local_seq_lens=None,
+                dcp_local_seq_lens_cpu_upper_bound=None,
+                rswa_prefix_lens=None,
+                replayssm_decode_base_cpu=None,
+                _num_computed_tokens_cache=None,
+                _token_to_req_indices_cache=None,
+            )
+        meta = super().build(common_prefix_len, kernel_cm, fast_build)
+        plan = None
+        if self.policy.tracks_scores:
+            plan = plan_scores(self.policy, tokens, block_table, cm.slot_mapping, self.block_size)
+        fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
+        return PolicyCPUAttentionMetadata(**fields, cam_plan=plan)
+
+
+def _global_kv_heads(num_local: int) -> torch.Tensor:
+    """Global indices of this rank's KV heads (the CaM draws are keyed by them)."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    try:
+        rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except (AssertionError, RuntimeError):
+        rank, world = 0, 1
+    config = get_current_vllm_config_or_none()
+    total = config.model_config.get_total_num_kv_heads() if config is not None else num_local * world
+    if total >= world:
+        return rank * num_local + torch.arange(num_local)
+    return torch.full((num_local,), rank * total // world)  # heads replicated over ranks
+
+
+class PolicyCPUAttentionBackendImpl(CPUAttentionBackendImpl):
+    """The stock kernel, plus accumulated attention and CaM merging for merging policies."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        global _layers_config
+        _layers_config = get_current_vllm_config_or_none()
+        policy = _policy(_layers_config)
+        if policy is not None and (
+            self.attn_type != AttentionType.DECODER or self.kv_sharing_target_layer_name is not None
+        ):
+            policy = None
+        if policy is not None:
+            problems = []
+            if self.alibi_slopes is not None:
+                problems.append("ALiBi (positions are compacted)")
+            if self.sliding_window != -1:
+                problems.append("sliding-window attention")
+            if policy.tracks_scores and (self.logits_soft_cap or self.sinks is not None):
+                problems.append("logit soft-capping or learned sinks with score tracking")
+            if self.is_fp8_kv_cache and policy.tracks_scores:
+                problems.append("an fp8 KV cache with merging")
+            if problems:
+                raise NotImplementedError(f"KV policy {policy.name!r} does not support {', '.join(problems)}")
+        self.policy = policy
+        self._abar: torch.Tensor | None = None  # [num_blocks * block_size, Hkv] float32, by slot
+        self._paged: PagedKV | None = None
+        self._cache_key: tuple | None = None
+        self._layer_index: int | None = None
+        self._heads: torch.Tensor | None = None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        plan = getattr(attn_metadata, "cam_plan", None)
+        if plan is not None and self.policy is not None:
+            self._score_and_merge(layer, query, kv_cache, plan)
+        return output
+
+    def _bind(self, layer, kv_cache: torch.Tensor) -> None:
+        """Per-layer state, (re)made when the KV cache tensor is first seen or replaced."""
+        key = (kv_cache.data_ptr(), tuple(kv_cache.shape))
+        if key == self._cache_key:
+            return
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+        layout = probe_layout(layer.isa, kv_cache.dtype, block_size, self.head_size)
+        self._paged = PagedKV(kv_cache, layout)
+        self._abar = torch.zeros(num_blocks * block_size, num_kv_heads, dtype=torch.float32)
+        if self._layer_index is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self._layer_index = extract_layer_index(layer.layer_name)
+            self._heads = _global_kv_heads(num_kv_heads)
+        self._cache_key = key
+
+    def _score_and_merge(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, plan: StepPlan) -> None:
+        self._bind(layer, kv_cache)
+        paged, abar, policy = self._paged, self._abar, self.policy
+        assert paged is not None and abar is not None and policy is not None
+        abar[plan.reset_slots] = 0.0
+        for pack in plan.packs:
+            k = paged.gather_k(pack.kv_slots)
+            # only the probabilities are used (the output is the kernel's), so the values passed
+            # are a 1-wide zero tensor: the unused output costs nothing and V is not gathered
+            v = k.new_zeros(k.shape[0], k.shape[1], 1)
+            _, probs = attention_with_probs(query[pack.q_rows], k, v, pack.visible, self.scale)
+            probs_kv = reduce_to_kv_heads(probs, self.num_kv_heads)
+            abar[pack.kv_slots] = accumulate_attention(abar[pack.kv_slots], probs_kv, policy.score_mode)
+        if policy.merge is None:
+            return
+        for event in plan.merges:
+            new_v, _ = cam_merge(
+                v_targets=paged.gather_v(event.target_slots),
+                v_evicted=paged.gather_v(event.evicted_slots),
+                abar_targets=abar[event.target_slots],
+                abar_evicted=abar[event.evicted_slots],
+                evicted_positions=event.evicted_positions,
+                layer=self._layer_index,
+                config=policy.merge,
+                heads=self._heads,
+            )
+            paged.scatter_v(event.target_slots, new_v)

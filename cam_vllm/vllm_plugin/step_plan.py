@@ -1,0 +1,249 @@
+"""Per-step bookkeeping of the vLLM worker path, independent of the KV layout and of vLLM.
+
+Given one step's batch (``query_start_loc``, ``seq_lens``, block tables, slot mapping) and the
+positional policy, this module computes, once per step for all layers:
+
+* :func:`compact_for_kernel`: the batch the fused attention kernel must see so that every query
+  attends exactly to the tokens ``EvictionPolicy.visible`` allows: each request's query chunk is
+  split into *pseudo-requests* at the block boundaries where the retained set changes, and each
+  pseudo-request gets a block-table row holding only its retained blocks, oldest first
+  ([sink blocks | window blocks]). The kernel's causal mask is bottom-right aligned, so a
+  pseudo-request whose ``seq_len`` counts the retained tokens up to its last query gives every
+  query of it exactly its retained, causal keys. Blocks outside the row (evicted, possibly
+  freed and already reused by another request) are never read.
+* :func:`plan_scores`: for merging policies, which cached tokens every query scores (the
+  retained set of the step's first query plus the step's own tokens, as in the reference
+  ``PolicyCache``), packed into a few dense ``attention_with_probs`` calls, and the merge events
+  at the end of the step (tokens leaving the retained set, and their merge targets).
+
+Everything is vectorised over requests and tokens except for the list of merge events (a
+request only has one in the step its oldest window block leaves) and the greedy packing.
+Decisions are block-granular: the policy's ``block_size`` must equal the kernel block size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from cam_vllm.policies import KVPolicy
+
+Retained = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Requests are scored together (one attention_with_probs call with a block-diagonal visibility
+# mask) while the pack's Nq * Nk stays below this. A pack computes every query against every
+# key of the pack, so the waste grows with its size; on a 2-core EPYC (9 query heads, head_dim
+# 64) one call costs ~0.06 ms + ~0.08 us per (query, key) pair, so packing pays off up to a few
+# thousand pairs (4 decodes of 152 keys: 0.19 ms packed vs 0.24 ms one by one; 8: 0.78 vs 0.48).
+DEFAULT_PACK_ELEMENTS = 2560
+# A single request's long prefill chunk is scored in query slices of at most this many
+# (query, key) pairs (memory: ~3 float32 tensors of Hq * pairs). Exact: Abar sums over queries,
+# and in "current" mode the slice holding the last query is written last.
+MAX_PAIRS_PER_CALL = 1 << 20
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """The queries of one step, flattened: request index and position of every query token."""
+
+    query_start_loc: torch.Tensor  # [R + 1] int64
+    seq_lens: torch.Tensor  # [R] int64, computed + this step's tokens
+    context_lens: torch.Tensor  # [R] int64, tokens cached before this step
+    token_req: torch.Tensor  # [T] int64
+    token_pos: torch.Tensor  # [T] int64
+
+    @staticmethod
+    def from_batch(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_reqs: int) -> StepTokens:
+        qsl = query_start_loc[: num_reqs + 1].to(torch.int64)
+        lens = seq_lens[:num_reqs].to(torch.int64)
+        qlens = qsl[1:] - qsl[:-1]
+        ctx = lens - qlens
+        total = int(qsl[-1])
+        req = torch.repeat_interleave(torch.arange(num_reqs), qlens, output_size=total)
+        pos = ctx[req] + torch.arange(total) - qsl[:-1][req]
+        return StepTokens(qsl, lens, ctx, req, pos)
+
+    @property
+    def query_lens(self) -> torch.Tensor:
+        return self.query_start_loc[1:] - self.query_start_loc[:-1]
+
+
+@dataclass(frozen=True)
+class KernelBatch:
+    """The compacted batch handed to the fused kernel (pseudo-requests, in token order)."""
+
+    query_start_loc: torch.Tensor  # [G + 1] int32
+    seq_lens: torch.Tensor  # [G] int32, retained tokens up to the pseudo-request's last query
+    block_table: torch.Tensor  # [G, nblk] int32: retained blocks first, then the null block 0
+    request: torch.Tensor  # [G] int64, the original request of each pseudo-request
+    max_query_len: int
+    max_seq_len: int
+
+
+def compact_for_kernel(
+    retained: Retained, tokens: StepTokens, block_table: torch.Tensor, block_size: int
+) -> KernelBatch | None:
+    """Pseudo-requests with compacted block-table rows; None when nothing is evicted yet.
+
+    A *segment* is the queries of one request inside one block; they share one retained set
+    (block-granular policies change it only at block boundaries). Consecutive segments of a
+    request are merged into one pseudo-request as long as no block visible to the earlier one
+    left the retained set, so a request that evicts nothing during the step stays one row.
+    """
+    b = block_size
+    num_tokens = tokens.token_pos.numel()
+    if num_tokens == 0:
+        return None
+    req, pos = tokens.token_req, tokens.token_pos
+    blk = pos // b
+    new_seg = torch.ones(num_tokens, dtype=torch.bool)
+    new_seg[1:] = (req[1:] != req[:-1]) | (blk[1:] != blk[:-1])
+    seg_first = torch.nonzero(new_seg).flatten()
+    seg_last = torch.cat([seg_first[1:] - 1, torch.tensor([num_tokens - 1])])
+    seg_req, seg_q = req[seg_last], pos[seg_last]  # the segment's last query decides its row
+    seg_qb = seg_q // b
+
+    nblk = int(seg_qb.max()) + 1
+    j = torch.arange(nblk)
+    # vis[s, j]: block j holds keys the queries of segment s see (retained and not in the future)
+    vis = retained(j[None, :] * b, seg_q[:, None] + 1) & (j[None, :] <= seg_qb[:, None])
+    causal = j[None, :] <= seg_qb[:, None]
+    if bool((vis == causal).all()):
+        return None  # every query sees its whole causal prefix: the stock batch is exact
+
+    # segment s+1 may share s's row iff they agree on every block up to s's own block
+    agree = ((vis[:-1] == vis[1:]) | (j[None, :] > seg_qb[:-1, None])).all(dim=1)
+    joins_prev = torch.zeros_like(seg_req, dtype=torch.bool)
+    joins_prev[1:] = agree & (seg_req[1:] == seg_req[:-1])
+    group_first_seg = torch.nonzero(~joins_prev).flatten()
+    group_last_seg = torch.cat([group_first_seg[1:] - 1, torch.tensor([seg_req.numel() - 1])])
+
+    g_vis = vis[group_last_seg]  # [G, nblk]
+    g_req = seg_req[group_last_seg]
+    g_q = seg_q[group_last_seg]
+    count = g_vis.sum(dim=1)
+    # retained blocks before the query's block are full; the query's block counts up to the query
+    g_seq = (count - 1) * b + (g_q % b) + 1
+    order = torch.argsort((~g_vis).to(torch.int8), dim=1, stable=True)  # retained blocks first
+    rows = block_table[g_req, :nblk].to(torch.int64)
+    compact = torch.gather(rows, 1, order)
+    compact = torch.where(j[None, :] < count[:, None], compact, torch.zeros_like(compact))
+
+    starts = seg_first[group_first_seg]
+    qsl = torch.cat([starts, torch.tensor([num_tokens])])
+    qlens = qsl[1:] - qsl[:-1]
+    return KernelBatch(
+        query_start_loc=qsl.to(torch.int32),
+        seq_lens=g_seq.to(torch.int32),
+        block_table=compact.to(block_table.dtype).contiguous(),
+        request=g_req,
+        max_query_len=int(qlens.max()),
+        max_seq_len=int(g_seq.max()),
+    )
+
+
+@dataclass(frozen=True)
+class ScorePack:
+    """One ``attention_with_probs`` call: some requests' queries against their cached tokens."""
+
+    q_rows: slice  # rows of the step's query tensor
+    kv_slots: torch.Tensor  # [Nk] physical slots of the scored tokens
+    visible: torch.Tensor  # [Nq, Nk] bool (policy visibility within the same request)
+
+
+@dataclass(frozen=True)
+class MergeEvent:
+    """Tokens of one request that leave the retained set at the end of this step."""
+
+    evicted_slots: torch.Tensor  # [E]
+    evicted_positions: torch.Tensor  # [E] (keys the CaM draws)
+    target_slots: torch.Tensor  # [T] the oldest retained window tokens, oldest first
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What a merging policy does in every layer this step (layer-independent)."""
+
+    reset_slots: torch.Tensor  # slots written this step: their Abar starts at 0
+    packs: list[ScorePack]
+    merges: list[MergeEvent]
+
+
+def _cached_tokens(
+    retained: Retained, tokens: StepTokens, block_table: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(request, position, slot) of every token the reference cache holds during this step.
+
+    That is the retained set of the step's first query (position = context length) plus the
+    step's own tokens, ordered by request, then position.
+    """
+    b = block_size
+    ctx, lens = tokens.context_lens, tokens.seq_lens
+    nblk = int(((lens + b - 1) // b).max()) if lens.numel() else 0
+    j = torch.arange(nblk)
+    start = j[None, :] * b
+    blocks = (start < lens[:, None]) & (retained(start, ctx[:, None] + 1) | (start + b > ctx[:, None]))
+    r, jb = torch.nonzero(blocks, as_tuple=True)
+    pos = jb[:, None] * b + torch.arange(b)[None, :]  # [P, B]
+    rr = r[:, None].expand_as(pos)
+    keep = (pos < lens[rr]) & (retained(pos, ctx[rr] + 1) | (pos >= ctx[rr]))
+    slots = block_table[r, jb].to(torch.int64)[:, None] * b + torch.arange(b)[None, :]
+    return rr[keep], pos[keep], slots.expand_as(pos)[keep]
+
+
+def plan_scores(
+    policy: KVPolicy,
+    tokens: StepTokens,
+    block_table: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_size: int,
+    pack_elements: int = DEFAULT_PACK_ELEMENTS,
+) -> StepPlan:
+    """Score packs and merge events of one step of a merging policy."""
+    ev = policy.eviction
+    num_tokens = tokens.token_pos.numel()
+    reset = slot_mapping[:num_tokens].to(torch.int64)
+    reset = reset[reset >= 0]
+    kv_req, kv_pos, kv_slot = _cached_tokens(ev.retained, tokens, block_table, block_size)
+
+    num_reqs = tokens.seq_lens.numel()
+    nk = torch.bincount(kv_req, minlength=num_reqs)
+    nq = tokens.query_lens
+    kv_start = torch.zeros(num_reqs + 1, dtype=torch.int64)
+    kv_start[1:] = torch.cumsum(nk, 0)
+
+    packs: list[ScorePack] = []
+    one_per_pack = policy.score_mode != "accumulated"  # "current" keeps each request's last query
+    nq_l, nk_l = nq.tolist(), nk.tolist()
+    first = 0
+    while first < num_reqs:
+        last, sq, sk = first, nq_l[first], nk_l[first]
+        while not one_per_pack and last + 1 < num_reqs:
+            q2, k2 = sq + nq_l[last + 1], sk + nk_l[last + 1]
+            if q2 * k2 > pack_elements:
+                break
+            last, sq, sk = last + 1, q2, k2
+        q0, q1 = int(tokens.query_start_loc[first]), int(tokens.query_start_loc[last + 1])
+        k0, k1 = int(kv_start[first]), int(kv_start[last + 1])
+        step = max(1, MAX_PAIRS_PER_CALL // max(k1 - k0, 1)) if first == last else q1 - q0
+        for s0 in range(q0, q1, max(step, 1)):
+            s1 = min(s0 + step, q1)
+            q_req, q_pos = tokens.token_req[s0:s1], tokens.token_pos[s0:s1]
+            visible = ev.visible(q_pos, kv_pos[k0:k1]) & (q_req[:, None] == kv_req[None, k0:k1])
+            packs.append(ScorePack(slice(s0, s1), kv_slot[k0:k1], visible))
+        first = last + 1
+
+    merges: list[MergeEvent] = []
+    if policy.merge is not None and kv_req.numel():
+        next_n = tokens.seq_lens[kv_req] + 1  # the next query's length, per cached token
+        evicted = ~ev.retained(kv_pos, next_n)
+        target = ~evicted & (kv_pos >= ev.window_start(next_n))
+        for r in torch.unique(kv_req[evicted]).tolist():
+            k0, k1 = int(kv_start[r]), int(kv_start[r + 1])
+            e, t = evicted[k0:k1], target[k0:k1]
+            t_slots = kv_slot[k0:k1][t][: policy.merge.num_targets]
+            if t_slots.numel():
+                merges.append(MergeEvent(kv_slot[k0:k1][e], kv_pos[k0:k1][e], t_slots))
+    return StepPlan(reset, packs, merges)

@@ -1,0 +1,98 @@
+"""Decode throughput of the vLLM CPU worker path: none vs streaming vs cam-streaming, one run.
+
+    python scripts/bench_vllm_worker.py                      # tiny random Llama (made on the fly)
+    python scripts/bench_vllm_worker.py --model PATH         # e.g. the prepared SmolLM2
+
+Each policy gets its own engine (same settings, float32, block size 32, prefix caching off).
+Decode time is isolated as t(max_tokens = 1 + N) - t(max_tokens = 1) for the same prompts, so
+prefill cost cancels; decode tokens/s = batch * N / that difference. All engines run at once
+and are measured round robin, best of --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _timed(llm, prompts, max_tokens: int) -> float:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    t = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="checkpoint directory (default: a tiny random Llama)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--policies", default="none,streaming,cam-streaming")
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from vllm_helpers import make_llm, make_tiny_model, token_prompts
+
+    tmp = Path(tempfile.mkdtemp(prefix="cam-bench-"))
+    model = args.model or make_tiny_model(
+        tmp / "tiny",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        head_dim=64,
+        initializer_range=0.08,
+    )
+    prompts = token_prompts(args.batch, args.prompt_len, seed=0)
+    names = args.policies.split(",")
+    engines = {}
+    for name in names:
+        policy = {"policy": name}
+        if name != "none":
+            policy.update(sink_tokens=args.sinks, window_tokens=args.window)
+        engines[name] = make_llm(
+            model,
+            block_size=32,
+            max_model_len=args.prompt_len + args.new_tokens + 64,
+            enable_prefix_caching=False,
+            disable_log_stats=True,
+            max_num_seqs=args.batch,
+            additional_config={"kv_policy": policy},
+        )
+        _timed(engines[name], prompts, 4)  # warm-up
+    # round robin over the engines (all alive at once), best of --repeats: slow drifts of the
+    # machine's load hit every policy alike
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(args.repeats):
+        for name in names:
+            llm = engines[name]
+            times[name].append(_timed(llm, prompts, 1 + args.new_tokens) - _timed(llm, prompts, 1))
+    best = {n: min(t) for n, t in times.items()}
+    rows = [(n, args.batch * args.new_tokens / best[n], best[n] / args.new_tokens * 1e3) for n in names]
+    for n, t in times.items():  # the spread shows how noisy the machine was
+        print(f"{n}: ms/step per repeat", " ".join(f"{x / args.new_tokens * 1e3:.2f}" for x in t))
+    for llm in engines.values():
+        llm.llm_engine.engine_core.shutdown()
+
+    print(
+        f"\nmodel {model}; batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+        f"sinks {args.sinks} + window {args.window}, block 32, float32"
+    )
+    base = rows[0][1]
+    print(f"{'policy':<15}{'decode tok/s':>14}{'ms/step':>10}{'vs ' + rows[0][0]:>12}")
+    for name, tps, ms in rows:
+        print(f"{name:<15}{tps:>14.1f}{ms:>10.2f}{tps / base:>11.1%}")
+
+
+if __name__ == "__main__":
+    main()

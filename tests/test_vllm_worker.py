@@ -1,0 +1,441 @@
+"""The worker side on CPU: attention over exactly the retained blocks, scores and CaM merging.
+
+Engine-free tests pin the two risky mechanics (the KV layout, and the compacted batch the fused
+kernel sees); engine tests run real ``vllm.LLM`` CPU engines on a tiny random Llama and compare
+greedy outputs with stock vLLM (no policy, or a window covering the sequence) and with the
+reference engine (``ReferenceEngine``, same block-granular policy, same prefill chunking).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+from cam_vllm.config import KVPolicyConfig
+from cam_vllm.core.attention import attention_with_probs
+from cam_vllm.policies import build_policy
+
+BLOCK = 32
+SINKS, WINDOW = 4, 64
+PROMPT_LENS = (300, 77, 161)
+NEW_TOKENS = 24
+SMALL_CHUNK = 40  # not a multiple of the block size on purpose
+
+
+def streaming(block: int = BLOCK, window: int = WINDOW, cam: bool = False):
+    name = "cam-streaming" if cam else "streaming"
+    return build_policy(
+        KVPolicyConfig(policy=name, sink_tokens=SINKS, window_tokens=window, block_size=block)
+    )
+
+
+def test_register_attention_repoints_cpu_attn_idempotently():
+    pytest.importorskip("vllm")
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadataBuilder
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from cam_vllm.vllm_plugin.attention_cpu import PolicyCPUAttentionBackend, register_attention
+
+    register_attention()
+    register_attention()
+    backend = AttentionBackendEnum.CPU_ATTN.get_class()
+    assert backend is PolicyCPUAttentionBackend
+    assert AttentionBackendEnum[backend.get_name()] is AttentionBackendEnum.CPU_ATTN
+    assert issubclass(backend.get_impl_cls(), CPUAttentionBackendImpl)
+    assert issubclass(backend.get_builder_cls(), CPUAttentionMetadataBuilder)
+
+
+# --- the KV layout ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("isa", "head"), [("vec", 64), ("vec", 128), ("vec16", 80), ("amx", 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layout_probe_reads_what_the_backend_writes(isa, head, dtype):
+    pytest.importorskip("vllm")
+    from cam_vllm.vllm_plugin.paged import probe_layout
+
+    layout = probe_layout(isa, dtype, BLOCK, head)  # raises LayoutError unless it round-trips
+    if isa in ("vec", "vec16"):  # the fact the notes warn about: K transposed, V token-major
+        t, d = torch.meshgrid(torch.arange(BLOCK), torch.arange(head), indexing="ij")
+        assert torch.equal(layout.k_offsets, d * BLOCK + t)
+        assert torch.equal(layout.v_offsets, BLOCK * head + t * head + d)
+
+
+# --- the compacted batch, run through vLLM's own CPU kernel -------------------------------------
+
+
+def _kernel(q, kv, batch, scale, isa="vec"):
+    from vllm import _custom_ops as ops
+
+    nb, h, b, _ = kv.shape
+    key_cache, value_cache = kv.view(nb, h, 2 * b, -1).chunk(2, dim=2)
+    out = torch.zeros_like(q)
+    meta = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=batch.seq_lens.numel(),
+        num_heads=q.shape[1],
+        num_kv_heads=h,
+        head_dim=q.shape[2],
+        seq_lens=batch.seq_lens,
+        dtype=q.dtype,
+        query_start_loc=batch.query_start_loc,
+        causal=True,
+        sliding_window_size=-1,
+        isa=isa,
+        enable_kv_split=False,
+    )
+    ops.cpu_attention_with_kv_cache(
+        query=q,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        output=out,
+        query_start_loc=batch.query_start_loc,
+        seq_lens=batch.seq_lens,
+        scale=scale,
+        causal=True,
+        alibi_slopes=None,
+        sliding_window=-1,
+        block_table=batch.block_table,
+        softcap=0.0,
+        scheduler_metadata=meta,
+        s_aux=None,
+    )
+    return out
+
+
+def test_compacted_batch_attends_exactly_to_retained_blocks_in_the_stock_kernel():
+    pytest.importorskip("vllm")
+    from cam_vllm.vllm_plugin.paged import PagedKV, _write, probe_layout
+    from cam_vllm.vllm_plugin.step_plan import StepTokens, compact_for_kernel
+
+    torch.manual_seed(0)
+    policy = streaming().eviction
+    hq, hkv, d, scale = 4, 2, 64, 0.125
+    # (cached tokens, new tokens): a long prompt in one chunk, decodes, and chunks that cross
+    # window boundaries mid-chunk, some with eviction already under way
+    reqs = [(0, 200), (150, 1), (100, 70), (37, 5), (0, 1), (64, 1), (300, 40), (95, 2)]
+    widths = [-(-(c + n) // BLOCK) for c, n in reqs]
+    num_blocks = sum(widths) + 4
+    perm = torch.randperm(num_blocks - 1) + 1  # block 0 is vLLM's null block
+    table = torch.zeros(len(reqs), max(widths), dtype=torch.int32)
+    kv = torch.zeros(num_blocks, hkv, BLOCK, 2 * d)
+    layout = probe_layout("vec", kv.dtype, BLOCK, d)
+    full_k, full_v, qs, stale = [], [], [], []
+    used = 0
+    for r, ((c, n), w) in enumerate(zip(reqs, widths, strict=True)):
+        table[r, :w] = perm[used : used + w]
+        used += w
+        pos = torch.arange(c + n)
+        k, v = torch.randn(c + n, hkv, d), torch.randn(c + n, hkv, d)
+        _write(kv, k, v, table[r].long()[pos // BLOCK] * BLOCK + pos % BLOCK, "vec")
+        full_k.append(k)
+        full_v.append(v)
+        qs.append(torch.randn(n, hq, d))
+        # blocks already evicted before this step may be freed and reused: poison them
+        for j in range(w):
+            if (j + 1) * BLOCK <= c and not bool(policy.retained(torch.tensor(j * BLOCK), c + 1)):
+                stale.append(int(table[r, j]))
+    assert stale, "the scenario must contain evicted blocks"
+    kv.view(num_blocks, -1)[stale] = float("nan")
+
+    qsl = torch.tensor([0] + [n for _, n in reqs]).cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor([c + n for c, n in reqs], dtype=torch.int32)
+    tokens = StepTokens.from_batch(qsl, seq_lens, len(reqs))
+    batch = compact_for_kernel(policy.retained, tokens, table, BLOCK)
+    assert batch is not None and batch.seq_lens.numel() > len(reqs)  # chunks were split
+    out = _kernel(torch.cat(qs), kv, batch, scale)
+
+    paged = PagedKV(kv, layout)
+    for r, (c, n) in enumerate(reqs):
+        q_pos, kv_pos = torch.arange(c, c + n), torch.arange(c + n)
+        expected, _ = attention_with_probs(qs[r], full_k[r], full_v[r], policy.visible(q_pos, kv_pos), scale)
+        got = out[int(qsl[r]) : int(qsl[r + 1])]
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+        # and the paged reader sees the same tokens the kernel does (retained ones)
+        keep = policy.retained(kv_pos, c + 1) | (kv_pos >= c)
+        slots = table[r].long()[kv_pos[keep] // BLOCK] * BLOCK + kv_pos[keep] % BLOCK
+        assert torch.equal(paged.gather_k(slots), full_k[r][keep])
+        assert torch.equal(paged.gather_v(slots), full_v[r][keep])
+
+
+def test_nothing_evicted_keeps_the_stock_batch():
+    from cam_vllm.vllm_plugin.step_plan import StepTokens, compact_for_kernel
+
+    qsl = torch.tensor([0, 90, 91], dtype=torch.int32)
+    seq_lens = torch.tensor([90, 60], dtype=torch.int32)
+    table = torch.arange(1, 9, dtype=torch.int32).view(2, 4)
+    tokens = StepTokens.from_batch(qsl, seq_lens, 2)
+    assert compact_for_kernel(streaming().eviction.retained, tokens, table, BLOCK) is None
+
+
+def _impl_for(policy, hq, hkv, d, scale, monkeypatch):
+    """Our impl outside an engine (vLLM's constructor reads the model dtype from the config)."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backends import cpu_attn
+
+    from cam_vllm.vllm_plugin.attention_cpu import PolicyCPUAttentionBackendImpl
+
+    config = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))
+    monkeypatch.setattr(cpu_attn, "get_current_vllm_config", lambda: config)
+    impl = PolicyCPUAttentionBackendImpl(hq, d, scale, hkv, None, None, "auto")
+    assert impl.policy is None  # no current vLLM config with a kv_policy: stock behaviour
+    impl.policy = policy
+    return impl
+
+
+@pytest.mark.parametrize("mode", ["accumulated", "current"])
+def test_worker_steps_reproduce_policy_cache_without_an_engine(mode, monkeypatch):
+    """Kernel on the compacted batch + score/merge plan + impl, step by step, two requests with
+    different chunkings, against one reference PolicyCache per request (outputs, values, Abar).
+    Freed blocks are poisoned with NaN after every step, as if reused by someone else."""
+    pytest.importorskip("vllm")
+    import dataclasses
+    from types import SimpleNamespace
+
+    from cam_vllm.reference.cache import PolicyCache
+    from cam_vllm.vllm_plugin import step_plan
+    from cam_vllm.vllm_plugin.paged import _write
+    from cam_vllm.vllm_plugin.step_plan import StepTokens, compact_for_kernel, plan_scores
+
+    monkeypatch.setattr(step_plan, "MAX_PAIRS_PER_CALL", 3000)  # exercise query slicing
+    torch.manual_seed(0)
+    policy = dataclasses.replace(streaming(cam=True), score_mode=mode)
+    hq, hkv, d, scale = 4, 2, 64, 0.125
+    chunks = [[150, 1, 1, 37, 1, 1, 1, 40, 1, 1], [1, 70, 1, 1, 1, 100, 1, 30, 1, 1]]
+    lengths = [sum(c) for c in chunks]
+    widths = [-(-n // BLOCK) for n in lengths]
+    num_blocks = sum(widths) + 1
+    table = torch.zeros(2, max(widths), dtype=torch.int32)
+    perm = torch.randperm(num_blocks - 1) + 1
+    table[0, : widths[0]], table[1, : widths[1]] = perm[: widths[0]], perm[widths[0] :]
+    kv = torch.zeros(num_blocks, hkv, BLOCK, 2 * d)
+    impl = _impl_for(policy, hq, hkv, d, scale, monkeypatch)
+    layer = SimpleNamespace(isa="vec", layer_name="model.layers.3.self_attn.attn")
+    refs = [PolicyCache(policy) for _ in chunks]
+    done = [0, 0]
+    for step in range(len(chunks[0])):
+        qs, slots, expected = [], [], []
+        for r in range(2):
+            n, c = chunks[r][step], done[r]
+            q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+            pos = torch.arange(c, c + n)
+            slot = table[r].long()[pos // BLOCK] * BLOCK + pos % BLOCK
+            _write(kv, k, v, slot, "vec")
+            qs.append(q)
+            slots.append(slot)
+            expected.append(refs[r].attend(3, q, k, v, scale))
+            done[r] += n
+        qsl = torch.tensor([0, chunks[0][step], chunks[0][step] + chunks[1][step]], dtype=torch.int32)
+        tokens = StepTokens.from_batch(qsl, torch.tensor(done, dtype=torch.int32), 2)
+        batch = compact_for_kernel(policy.eviction.retained, tokens, table, BLOCK)
+        if batch is None:
+            batch = SimpleNamespace(
+                query_start_loc=qsl, seq_lens=torch.tensor(done, dtype=torch.int32), block_table=table
+            )
+        q_all = torch.cat(qs)
+        out = _kernel(q_all, kv, batch, scale)
+        plan = plan_scores(policy, tokens, table, torch.cat(slots), BLOCK)
+        impl._score_and_merge(layer, q_all, kv, plan)
+        torch.testing.assert_close(out, torch.cat(expected), atol=2e-5, rtol=1e-5)
+        for r in range(2):
+            st = refs[r].layers[3]
+            slot = table[r].long()[st.positions // BLOCK] * BLOCK + st.positions % BLOCK
+            torch.testing.assert_close(impl._paged.gather_v(slot), st.v, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(impl._abar[slot], st.abar, atol=1e-6, rtol=1e-5)
+            for j in range(widths[r]):  # blocks the scheduler frees now: poison them
+                if not bool(policy.eviction.retained(torch.tensor(j * BLOCK), done[r] + 1)):
+                    kv[int(table[r, j])] = float("nan")
+    assert sum(ref.stats.merged for ref in refs) > 0
+
+
+# --- real engines -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from vllm_helpers import make_tiny_model
+
+    # bigger than the helper's default and with peaky attention, so eviction and merging
+    # visibly change greedy outputs; head_dim 64 like SmolLM2
+    return make_tiny_model(
+        tmp_path_factory.mktemp("tiny") / "model",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        head_dim=64,
+        initializer_range=0.08,
+    )
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    from vllm_helpers import token_prompts
+
+    return [token_prompts(1, n, seed=i)[0] for i, n in enumerate(PROMPT_LENS)]
+
+
+@contextlib.contextmanager
+def engine(model, policy: dict | None = None, plugins: bool = True, **kwargs):
+    """One engine for the duration of a test (engines are torn down at once: memory)."""
+    from vllm_helpers import make_llm
+
+    saved = os.environ.get("VLLM_PLUGINS")
+    if not plugins:
+        os.environ["VLLM_PLUGINS"] = ""  # read by the spawned engine core and worker: stock vLLM
+    try:
+        args = dict(block_size=BLOCK, max_model_len=2048, enable_prefix_caching=False, disable_log_stats=True)
+        if policy is not None:
+            args["additional_config"] = {"kv_policy": policy}
+        llm = make_llm(model, **{**args, **kwargs})
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_PLUGINS", None)
+        else:
+            os.environ["VLLM_PLUGINS"] = saved
+    try:
+        yield llm
+    finally:
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        import gc
+
+        gc.collect()
+
+
+def generate(llm, prompts, max_tokens=NEW_TOKENS, logprobs=False):
+    from vllm import SamplingParams
+
+    params = SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0 if logprobs else None
+    )
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    if not logprobs:
+        return tokens
+    lps = [
+        [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]
+        for o in outs
+    ]
+    return tokens, lps
+
+
+def reference(model_path, policy, prompt, max_tokens=NEW_TOKENS, chunk=None):
+    """Greedy tokens and their logprobs from the reference engine (transformers, float32)."""
+    from transformers import AutoModelForCausalLM
+
+    from cam_vllm.reference.engine import ReferenceEngine
+
+    key = str(model_path)
+    if key not in _HF_MODELS:
+        _HF_MODELS[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+    eng = ReferenceEngine(_HF_MODELS[key], policy)
+    eng.start(len(prompt))
+    chunk = chunk or len(prompt)
+    for s in range(0, len(prompt), chunk):
+        logits = eng.feed(prompt[s : s + chunk])
+    tokens, lps = [], []
+    while True:
+        logp = torch.log_softmax(logits[-1], dim=-1)
+        tokens.append(int(logp.argmax()))
+        lps.append(float(logp[tokens[-1]]))
+        if len(tokens) == max_tokens:
+            return tokens, lps
+        logits = eng.feed(tokens[-1:])
+
+
+_HF_MODELS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def stock_output(tiny_model, prompts):
+    with engine(tiny_model, plugins=False) as llm:
+        return generate(llm, prompts)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"policy": "none"},
+        {"policy": "streaming", "sink_tokens": SINKS, "window_tokens": 1024},  # covers everything
+    ],
+    ids=["none", "window-longer-than-sequence"],
+)
+def test_no_eviction_is_exactly_stock_vllm(tiny_model, prompts, stock_output, policy):
+    with engine(tiny_model, policy) as llm:
+        assert generate(llm, prompts) == stock_output
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [None, SMALL_CHUNK], ids=["one-chunk", "small-chunks"])
+def test_streaming_matches_reference(tiny_model, prompts, stock_output, chunk):
+    # small chunks: one request at a time, so vLLM's chunks are exactly SMALL_CHUNK tokens
+    kwargs = dict(max_num_batched_tokens=SMALL_CHUNK, max_num_seqs=1) if chunk else {}
+    with engine(
+        tiny_model, {"policy": "streaming", "sink_tokens": SINKS, "window_tokens": WINDOW}, **kwargs
+    ) as llm:
+        got = generate(llm, prompts)
+    for prompt, tokens in zip(prompts, got, strict=True):
+        assert tokens == reference(tiny_model, streaming(), prompt, chunk=chunk)[0]
+    assert got[0] != stock_output[0], "eviction should change the long prompt's continuation"
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_cam_matches_reference_and_is_independent_of_batching(tiny_model, prompts, stock_output):
+    policy = {"policy": "cam-streaming", "sink_tokens": SINKS, "window_tokens": WINDOW}
+    with engine(tiny_model, policy, max_num_seqs=8, max_num_batched_tokens=2048) as llm:
+        got, lps = generate(llm, prompts, logprobs=True)
+        for prompt, tokens, logprobs in zip(prompts, got, lps, strict=True):
+            ref_tokens, ref_lps = reference(tiny_model, streaming(cam=True), prompt)
+            assert tokens == ref_tokens
+            torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(ref_lps), atol=2e-4, rtol=1e-4)
+        streaming_tokens = reference(tiny_model, streaming(), prompts[0])[0]
+        assert got[0] != streaming_tokens, "merging should change the long prompt's continuation"
+
+        # continuous batching: requests of different lengths join and finish at different steps;
+        # the long request gets exactly what it got alone (draws are keyed by position)
+        from vllm import SamplingParams
+        from vllm_helpers import token_prompts
+
+        others = [token_prompts(1, n, seed=10 + n)[0] for n in (40, 230, 120, 500)]
+        engine_ = llm.llm_engine
+        engine_.add_request(
+            "alone-again",
+            {"prompt_token_ids": prompts[0]},
+            SamplingParams(temperature=0.0, max_tokens=3 * NEW_TOKENS, ignore_eos=True),
+        )
+        outputs = {}
+        step, pending = 0, list(enumerate(others))
+        while engine_.has_unfinished_requests() or pending:
+            if pending and step % 5 == 0:  # a new request every few steps
+                i, ids = pending.pop(0)
+                engine_.add_request(
+                    f"other{i}",
+                    {"prompt_token_ids": ids},
+                    SamplingParams(temperature=0.0, max_tokens=10 + 15 * i, ignore_eos=True),
+                )
+            for out in engine_.step():
+                if out.finished:
+                    outputs[out.request_id] = list(out.outputs[0].token_ids)
+            step += 1
+        long_alone = generate(llm, [prompts[0]], max_tokens=3 * NEW_TOKENS)[0]
+        assert outputs["alone-again"] == long_alone
+        for i, ids in enumerate(others):  # each batched request also equals its own solo run
+            assert outputs[f"other{i}"] == generate(llm, [ids], max_tokens=10 + 15 * i)[0]
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_cam_with_small_prefill_chunks_matches_reference(tiny_model, prompts):
+    policy = {"policy": "cam-streaming", "sink_tokens": SINKS, "window_tokens": WINDOW}
+    with engine(tiny_model, policy, max_num_batched_tokens=SMALL_CHUNK, max_num_seqs=1) as llm:
+        got = generate(llm, prompts)
+    for prompt, tokens in zip(prompts, got, strict=True):
+        assert tokens == reference(tiny_model, streaming(cam=True), prompt, chunk=SMALL_CHUNK)[0]
