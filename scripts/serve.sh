@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
 # The main job: set up, prepare SmolLM2-135M-Instruct offline, and serve it with CaM on CPU.
+# The Docker images run this same script (docker/), so what CI tests is what the images run.
 #
 #   bash scripts/serve.sh                       # http://127.0.0.1:8000/v1, model name "smollm2"
 #   PORT=9000 bash scripts/serve.sh --kv-window-tokens 512   # extra args go to `vllm serve`
 #
 # Environment: PORT (8000), KV_POLICY (cam-streaming), KV_SINK_TOKENS (4), KV_WINDOW_TOKENS (1024),
-# VLLM_CPU_KVCACHE_SPACE (GiB of KV cache, 2).
+# VLLM_CPU_KVCACHE_SPACE (GiB of KV cache, 2), VLLM_PLUGINS (cam_vllm: also enables cam-vllm's
+# endpoint plugin, GET /v1/kv_policy; endpoint plugins load only when named in VLLM_PLUGINS).
+# Also: HOST (127.0.0.1), MODEL (a checkpoint directory; default: the prepared SmolLM2),
+# SERVED_MODEL_NAME (smollm2), MAX_MODEL_LEN (8192), DTYPE (float32: the 135M model, dequantized from 4 bits, answers much worse in bfloat16 on vLLM's CPU kernels, with or without a policy), GPU_MEMORY_UTILIZATION (0.3),
+# VLLM_API_KEY (read by vLLM itself: clients must send it as a bearer token),
+# CAM_VLLM_CUDA=1 (set up on top of an installed CUDA vLLM, see scripts/setup.sh --cuda).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
-model="$(.venv/bin/cam-vllm prepare-model)"
+model="${MODEL:-$(.venv/bin/cam-vllm prepare-model)}"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
-exec .venv/bin/vllm serve "$model" \
-    --host 127.0.0.1 --port "${PORT:-8000}" --served-model-name smollm2 \
-    --dtype bfloat16 --max-model-len 8192 --gpu-memory-utilization 0.3 \
+export VLLM_PLUGINS="${VLLM_PLUGINS-cam_vllm}"
+# the venv's `vllm` (vllm-cpu: our launcher); a --cuda venv sees vLLM's own script outside it
+vllm_cmd=(.venv/bin/vllm)
+[[ -x .venv/bin/vllm ]] || vllm_cmd=(.venv/bin/python -m cam_vllm.vllm_plugin.cli)
+exec "${vllm_cmd[@]}" serve "$model" \
+    --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" --served-model-name "${SERVED_MODEL_NAME:-smollm2}" \
+    --dtype "${DTYPE:-float32}" --max-model-len "${MAX_MODEL_LEN:-8192}" \
+    --gpu-memory-utilization "${GPU_MEMORY_UTILIZATION:-0.3}" \
     --kv-policy "${KV_POLICY:-cam-streaming}" \
     --kv-sink-tokens "${KV_SINK_TOKENS:-4}" \
     --kv-window-tokens "${KV_WINDOW_TOKENS:-1024}" \

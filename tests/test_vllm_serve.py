@@ -3,14 +3,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import time
-from pathlib import Path
-
 import pytest
+from conftest import SERVE_WINDOW
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -18,48 +12,13 @@ httpx = pytest.importorskip("httpx")
 
 pytestmark = [pytest.mark.engine, pytest.mark.model, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
-WINDOW = 64  # small, so that ordinary prompts are evicted from and merged
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+WINDOW = SERVE_WINDOW  # small, so that ordinary prompts are evicted from and merged
 
 
 @pytest.fixture(scope="module")
-def server(prepared_model, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = dict(os.environ, PORT=str(port), KV_WINDOW_TOKENS=str(WINDOW), VLLM_CPU_KVCACHE_SPACE="1")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            ["bash", "scripts/serve.sh", "--block-size", "32", "--enforce-eager", "--max-model-len", "2048"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 420
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"scripts/serve.sh exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not become healthy:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
-        yield base, log
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def server(vllm_server):
+    """The session's shared `scripts/serve.sh` server (tests/conftest.py): (base URL, log path)."""
+    return vllm_server.base, vllm_server.log
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +34,10 @@ def _long_prompt() -> str:
 
 def test_policy_is_active_in_the_served_engine(server):
     log = server[1].read_text()
-    assert "kv_policy" in log and "cam-streaming" in log
+    assert (
+        f"cam-vllm KV policy active: policy cam-streaming; block size 32; sinks 4 (kept: 32), window {WINDOW}"
+        in log
+    )
 
 
 def test_completion_of_a_prompt_longer_than_the_window(client):
@@ -105,7 +67,11 @@ def test_streaming_equals_the_plain_response(client):
 
 
 def test_malformed_request_is_a_400_and_the_server_keeps_serving(server, client):
-    bad = httpx.post(f"{server[0]}/v1/completions", json={"model": "smollm2", "prompt": "x", "max_tokens": -3})
+    bad = httpx.post(
+        f"{server[0]}/v1/completions", json={"model": "smollm2", "prompt": "x", "max_tokens": -3}
+    )
     assert bad.status_code == 400
-    out = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0)
+    out = client.completions.create(
+        model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0
+    )
     assert "Paris" in out.choices[0].text

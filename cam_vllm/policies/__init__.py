@@ -49,6 +49,23 @@ class KVPolicy:
     score_mode: ScoreMode = "accumulated"
     name: str = "none"
 
+    def describe(self) -> str:
+        """One line for logs and status endpoints: the policy and every setting that matters."""
+        ev = self.eviction
+        parts = [f"policy {self.name}", f"block size {ev.block_size}"]
+        if isinstance(ev, StreamingPolicy):
+            parts.append(
+                f"sinks {ev.sink_tokens} (kept: {ev.sink_end}), window {ev.window_tokens} tokens, "
+                f"at most {ev.max_retained_tokens()} tokens per sequence"
+            )
+        if self.merge is not None:
+            m = self.merge
+            parts.append(
+                f"CaM merge into {m.num_targets} targets ({m.targets}), clamp {list(m.clamp)}, "
+                f"{self.score_mode} attention, seed {m.seed}"
+            )
+        return "; ".join(parts)
+
     @property
     def tracks_scores(self) -> bool:
         """Whether attention probabilities must be computed at all."""

@@ -21,6 +21,7 @@ import logging
 logger = logging.getLogger("cam_vllm")
 
 WORKER_MODULE = "cam_vllm.vllm_plugin.attention_cpu"
+CUDA_WORKER_MODULE = "cam_vllm.vllm_plugin.attention_cuda"
 
 _registered = False
 _errors: list[str] = []
@@ -52,6 +53,20 @@ def _register_worker_side() -> None:
         return
     module = importlib.import_module(WORKER_MODULE)
     module.register_attention()
+
+
+def _register_cuda_worker_side() -> None:
+    """On CUDA platforms only, re-point ``FLASH_ATTN`` at ``attention_cuda``'s backend.
+
+    Elsewhere (CPU, ROCm, XPU, ...) the CUDA module is not even imported, so CUDA backends stay
+    stock.
+    """
+    from cam_vllm.vllm_plugin.cuda_startup import platform_is_cuda
+
+    if not platform_is_cuda():
+        return
+    module = importlib.import_module(CUDA_WORKER_MODULE)
+    module.register_cuda_attention()
 
 
 def register() -> None:
@@ -86,10 +101,17 @@ def register() -> None:
 
         install_engine_core_check()
 
+    def metrics_dir() -> None:
+        from cam_vllm.vllm_plugin.metrics import setup_metrics_dir
+
+        setup_metrics_dir()
+
+    _step("setting up the metrics directory (metrics.py)", metrics_dir)
     _step("registering the KV policy spec", kv_spec)
     _step("hooking EngineArgs (--kv-* flags, start-up checks)", engine_args)
     _step("hooking the engine core's KV-cache check", engine_core)
     _step(f"registering the worker side ({WORKER_MODULE})", _register_worker_side)
+    _step(f"registering the CUDA worker side ({CUDA_WORKER_MODULE})", _register_cuda_worker_side)
 
 
 __all__ = ["register", "registration_error"]

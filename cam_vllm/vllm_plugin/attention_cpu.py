@@ -37,10 +37,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from cam_vllm.core.attention import accumulate_attention, attention_with_probs, reduce_to_kv_heads
-from cam_vllm.core.merge import cam_merge
 from cam_vllm.policies import KVPolicy
 from cam_vllm.vllm_plugin.paged import PagedKV, probe_layout
+from cam_vllm.vllm_plugin.scoring import global_kv_heads, score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 from cam_vllm.vllm_plugin.step_plan import (
     StepPlan,
@@ -197,19 +196,9 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         return PolicyCPUAttentionMetadata(**fields, cam_plan=plan)
 
 
-def _global_kv_heads(num_local: int) -> torch.Tensor:
-    """Global indices of this rank's KV heads (the CaM draws are keyed by them)."""
-    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
-    try:
-        rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-    except (AssertionError, RuntimeError):
-        rank, world = 0, 1
-    config = get_current_vllm_config_or_none()
-    total = config.model_config.get_total_num_kv_heads() if config is not None else num_local * world
-    if total >= world:
-        return rank * num_local + torch.arange(num_local)
-    return torch.full((num_local,), rank * total // world)  # heads replicated over ranks
+def _total_kv_heads() -> int | None:
+    config = get_current_vllm_config_or_none() or _layers_config
+    return config.model_config.get_total_num_kv_heads() if config is not None else None
 
 
 class PolicyCPUAttentionBackendImpl(CPUAttentionBackendImpl):
@@ -242,6 +231,7 @@ class PolicyCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         self._cache_key: tuple | None = None
         self._layer_index: int | None = None
         self._heads: torch.Tensor | None = None
+        self._counts_tokens = False
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
@@ -263,7 +253,9 @@ class PolicyCPUAttentionBackendImpl(CPUAttentionBackendImpl):
             from vllm.model_executor.models.utils import extract_layer_index
 
             self._layer_index = extract_layer_index(layer.layer_name)
-            self._heads = _global_kv_heads(num_kv_heads)
+            self._heads = global_kv_heads(num_kv_heads, _total_kv_heads())
+            # tokens merged are counted once: by the first layer of the rank holding KV head 0
+            self._counts_tokens = self._layer_index == 0 and int(self._heads[0]) == 0
         self._cache_key = key
 
     def _score_and_merge(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, plan: StepPlan) -> None:
@@ -271,25 +263,16 @@ class PolicyCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         paged, abar, policy = self._paged, self._abar, self.policy
         assert paged is not None and abar is not None and policy is not None
         abar[plan.reset_slots] = 0.0
-        for pack in plan.packs:
-            k = paged.gather_k(pack.kv_slots)
-            # only the probabilities are used (the output is the kernel's), so the values passed
-            # are a 1-wide zero tensor: the unused output costs nothing and V is not gathered
-            v = k.new_zeros(k.shape[0], k.shape[1], 1)
-            _, probs = attention_with_probs(query[pack.q_rows], k, v, pack.visible, self.scale)
-            probs_kv = reduce_to_kv_heads(probs, self.num_kv_heads)
-            abar[pack.kv_slots] = accumulate_attention(abar[pack.kv_slots], probs_kv, policy.score_mode)
-        if policy.merge is None:
-            return
-        for event in plan.merges:
-            new_v, _ = cam_merge(
-                v_targets=paged.gather_v(event.target_slots),
-                v_evicted=paged.gather_v(event.evicted_slots),
-                abar_targets=abar[event.target_slots],
-                abar_evicted=abar[event.evicted_slots],
-                evicted_positions=event.evicted_positions,
-                layer=self._layer_index,
-                config=policy.merge,
-                heads=self._heads,
-            )
-            paged.scatter_v(event.target_slots, new_v)
+        score_and_merge(
+            paged=paged,
+            abar=abar,
+            query=query,
+            packs=plan.packs,
+            merges=plan.merges,
+            policy=policy,
+            scale=self.scale,
+            num_kv_heads=self.num_kv_heads,
+            layer_index=self._layer_index,
+            heads=self._heads,
+            count_tokens=self._counts_tokens,
+        )

@@ -150,6 +150,10 @@ def prepare_engine_args(engine_args: Any) -> Any:
             "drop --enable-prefix-caching (enable_prefix_caching=True) or the KV policy."
         )
     engine_args.enable_prefix_caching = False
+    # CUDA only (a no-op elsewhere): FLASH_ATTN, eager, synchronous scheduling; see cuda_startup
+    from cam_vllm.vllm_plugin.cuda_startup import prepare_cuda_engine_args
+
+    prepare_cuda_engine_args(engine_args, config.policy)
     return engine_args
 
 

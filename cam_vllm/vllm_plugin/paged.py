@@ -1,4 +1,7 @@
-"""Token access into vLLM's paged KV cache on CPU: the only place that knows the physical layout.
+"""Token access into vLLM's paged KV cache: the only place that knows the physical layout.
+
+Two layouts, one interface (``gather_k`` / ``gather_v`` / ``scatter_v`` by slot): :class:`PagedKV`
+for the CPU backend (described below) and :class:`NHDPagedKV` for CUDA FlashAttention (at the end).
 
 vLLM's CPU backend (``CPU_ATTN``) keeps one tensor per layer, ``[num_blocks, num_kv_heads,
 block_size, 2 * head_size]``. Per (block, KV head) the last two dimensions are only a size: they
@@ -193,3 +196,55 @@ def block_slots(block_table_row: torch.Tensor, positions: torch.Tensor, block_si
     """Slots of ``positions`` of one request, given its block-table row."""
     positions = positions.to(torch.int64)
     return block_table_row.to(torch.int64)[positions // block_size] * block_size + positions % block_size
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (FlashAttention): the logical [num_blocks, num_kv_heads, block_size, K | V] view
+# ------------------------------------------------------------------------------------------------
+
+
+class NHDPagedKV:
+    """Gather/scatter tokens of one layer's CUDA KV cache by slot; same interface as :class:`PagedKV`.
+
+    vLLM 0.32 hands every attention layer a *logical* 4-D view ``[num_blocks, num_kv_heads,
+    block_size, head_size + head_size_v]`` of its cache (``create_kv_cache_views``): per (block,
+    head, token) the key's ``head_size`` elements, then the value's. The physical order is a stride
+    permutation picked per model (``KVCacheLayout``: ``LBNHC`` = FlashAttention's NHD, the
+    default, i.e. ``[num_blocks, block_size, num_kv_heads, 2 * head_size]`` in memory; ``LBHNC`` =
+    HND; block-outer variants). FlashAttention itself reads the cache as
+    ``kv_cache.transpose(1, 2).split(head_size, dim=-1)``, i.e. ``[num_blocks, block_size,
+    num_kv_heads, head_size]`` key and value views with whatever strides the layout gives; this
+    class indexes exactly those views, so it is right for every layout the kernel is right for,
+    without knowing which one was picked. Nothing is probed: unlike the CPU cache, elements are
+    never reordered inside a (block, head) region.
+    """
+
+    def __init__(self, kv_cache: torch.Tensor, head_size: int, head_size_v: int | None = None):
+        head_size_v = head_size if head_size_v is None else head_size_v
+        if kv_cache.dim() != 4 or kv_cache.shape[3] != head_size + head_size_v:
+            raise LayoutError(
+                f"CUDA KV cache view {tuple(kv_cache.shape)} is not [num_blocks, num_kv_heads, "
+                f"block_size, {head_size} + {head_size_v}]"
+            )
+        _, h, b, _ = kv_cache.shape
+        self.block_size = b
+        self.num_heads = h
+        tokens = kv_cache.transpose(1, 2)  # [num_blocks, block_size, H, K | V], a view
+        self._k = tokens[..., :head_size]
+        self._v = tokens[..., head_size:]
+
+    def _where(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = slots.to(device=self._k.device, dtype=torch.int64)
+        return slots // self.block_size, slots % self.block_size
+
+    def gather_k(self, slots: torch.Tensor) -> torch.Tensor:
+        """Keys of ``slots`` [N] as [N, H, D] (a copy)."""
+        return self._k[self._where(slots)]
+
+    def gather_v(self, slots: torch.Tensor) -> torch.Tensor:
+        """Values of ``slots`` [N] as [N, H, Dv] (a copy)."""
+        return self._v[self._where(slots)]
+
+    def scatter_v(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """Write values [N, H, Dv] to ``slots`` in place (slots must be distinct)."""
+        self._v[self._where(slots)] = values.to(self._v.dtype)

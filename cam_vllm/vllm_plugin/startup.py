@@ -308,6 +308,11 @@ def install_engine_core_check() -> None:
         kv_cache_config = original(self, vllm_config)
         check_kv_cache_config(vllm_config, kv_cache_config)
         set_step_tokens(vllm_config, kv_cache_config)
+        if (policy := policy_from_vllm_config(vllm_config)) is not None:
+            import logging
+
+            # a child of vLLM's logger, so it is printed with vLLM's own format and level
+            logging.getLogger("vllm.cam_vllm").info("cam-vllm KV policy active: %s", policy.describe())
         return kv_cache_config
 
     _initialize_kv_caches._cam_vllm_wrapped = True  # type: ignore[attr-defined]

@@ -1,0 +1,335 @@
+"""cam-vllm's Prometheus metrics, served on vLLM's own ``/metrics``.
+
+The numbers originate in processes that do not serve HTTP: blocks are evicted by the KV manager in
+the engine core, merges happen in the attention layers of each worker, while ``/metrics`` is
+served by the API server. vLLM's engine-core -> API-server path (``SchedulerStats``) has no field
+for plugin data, so the processes talk through a small directory instead:
+
+* the general plugin's :func:`setup_metrics_dir` (run by ``register()`` in every process) creates
+  a private temporary directory in the first vLLM process (the API server, or the user's process
+  for ``vllm.LLM``) and exports it as ``$CAM_VLLM_METRICS_DIR``; the engine core and the workers,
+  started later, inherit it;
+* each writing process keeps its cumulative counts in memory (:data:`STATS`, O(1) per event) and a
+  daemon thread writes them as ``<dir>/<pid>.json`` (atomic replace) at most every
+  :data:`FLUSH_SECONDS` when they changed, and once more at exit;
+* in the API server, :class:`CamStatLogger` (entry point ``vllm.stat_logger_plugins``, loaded by
+  vLLM's ``AsyncLLM`` by default) registers :class:`CamCollector` in the Prometheus registry that
+  ``/metrics`` serves. At scrape time the collector sums the files (counters of exited
+  processes stay; gauges only from live processes).
+
+This is the same scheme as prometheus_client's multiprocess mode, kept private: vLLM's own metrics
+stay in vLLM's registry mode (single API server) untouched. With ``--api-server-count > 1`` vLLM
+serves a multiprocess registry and cam-vllm's metrics are not exported (a warning is logged).
+
+Metrics (labels ``model_name``, ``policy``):
+
+* ``cam_vllm:kv_blocks_evicted_total`` / ``cam_vllm:kv_tokens_evicted_total`` - KV blocks (tokens)
+  the policy freed (engine core);
+* ``cam_vllm:tokens_merged_total`` - tokens that left the retained set and were merged (CaM),
+  counted once per token; ``cam_vllm:merge_decisions_total`` / ``cam_vllm:merges_accepted_total``
+  - CaM's Bernoulli draws per (token, layer, KV head) and how many merged;
+  ``cam_vllm:merge_acceptance_rate`` = accepted / decisions;
+* ``cam_vllm:kv_tokens_retained`` / ``cam_vllm:kv_tokens_logical`` - summed over running requests;
+* histograms per finished request: ``cam_vllm:request_kv_retained_ratio`` (retained KV tokens /
+  logical length, the compression achieved), ``cam_vllm:request_kv_tokens_retained``,
+  ``cam_vllm:request_logical_tokens``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("cam_vllm")
+
+METRICS_DIR_ENV = "CAM_VLLM_METRICS_DIR"
+PREFIX = "cam_vllm:"
+FLUSH_SECONDS = 0.25
+
+COUNTERS = {
+    "kv_blocks_evicted": "KV-cache blocks freed by the KV policy (evicted from the retained set)",
+    "kv_tokens_evicted": "KV-cache token slots freed by the KV policy",
+    "tokens_merged": "Tokens that left the retained set and went through CaM merging (once per token)",
+    "merge_decisions": "CaM merge draws, one per (evicted token, layer, KV head)",
+    "merges_accepted": "CaM merge draws that merged the evicted value into its target",
+}
+GAUGES = {
+    "kv_tokens_retained": "KV tokens held for running requests (after eviction)",
+    "kv_tokens_logical": "Logical length (tokens with KV written) of running requests",
+}
+RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+TOKEN_BUCKETS = tuple(float(2**i) for i in range(5, 18))
+HISTOGRAMS = {
+    "request_kv_retained_ratio": (
+        "Per finished request: KV tokens retained / logical length (the compression achieved)",
+        RATIO_BUCKETS,
+    ),
+    "request_kv_tokens_retained": ("Per finished request: KV tokens retained at the end", TOKEN_BUCKETS),
+    "request_logical_tokens": (
+        "Per finished request: logical length (tokens with KV written)",
+        TOKEN_BUCKETS,
+    ),
+}
+
+_metrics_dir: tempfile.TemporaryDirectory | None = None
+
+
+def setup_metrics_dir() -> None:
+    """Create and export the shared directory in the first vLLM process (children inherit it)."""
+    global _metrics_dir
+    if os.environ.get(METRICS_DIR_ENV):
+        return
+    _metrics_dir = tempfile.TemporaryDirectory(prefix="cam-vllm-metrics-")
+    os.environ[METRICS_DIR_ENV] = _metrics_dir.name
+
+
+# --------------------------------------------------------------------------------------------
+# Writer side (engine core, workers)
+# --------------------------------------------------------------------------------------------
+
+
+class ProcessStats:
+    """This process's cumulative counts and the running requests' KV lengths; flushed to a file."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.pid = os.getpid()
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.histograms = {name: [0] * (len(b) + 1) + [0.0] for name, (_, b) in HISTOGRAMS.items()}
+        self.running: dict[str, list[int]] = {}  # request id -> [logical tokens, evicted tokens]
+        self.dirty = False
+        self._thread: threading.Thread | None = None
+
+    def _touch(self) -> None:
+        if self.pid != os.getpid():  # forked: the parent's counts are the parent's
+            self._reset()
+        self.dirty = True
+        if self._thread is None and os.environ.get(METRICS_DIR_ENV):
+            self._thread = threading.Thread(target=self._flush_loop, name="cam-vllm-metrics", daemon=True)
+            self._thread.start()
+            atexit.register(self.flush)
+
+    def add(self, name: str, value: int) -> None:
+        if value:
+            with self._lock:
+                self._touch()
+                self.counters[name] += int(value)
+
+    def request_step(self, request_id: str, logical_tokens: int, evicted_tokens: int) -> None:
+        """A request has ``logical_tokens`` with KV slots; ``evicted_tokens`` more were just freed."""
+        with self._lock:
+            self._touch()
+            entry = self.running.setdefault(request_id, [0, 0])
+            entry[0] = max(entry[0], logical_tokens)
+            entry[1] += evicted_tokens
+
+    def request_finished(self, request_id: str) -> None:
+        with self._lock:
+            entry = self.running.pop(request_id, None)
+            if entry is None or entry[0] <= 0:
+                return
+            self._touch()
+            logical, evicted = entry
+            retained = max(logical - evicted, 0)
+            self._observe("request_kv_retained_ratio", retained / logical)
+            self._observe("request_kv_tokens_retained", retained)
+            self._observe("request_logical_tokens", logical)
+
+    def _observe(self, name: str, value: float) -> None:
+        counts, bounds = self.histograms[name], HISTOGRAMS[name][1]
+        index = next((i for i, b in enumerate(bounds) if value <= b), len(bounds))
+        counts[index] += 1
+        counts[-1] += value
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "pid": self.pid,
+                "counters": dict(self.counters),
+                "gauges": {
+                    "kv_tokens_logical": sum(e[0] for e in self.running.values()),
+                    "kv_tokens_retained": sum(max(e[0] - e[1], 0) for e in self.running.values()),
+                },
+                "histograms": {k: list(v) for k, v in self.histograms.items()},
+            }
+
+    def flush(self) -> None:
+        directory = os.environ.get(METRICS_DIR_ENV)
+        if not directory or not self.dirty or self.pid != os.getpid():
+            return
+        self.dirty = False
+        try:
+            path = Path(directory) / f"{self.pid}.json"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.snapshot()))
+            os.replace(tmp, path)
+        except OSError as exc:  # the directory went away (shutdown): metrics are best effort
+            logger.debug("cam-vllm: could not write metrics: %s", exc)
+
+    def _flush_loop(self) -> None:
+        while True:
+            time.sleep(FLUSH_SECONDS)
+            self.flush()
+
+
+STATS = ProcessStats()
+
+
+def record_merge(num_tokens: int, decisions: int, accepted: int, count_tokens: bool) -> None:
+    """One CaM merge event of a layer (worker). ``count_tokens``: this layer/rank counts tokens."""
+    if count_tokens:
+        STATS.add("tokens_merged", num_tokens)
+    STATS.add("merge_decisions", decisions)
+    STATS.add("merges_accepted", accepted)
+
+
+# --------------------------------------------------------------------------------------------
+# Reader side (API server)
+# --------------------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_totals(directory: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The sums over every process's file (gauges: live processes only)."""
+    directory = directory or os.environ.get(METRICS_DIR_ENV)
+    total = {
+        "counters": dict.fromkeys(COUNTERS, 0),
+        "gauges": dict.fromkeys(GAUGES, 0),
+        "histograms": {name: [0] * (len(b) + 1) + [0.0] for name, (_, b) in HISTOGRAMS.items()},
+    }
+    if not directory or not Path(directory).is_dir():
+        return total
+    for path in Path(directory).glob("*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for name, value in data.get("counters", {}).items():
+            if name in total["counters"]:
+                total["counters"][name] += value
+        if _alive(int(data.get("pid", -1))):
+            for name, value in data.get("gauges", {}).items():
+                if name in total["gauges"]:
+                    total["gauges"][name] += value
+        for name, values in data.get("histograms", {}).items():
+            mine = total["histograms"].get(name)
+            if mine is not None and len(mine) == len(values):
+                total["histograms"][name] = [a + b for a, b in zip(mine, values, strict=True)]
+    return total
+
+
+class CamCollector:
+    """A prometheus_client collector producing cam-vllm's metrics from the shared directory."""
+
+    def __init__(self, labels: dict[str, str], directory: str | None = None) -> None:
+        self.labels = labels
+        self.directory = directory
+
+    def describe(self) -> Iterable[Any]:
+        return []  # no up-front description: collect() reads files, keep registration cheap
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        names, values = list(self.labels), list(self.labels.values())
+        totals = read_totals(self.directory)
+        for name, doc in COUNTERS.items():
+            family = CounterMetricFamily(PREFIX + name, doc, labels=names)
+            family.add_metric(values, totals["counters"][name])
+            yield family
+        decisions = totals["counters"]["merge_decisions"]
+        rate = GaugeMetricFamily(
+            PREFIX + "merge_acceptance_rate",
+            "CaM merges accepted / merge draws since start (0 before the first draw)",
+            labels=names,
+        )
+        rate.add_metric(values, totals["counters"]["merges_accepted"] / decisions if decisions else 0.0)
+        yield rate
+        for name, doc in GAUGES.items():
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=names)
+            family.add_metric(values, totals["gauges"][name])
+            yield family
+        for name, (doc, bounds) in HISTOGRAMS.items():
+            counts = totals["histograms"][name]
+            cumulative, running = [], 0
+            for bound, count in zip([*map(str, bounds), "+Inf"], counts[:-1], strict=True):
+                running += count
+                cumulative.append((bound, running))
+            family = HistogramMetricFamily(PREFIX + name, doc, labels=names)
+            family.add_metric(values, cumulative, sum_value=counts[-1])
+            yield family
+
+
+_collector: CamCollector | None = None
+
+
+def install_collector(vllm_config: Any) -> CamCollector | None:
+    """Register :class:`CamCollector` in the registry vLLM's ``/metrics`` serves (once)."""
+    global _collector
+    if _collector is not None:
+        return _collector
+    from prometheus_client import REGISTRY
+
+    from cam_vllm.vllm_plugin.settings import policy_config_from_additional
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        logger.warning(
+            "cam-vllm: vLLM serves a multiprocess Prometheus registry (--api-server-count > 1); "
+            "cam-vllm's metrics are not exported in that mode"
+        )
+        return None
+    try:
+        config = policy_config_from_additional(getattr(vllm_config, "additional_config", None))
+    except ValueError:
+        config = None
+    policy = config.policy if config is not None else "none"
+    model_name = getattr(vllm_config.model_config, "served_model_name", None) or "unknown"
+    if isinstance(model_name, list | tuple):
+        model_name = model_name[0]
+    _collector = CamCollector({"model_name": str(model_name), "policy": str(policy)})
+    REGISTRY.register(_collector)
+    return _collector
+
+
+def _stat_logger_base() -> type:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    return StatLoggerBase
+
+
+class CamStatLogger(_stat_logger_base()):  # type: ignore[misc]
+    """``vllm.stat_logger_plugins`` entry: installs :class:`CamCollector` in the API server.
+
+    vLLM's stat-logger hook is where a plugin gets the engine's config in the process serving
+    ``/metrics``; the per-step ``record`` has nothing of ours (the counts come from the files).
+    """
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        self.engine_index = engine_index
+        install_collector(vllm_config)
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:  # noqa: ANN001
+        return None
+
+    def log_engine_initialized(self) -> None:
+        return None

@@ -1,0 +1,95 @@
+"""cam-vllm's serving surface without a server: the metrics files and collector, the policy report,
+and the entry points vLLM discovers (the real server is exercised in test_vllm_serve_openai.py)."""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import entry_points
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from cam_vllm.vllm_plugin import metrics  # noqa: E402
+
+
+def test_entry_points_share_one_name_so_vllm_plugins_cam_vllm_enables_all():
+    for group, target in [
+        ("vllm.general_plugins", "cam_vllm.plugin:register"),
+        ("vllm.stat_logger_plugins", "cam_vllm.vllm_plugin.metrics:CamStatLogger"),
+        ("vllm.endpoint_plugins", "cam_vllm.vllm_plugin.endpoint:KVPolicyEndpoint"),
+    ]:
+        found = {ep.name: ep.value for ep in entry_points(group=group)}
+        assert found.get("cam_vllm") == target, (group, found)
+
+
+def test_stat_logger_is_a_vllm_stat_logger():
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    assert issubclass(metrics.CamStatLogger, StatLoggerBase)
+
+
+def test_process_stats_files_are_summed_by_the_collector(tmp_path, monkeypatch):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    monkeypatch.setenv(metrics.METRICS_DIR_ENV, str(tmp_path))
+    stats = metrics.ProcessStats()
+    stats.add("kv_blocks_evicted", 3)
+    stats.request_step("a", 1000, 0)
+    stats.request_step("a", 1000, 3 * 32)
+    stats.request_step("b", 200, 0)
+    stats.flush()
+    # a second (exited) process's file: counters count, gauges do not
+    other = dict(stats.snapshot(), pid=2**22 + 12345)
+    other["counters"] = dict(other["counters"], kv_blocks_evicted=5, merge_decisions=10, merges_accepted=4)
+    (tmp_path / "dead.json").write_text(__import__("json").dumps(other))
+
+    totals = metrics.read_totals(tmp_path)
+    assert totals["counters"]["kv_blocks_evicted"] == 8
+    assert totals["gauges"] == {"kv_tokens_retained": 1000 - 96 + 200, "kv_tokens_logical": 1200}
+
+    stats.request_finished("a")
+    stats.request_finished("a")  # a second free (e.g. after preemption) is not counted twice
+    stats.flush()
+    registry = CollectorRegistry()
+    registry.register(metrics.CamCollector({"model_name": "m", "policy": "cam-streaming"}, str(tmp_path)))
+    text = generate_latest(registry).decode()
+    labels = 'model_name="m",policy="cam-streaming"'
+    assert f"cam_vllm:kv_blocks_evicted_total{{{labels}}} 8.0" in text
+    assert f"cam_vllm:merge_acceptance_rate{{{labels}}} 0.4" in text
+    assert f"cam_vllm:request_kv_retained_ratio_count{{{labels}}} 1.0" in text
+    assert f"cam_vllm:request_kv_retained_ratio_sum{{{labels}}} {(1000 - 96) / 1000}" in text
+    assert f'cam_vllm:request_logical_tokens_bucket{{le="1024.0",{labels}}} 1.0' in text
+    assert f"cam_vllm:kv_tokens_logical{{{labels}}} 200.0" in text
+
+
+def test_setup_metrics_dir_exports_one_directory(monkeypatch):
+    monkeypatch.delenv(metrics.METRICS_DIR_ENV, raising=False)
+    metrics.setup_metrics_dir()
+    first = os.environ[metrics.METRICS_DIR_ENV]
+    assert os.path.isdir(first)
+    metrics.setup_metrics_dir()  # children (engine core, workers) inherit it and keep it
+    assert os.environ[metrics.METRICS_DIR_ENV] == first
+
+
+def test_policy_report():
+    from cam_vllm.vllm_plugin.endpoint import policy_report
+
+    assert policy_report(None)["policy"] == "none"
+    config = SimpleNamespace(
+        additional_config={"kv_policy": {"policy": "cam-streaming", "sink_tokens": 4, "window_tokens": 256}},
+        cache_config=SimpleNamespace(block_size=32),
+        model_config=SimpleNamespace(max_model_len=4096),
+    )
+    report = policy_report(config)
+    assert report["policy"] == "cam-streaming"
+    assert report["settings"]["window_tokens"] == 256 and report["settings"]["merge_targets"] == 16
+    assert report["resolved"] == {
+        "block_size": 32,
+        "max_model_len": 4096,
+        "sink_tokens": 4,
+        "sink_end": 32,
+        "window_tokens": 256,
+        "merging": True,
+    }
