@@ -1,0 +1,362 @@
+"""Results: one JSON file per command, a markdown table and PNG plots over all of them.
+
+A result file is ``{"meta": {...}, "rows": [row, ...]}``; a row is one (task, policy, variant,
+budget) with its metrics aggregated over seeds::
+
+    {"task": "copa", "engine": "reference", "policy": "cam-streaming", "variant": "cam",
+     "budget": 0.2, "config": {...}, "seeds": [0, 1, 2, 3, 4], "n_items": 100,
+     "metrics": {"acc": {"mean": 0.6, "std": 0.01, "values": [...]}}, "merge_rate": 0.8,
+     "mean_budget": 0.21, "seconds": 12.3}
+
+``std`` is the sample standard deviation over seeds (0 for a single seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+POLICY_ORDER = {"none": 0, "streaming": 1, "cam-streaming": 2}
+MC_TASK_NAMES = ("copa", "piqa", "winogrande", "openbookqa", "rte")
+
+
+def aggregate(values: Sequence[float]) -> dict:
+    vals = [float(v) for v in values]
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return {"mean": statistics.fmean(vals), "std": std, "values": vals}
+
+
+def write_json(path: Path, meta: dict, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, tuple | set):
+        return list(x)
+    return str(x)
+
+
+def load_rows(folder: Path) -> list[dict]:
+    """Every row of every result file under ``folder`` (later files win on identical keys)."""
+    rows: dict[tuple, dict] = {}
+    for f in sorted(Path(folder).rglob("*.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            data = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if not isinstance(data, dict) or "rows" not in data:
+            continue
+        for r in data["rows"]:
+            rows[row_key(r)] = r
+    return list(rows.values())
+
+
+def row_key(r: dict) -> tuple:
+    return (r["task"], r.get("engine"), r["policy"], r.get("variant", ""), r.get("budget"), r.get("data", ""))
+
+
+def _fmt_metric(m: dict, percent: bool) -> str:
+    if m is None:
+        return ""
+    scale = 100.0 if percent else 1.0
+    mean = m["mean"] * scale
+    if len(m.get("values", [])) > 1:
+        return f"{mean:.1f} ± {m['std'] * scale:.1f}" if percent else f"{mean:.2f} ± {m['std'] * scale:.2f}"
+    return f"{mean:.1f}" if percent else f"{mean:.2f}"
+
+
+def _sort_key(r: dict):
+    return (
+        r["task"],
+        r.get("data", ""),
+        r.get("variant", "") != "",
+        r.get("variant", ""),
+        r.get("budget") if r.get("budget") is not None else -1.0,
+        POLICY_ORDER.get(r["policy"], 9),
+    )
+
+
+def markdown_table(rows: Iterable[dict]) -> str:
+    """One table per task: policy, variant, budget, metrics (accuracies in %), items, seeds."""
+    by_task: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=_sort_key):
+        by_task.setdefault(r["task"], []).append(r)
+    out = []
+    for task, trs in by_task.items():
+        metrics = []
+        for r in trs:
+            for k in r["metrics"]:
+                if k not in metrics:
+                    metrics.append(k)
+        out.append(f"### {task}\n")
+        head = ["data", "engine", "policy", "variant", "budget", *metrics, "items", "seeds", "merge rate"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for r in trs:
+            budget = "full" if r.get("budget") is None else f"{r['budget']:.0%}"
+            cells = [
+                r.get("data", ""),
+                r.get("engine", ""),
+                r["policy"],
+                r.get("variant", "") or "-",
+                budget,
+                *[_fmt_metric(r["metrics"].get(k), percent=k.startswith("acc")) for k in metrics],
+                str(r.get("n_items", "")),
+                str(len(r["seeds"])) if r.get("seeds") else "-",
+                "" if r.get("merge_rate") is None else f"{r['merge_rate']:.2f}",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def paper_table(rows: Iterable[dict], budget: float = 0.2) -> str:
+    """Table 1 / Table 2 layout: a column per zero-shot task (and per task with acc_norm, a second
+    column), a row per policy (and variant) at ``budget`` plus the full cache; cells are accuracy
+    in % (mean ± std over seeds) and the number of items."""
+    rows = [r for r in rows if r["task"] in MC_TASK_NAMES and r.get("budget") in (None, budget)]
+    cols = []
+    for t in MC_TASK_NAMES:
+        for m in ("acc", "acc_norm"):
+            if any(r["task"] == t and m in r["metrics"] for r in rows):
+                cols.append((t, m))
+    if not cols:
+        return ""
+    keys = sorted(
+        {(r["policy"], r.get("variant", "")) for r in rows},
+        key=lambda k: (k[1] != "", POLICY_ORDER.get(k[0], 9), k[1]),
+    )
+    cell = {(r["task"], r["policy"], r.get("variant", "")): r for r in rows}
+    head = ["policy", "variant", *[t if m == "acc" else f"{t} (acc_norm)" for t, m in cols]]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for policy, variant in keys:
+        cells = []
+        for t, m in cols:
+            r = cell.get((t, policy, variant))
+            ok = r is not None and m in r["metrics"]
+            cells.append(f"{_fmt_metric(r['metrics'][m], True)} ({r['n_items']})" if ok else "")
+        label = policy + ("" if policy != "none" else " (full cache)")
+        out.append("| " + " | ".join([label, variant or "-", *cells]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_budget_curves(
+    rows: Sequence[dict], path: Path, metric: str | None = None, title: str = "", log: bool = False
+) -> Path | None:
+    """One panel per (task, data): metric vs budget, a line per policy/variant, std as error bars.
+
+    The full cache (budget None) is drawn as a horizontal dashed line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[tuple, list[dict]] = {}
+    for r in rows:
+        panels.setdefault((r["task"], r.get("data", "")), []).append(r)
+    if not panels:
+        return None
+    n = len(panels)
+    cols = min(n, 3)
+    fig, axes = plt.subplots(
+        (n + cols - 1) // cols, cols, figsize=(4.6 * cols, 3.4 * ((n + cols - 1) // cols))
+    )
+    axes = [axes] if n == 1 else list(getattr(axes, "flat", axes))
+    for ax, ((task, data), prs) in zip(axes, sorted(panels.items()), strict=False):
+        m = metric or next(iter(prs[0]["metrics"]))
+        lines: dict[str, list[dict]] = {}
+        for r in prs:
+            if m not in r["metrics"]:
+                continue
+            label = r["policy"] + (f" [{r['variant']}]" if r.get("variant") else "")
+            lines.setdefault(label, []).append(r)
+        palette = iter(
+            ["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"] * 3
+        )
+        for label, lrs in sorted(
+            lines.items(), key=lambda kv: (POLICY_ORDER.get(kv[0].split(" ")[0], 9), kv[0])
+        ):
+            full = [r for r in lrs if r.get("budget") is None]
+            pts = sorted((r for r in lrs if r.get("budget") is not None), key=lambda r: r["budget"])
+            for r in full:
+                ax.axhline(r["metrics"][m]["mean"], color="k", ls="--", lw=1, label=f"{label} (full cache)")
+            if pts:
+                xs = [r["budget"] * 100 for r in pts]
+                ys = [r["metrics"][m]["mean"] for r in pts]
+                es = [r["metrics"][m]["std"] for r in pts]
+                color = {"streaming": "tab:blue", "cam-streaming": "tab:orange"}.get(label) or next(palette)
+                ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=label, color=color)
+        ax.set_title(f"{task} {data}".strip())
+        ax.set_xlabel("KV budget (% of sequence)")
+        ax.set_xlim(0, 100)
+        ax.set_ylabel(m)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[n:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ablations(rows: Sequence[dict], path: Path, budget: float = 0.2) -> Path | None:
+    """One panel per (task, data): a bar per CaM variant at ``budget``, with the full cache,
+    plain StreamingLLM and default CaM as horizontal lines. Lower is better for ppl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    at = [r for r in rows if r.get("budget") in (None, budget)]
+    panels: dict[tuple, list[dict]] = {}
+    for r in at:
+        metric = "ppl" if r["task"] == "ppl" else "acc"
+        if r.get("variant") and r["policy"].startswith("cam-") and metric in r["metrics"]:
+            panels.setdefault((r["task"], r.get("data", "")), []).append(r)
+    if not panels:
+        return None
+    n = len(panels)
+    cols = min(n, 3)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows))
+    axes = [axes] if n == 1 else list(getattr(axes, "flat", axes))
+    for ax, ((task, data), vrs) in zip(axes, sorted(panels.items()), strict=False):
+        m = "ppl" if task == "ppl" else "acc"
+        vrs = sorted(vrs, key=lambda r: r["variant"])
+        ax.errorbar(
+            range(len(vrs)),
+            [r["metrics"][m]["mean"] for r in vrs],
+            yerr=[r["metrics"][m]["std"] for r in vrs],
+            fmt="o",
+            capsize=3,
+            color="tab:orange",
+            label="CaM variant (mean ± std)",
+        )
+        ax.set_xticks(range(len(vrs)), [r["variant"] for r in vrs], rotation=40, ha="right", fontsize=7)
+        for r in at:
+            same = r["task"] == task and r.get("data", "") == data and not r.get("variant")
+            if same and m in r["metrics"]:
+                style = {
+                    "none": ("k", "--"),
+                    "streaming": ("tab:blue", "-"),
+                    "cam-streaming": ("tab:green", ":"),
+                }
+                color, ls = style.get(r["policy"], ("grey", "-."))
+                ax.axhline(r["metrics"][m]["mean"], color=color, ls=ls, lw=1.2, label=r["policy"])
+        streaming_blocks = [
+            r
+            for r in at
+            if r["task"] == task and r["policy"] == "streaming" and r.get("variant", "").startswith("block")
+        ]
+        for r in streaming_blocks:
+            i = (
+                [v["variant"] for v in vrs].index(r["variant"])
+                if r["variant"] in [v["variant"] for v in vrs]
+                else None
+            )
+            if i is not None:
+                ax.plot([i - 0.4, i + 0.4], [r["metrics"][m]["mean"]] * 2, color="tab:blue", lw=2)
+        ax.set_title(f"{task} {data} @ {budget:.0%}".strip())
+        ax.set_ylabel(m)
+        if m == "ppl":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    for ax in axes[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_needle_depths(rows: Sequence[dict], path: Path) -> Path | None:
+    """Retrieval accuracy per needle depth: one panel per budget, a bar group per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["task"] == "needle" and not r.get("variant")]
+    if not rows:
+        return None
+    budgets = sorted({r["budget"] for r in rows if r.get("budget") is not None})
+    full = [r for r in rows if r.get("budget") is None]
+    fig, axes = plt.subplots(
+        1, max(len(budgets), 1), figsize=(4.2 * max(len(budgets), 1), 3.2), squeeze=False
+    )
+    for ax, b in zip(axes[0], budgets or [None], strict=False):
+        grp = full + [r for r in rows if r.get("budget") == b]
+        grp = sorted(grp, key=lambda r: POLICY_ORDER.get(r["policy"], 9))
+        depths = sorted({float(k.split("@")[1]) for r in grp for k in r["metrics"] if k.startswith("acc@")})
+        width = 0.8 / max(len(grp), 1)
+        for i, r in enumerate(grp):
+            ys = [r["metrics"].get(f"acc@{d:g}", {}).get("mean", 0.0) * 100 for d in depths]
+            label = r["policy"] + (" (full)" if r.get("budget") is None else "")
+            ax.bar([j + i * width for j in range(len(depths))], ys, width, label=label)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(depths))], [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("needle depth")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 105)
+        ax.set_title("budget " + ("full" if b is None else f"{b:.0%}"))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(folder: Path, title: str = "cam-vllm evaluation", img_dir: Path | None = None) -> list[Path]:
+    """``results.md`` in ``folder`` and PNG plots (in ``img_dir``, default ``folder``) from every
+    result file under ``folder``."""
+    folder = Path(folder)
+    img_dir = Path(img_dir) if img_dir is not None else folder
+    rows = load_rows(folder)
+    md = [f"# {title}\n"]
+    for b in sorted(
+        {r["budget"] for r in rows if r["task"] in MC_TASK_NAMES and r.get("budget") is not None}
+    ):
+        md += [f"## Zero-shot accuracy at {b:.0%} budget (acc %, items)\n", paper_table(rows, b)]
+    md += ["## All rows\n", markdown_table(rows)]
+    written = []
+    groups = {
+        "ppl": [r for r in rows if r["task"] == "ppl" and not r.get("variant")],
+        "ppl-m": [
+            r
+            for r in rows
+            if r["task"] == "ppl" and (not r.get("variant") or r["variant"].startswith("merge_targets"))
+        ],
+        "mc": [r for r in rows if r["task"] in MC_TASK_NAMES and not r.get("variant")],
+        "needle": [r for r in rows if r["task"] == "needle" and not r.get("variant")],
+        "merge-stats": [r for r in rows if r["task"] == "merge-stats"],
+    }
+    for name, grs in groups.items():
+        if grs:
+            metric = {"ppl": "ppl", "ppl-m": "ppl", "merge-stats": "merge_rate"}.get(name, "acc")
+            written.append(
+                plot_budget_curves(grs, img_dir / f"{name}.png", metric=metric, log=name == "ppl-m")
+            )
+    written.append(plot_ablations(rows, img_dir / "ablations.png"))
+    written.append(plot_needle_depths(rows, img_dir / "needle-depth.png"))
+    written = [p for p in written if p is not None]
+    for p in written:
+        md.append(f"![{p.stem}]({os.path.relpath(p, folder)})\n")
+    (folder / "results.md").write_text("\n".join(md))
+    return [folder / "results.md", *written]

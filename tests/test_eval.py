@@ -1,0 +1,387 @@
+"""The evaluation harness: pure logic, the two engines against each other, and a smoke run.
+
+Fast tests use a tiny random Llama; the tests marked ``model`` run the harness end to end on
+the prepared SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cam_vllm.config import KVPolicyConfig
+from cam_vllm.eval import multiple_choice as mc
+from cam_vllm.eval.budget import budget_of, resolve_budget, split_budget
+from cam_vllm.eval.engines import ReferenceBackend, ScoreRequest, first_eviction_step, score_continuations
+from cam_vllm.eval.parallel import ParallelBackend, schedule
+from cam_vllm.eval.results import aggregate, load_rows, markdown_table, paper_table, write_json, write_report
+from cam_vllm.eval.runner import make_specs
+from cam_vllm.policies import build_policy
+from cam_vllm.reference.engine import ReferenceEngine
+
+# --- budgets ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("total", range(1, 40))
+@pytest.mark.parametrize("block", [1, 16])
+def test_small_budgets_always_give_a_valid_policy(total, block):
+    sinks, window = split_budget(total, 4, block)
+    assert 0 <= sinks < window
+    if block == 1:
+        assert sinks + window == total
+        assert sinks == min(4, (total - 1) // 2)
+    else:
+        assert window % block == 0
+    build_policy(
+        KVPolicyConfig(policy="cam-streaming", sink_tokens=sinks, window_tokens=window, block_size=block)
+    )
+
+
+def test_budget_is_a_fraction_of_the_length_as_the_authors_code_takes_it():
+    cfg = KVPolicyConfig(policy="streaming", sink_tokens=4, budget=0.2)
+    assert budget_of(cfg, 1024).total == int(0.2 * 1024) and budget_of(cfg, 1024).sinks == 4
+    small = budget_of(cfg, 18)  # int(3.6) = 3 tokens: 1 sink + 2 recent
+    assert (small.sinks, small.window) == (1, 2)
+    assert resolve_budget(KVPolicyConfig(), 50) == KVPolicyConfig()  # full cache untouched
+
+
+# --- prompt formats and scoring ----------------------------------------------------------------
+
+
+def test_copa_prompt():
+    row = {
+        "premise": "The man turned on the faucet.",
+        "choice1": "The toilet filled.",
+        "choice2": "Water flowed.",
+        "question": "effect",
+        "label": 1,
+    }
+    item = mc.copa_item(row)
+    assert item.contexts == ("The man turned on the faucet therefore",) * 2
+    assert item.continuations == (" the toilet filled.", " water flowed.")
+    assert item.label == 1
+    assert mc.copa_item({**row, "question": "cause"}).contexts[0].endswith(" because")
+
+
+def test_other_prompts():
+    piqa = mc.piqa_item({"goal": "Open a jar", "sol1": "Twist.", "sol2": "Bite.", "label": 0})
+    assert piqa.contexts[0] == "Question: Open a jar\nAnswer:" and piqa.continuations == (" Twist.", " Bite.")
+    wino = mc.winogrande_item(
+        {"sentence": "Ann beat Bo so _ won.", "option1": "Ann", "option2": "Bo", "answer": "1"}
+    )
+    assert (
+        wino.contexts == ("Ann beat Bo so Ann", "Ann beat Bo so Bo") and wino.continuations == (" won.",) * 2
+    )
+    assert wino.label == 0
+    obqa = mc.openbookqa_item(
+        {
+            "question_stem": "Sharks are",
+            "choices": {"text": ["fish", "birds"], "label": ["A", "B"]},
+            "answerKey": "B",
+        }
+    )
+    assert obqa.contexts[0] == "Sharks are" and obqa.continuations == (" fish", " birds") and obqa.label == 1
+    rte = mc.rte_item({"sentence1": "A is B.", "sentence2": "B is A.", "label": 1})
+    assert rte.contexts[0] == "A is B.\nQuestion: B is A. True or False?\nAnswer:"
+    assert rte.continuations == (" True", " False") and rte.label == 1
+
+
+@pytest.mark.parametrize("task", sorted(mc.TASKS))
+def test_real_data_loads(task):
+    pytest.importorskip("pyarrow")
+    try:
+        items = mc.load_items(task, limit=5)
+    except Exception as e:  # the data package is an eval dependency
+        pytest.skip(f"no data: {e}")
+    assert len(items) == 5
+    for it in items:
+        assert it.num_choices == mc.TASKS[task].num_choices and 0 <= it.label < it.num_choices
+        assert all(c for c in it.contexts) and all(x.strip() for x in it.continuations)
+
+
+class CharTokenizer:
+    """One token per character (enough to test the context/continuation split)."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_tokenize_pair_moves_the_trailing_space_to_the_continuation():
+    req = mc.tokenize_pair(CharTokenizer(), "Answer: ", "yes")
+    assert bytes(req.context).decode() == "Answer:" and bytes(req.continuation).decode() == " yes"
+
+
+def test_item_scores_acc_and_acc_norm():
+    item = mc.MCItem(("q",) * 2, (" a", " a much longer answer"), label=1)
+    s = mc.item_scores(item, [-2.0, -3.0])  # raw prefers 0, per character prefers 1
+    assert s == {"acc": 0.0, "acc_norm": 1.0}
+
+
+# --- engines: the parallel engine equals the reference engine fed token by token ----------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger values and sharper attention than the init: merges then matter
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight.mul_(8.0)
+            layer.self_attn.q_proj.weight.mul_(4.0)
+    return model
+
+
+IDS = torch.randint(0, 128, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+CONFIGS = {
+    "streaming": dict(policy="streaming", window_tokens=12),
+    "cam": dict(policy="cam-streaming", window_tokens=12),
+    "cam-m3": dict(policy="cam-streaming", window_tokens=12, merge_targets=3),
+    "random-single": dict(policy="cam-streaming", window_tokens=12, merge_target_mode="random-single"),
+    "current": dict(policy="cam-streaming", window_tokens=12, score_mode="current"),
+    "clamp": dict(policy="cam-streaming", window_tokens=12, merge_clamp=(0.25, 0.5)),
+    "block8": dict(policy="cam-streaming", window_tokens=16, block_size=8),
+    "budget": dict(policy="cam-streaming", budget=0.3),
+}
+
+
+def token_by_token(model, cfg, ids, seed):
+    eng = ReferenceEngine(model, resolve_budget(cfg, len(ids)), seed=seed)
+    return eng.token_nlls(ids, chunk_size=1), eng.cache.stats
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_parallel_engine_equals_token_by_token_reference(tiny_llama, name):
+    cfg = KVPolicyConfig(sink_tokens=3, **CONFIGS[name])
+    want, stats = token_by_token(tiny_llama, cfg, IDS, seed=7)
+    par = ParallelBackend(tiny_llama)
+    got = par.token_nlls(IDS, cfg, seed=7)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert (par.stats.merged, par.stats.merge_decisions, par.stats.evicted) == (
+        stats.merged,
+        stats.merge_decisions,
+        stats.evicted_tokens,
+    )
+    if name != "streaming":
+        assert 0 < stats.merged <= stats.merge_decisions
+
+
+def test_merging_changes_the_outputs(tiny_llama):
+    par = ParallelBackend(tiny_llama)
+    a = par.token_nlls(IDS, KVPolicyConfig(policy="streaming", sink_tokens=3, window_tokens=12), 0)
+    b = par.token_nlls(IDS, KVPolicyConfig(policy="cam-streaming", sink_tokens=3, window_tokens=12), 0)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_reference_backend_chunks_only_where_exact(tiny_llama):
+    cfg = KVPolicyConfig(policy="cam-streaming", sink_tokens=3, window_tokens=12)
+    assert first_eviction_step(cfg, len(IDS)) == 3 + 12 - 1
+    want, _ = token_by_token(tiny_llama, cfg, IDS, seed=2)
+    torch.testing.assert_close(
+        ReferenceBackend(tiny_llama).token_nlls(IDS, cfg, 2), want, atol=2e-5, rtol=1e-5
+    )
+
+
+def test_loglikelihoods_batched_equal_reference(tiny_llama):
+    gen = torch.Generator().manual_seed(3)
+    reqs = [
+        ScoreRequest(
+            tuple(torch.randint(0, 128, (n,), generator=gen).tolist()),
+            tuple(torch.randint(0, 128, (c,), generator=gen).tolist()),
+        )
+        for n, c in [(20, 3), (9, 1), (33, 6), (5, 5), (14, 2)]
+    ]
+    cfg = KVPolicyConfig(policy="cam-streaming", budget=0.3)
+    want = ReferenceBackend(tiny_llama).loglikelihoods(reqs, cfg, seed=4)
+    par = ParallelBackend(tiny_llama, batch_tokens=64)  # forces several batches with padding
+    got = par.loglikelihoods(reqs, cfg, seed=4)
+    assert got == pytest.approx(want, abs=2e-4)
+    shared = score_continuations(par, reqs[0].context, [reqs[0].continuation, reqs[1].continuation], cfg, 4)
+    assert shared[0] == pytest.approx(want[0], abs=2e-4)
+
+
+@pytest.mark.parametrize("policy", ["none", "streaming", "cam-streaming"])
+def test_generate_hands_the_parallel_prefill_to_the_reference_cache(tiny_llama, policy):
+    cfg = KVPolicyConfig(policy=policy, sink_tokens=2, window_tokens=None if policy == "none" else 10)
+    prompt = IDS[:32]
+    want = ReferenceBackend(tiny_llama).generate(prompt, 12, cfg, 5)
+    assert ParallelBackend(tiny_llama).generate(prompt, 12, cfg, 5) == want
+
+
+def test_schedule_of_streaming():
+    cfg = KVPolicyConfig(policy="cam-streaming", sink_tokens=2, window_tokens=5, merge_targets=3)
+    s = schedule(cfg, 12)
+    # token j >= 2 leaves after step j + 4; its targets are the oldest 3 of the next window
+    assert s.evict_step[:2].tolist() == [12, 12]
+    assert s.evict_step[2:8].tolist() == [6, 7, 8, 9, 10, 11]
+    assert s.target_start[2:8].tolist() == [3, 4, 5, 6, 7, 8]
+    assert s.target_count[2:8].tolist() == [3] * 6
+    assert s.final_retained.tolist() == [True, True] + [False] * 6 + [True] * 4
+
+
+# --- runner and results --------------------------------------------------------------------------
+
+
+def test_make_specs():
+    specs = make_specs(["none", "streaming", "cam-streaming"], [0.1, 0.2], ["no-mask", "block16"])
+    assert [s for s in specs if s.policy == "none"] == [specs[0]] and specs[0].budget is None
+    plain = [s for s in specs if s.policy == "streaming"]
+    assert {s.variant for s in plain} == {"block16"}  # merge ablations do not apply to plain eviction
+    cam = [s for s in specs if s.policy == "cam-streaming"]
+    assert len(cam) == 4 and cam[0].config().merge_clamp == (1.0, 1.0)
+
+
+def _row(policy, budget, acc, variant=""):
+    return {
+        "task": "copa",
+        "data": "",
+        "engine": "parallel",
+        "policy": policy,
+        "variant": variant,
+        "budget": budget,
+        "seeds": [0, 1],
+        "n_items": 30,
+        "metrics": {"acc": aggregate(acc)},
+        "merge_rate": 0.5 if policy.startswith("cam") else None,
+    }
+
+
+def test_results_json_markdown_and_plots(tmp_path):
+    rows = [_row("none", None, [0.6]), _row("streaming", 0.2, [0.55]), _row("cam-streaming", 0.2, [0.5, 0.6])]
+    write_json(tmp_path / "a.json", {"date": "today"}, rows)
+    assert json.loads((tmp_path / "a.json").read_text())["rows"][2]["metrics"]["acc"]["std"] == pytest.approx(
+        math.sqrt(0.005)
+    )
+    assert len(load_rows(tmp_path)) == 3
+    md = markdown_table(rows)
+    assert "| none | - | full | 60.0 | 30 |" in md and "55.0 ± 7.1" in md
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ") and "policy" not in ln]
+    assert [ln.split(" | ")[2] for ln in lines] == ["none", "streaming", "cam-streaming"]
+    table = paper_table(rows, 0.2)
+    assert (
+        "| none (full cache) | - | 60.0 (30) |" in table
+        and "| cam-streaming | - | 55.0 ± 7.1 (30) |" in table
+    )
+    written = write_report(tmp_path)
+    assert (tmp_path / "results.md").exists() and any(
+        p.suffix == ".png" and p.stat().st_size > 0 for p in written
+    )
+
+
+def test_cli_parses_an_eval_row():
+    from cam_vllm.cli import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "eval",
+            "copa",
+            "--budgets",
+            "20%",
+            "0.5",
+            "--seeds",
+            "0",
+            "1",
+            "--limit",
+            "3",
+            "--merge-clamp",
+            "0",
+            "0.5",
+        ]
+    )
+    from cam_vllm.eval.cli import overrides_from_args
+
+    assert args.budgets == [0.2, 0.5] and args.seeds == [0, 1] and args.limit == 3
+    assert overrides_from_args(args) == {"merge_clamp": (0.0, 0.5)}
+
+
+# --- end to end on the real model ---------------------------------------------------------------
+
+
+@pytest.mark.model
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_smoke_preset_end_to_end(prepared_model, tmp_path):
+    from cam_vllm.cli import main
+
+    assert (
+        main(["eval", "smoke", "--model", str(prepared_model), "--out", str(tmp_path), "--no-progress"]) == 0
+    )
+    rows = load_rows(tmp_path)
+    by = {(r["task"], r["policy"]): r for r in rows}
+    assert set(by) == {(t, p) for t in ("ppl", "piqa") for p in ("none", "streaming", "cam-streaming")}
+    full = by[("piqa", "none")]
+    assert full["n_items"] == 30
+    # 22/30 when this was written, no choice within 0.05 nats of the other: a reliable margin
+    assert full["metrics"]["acc"]["mean"] > 0.6, "full-cache PIQA should be well above chance (0.5)"
+    assert by[("ppl", "none")]["metrics"]["ppl"]["mean"] < 100
+    assert 0 < by[("piqa", "cam-streaming")]["merge_rate"] <= 1
+    assert (tmp_path / "results.md").exists() and (tmp_path / "mc.png").exists()
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_parallel_engine_equals_reference_on_smollm2(prepared_model):
+    from cam_vllm.data import long_text
+    from cam_vllm.eval.engines import load_model
+
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    model, tok = load_model(prepared_model)
+    ids = tok(long_text("essays", min_chars=2000))["input_ids"][:96]
+    cfg = KVPolicyConfig(policy="cam-streaming", sink_tokens=4, window_tokens=24)
+    want, stats = token_by_token(model, cfg, ids, seed=0)
+    par = ParallelBackend(model)
+    got = par.token_nlls(ids, cfg, seed=0)
+    torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-4)
+    assert par.stats.merged == stats.merged > 0
+
+
+def test_needle_answer_check():
+    from cam_vllm.eval.needle import is_correct
+
+    assert is_correct("4831", "The passcode for the red door is 4831.")
+    assert is_correct("4831", "4 8 3 1")
+    assert not is_correct("4831", "The passcode for the red door is 483")
+    assert not is_correct("3456", "The passcode for the red door is 1234567890.")
+
+
+@pytest.mark.model
+def test_needle_prompts_fit_the_haystack_and_hold_the_needle(prepared_model):
+    from transformers import AutoTokenizer
+
+    from cam_vllm.eval.needle import make_samples
+
+    tok = AutoTokenizer.from_pretrained(prepared_model)
+    samples = make_samples(tok, haystack_tokens=256, depths=(0.0, 0.5, 1.0), per_depth=2)
+    assert len(samples) == 6
+    for s in samples:
+        text = tok.decode(s.prompt_ids)
+        assert f"door is {s.answer}." in text and text.rstrip().endswith("assistant")
+        assert 200 < len(s.prompt_ids) < 256 + 80
+    # the needle moves towards the end as the depth grows
+    where = [tok.decode(s.prompt_ids).index(s.answer) for s in samples if s.index == 0]
+    assert where == sorted(where)
+
+
+def test_merge_diagnostics(tiny_llama):
+    par = ParallelBackend(tiny_llama)
+    cfg = KVPolicyConfig(policy="cam-streaming", sink_tokens=3, window_tokens=12)
+    d = par.merge_diagnostics(IDS, cfg, seed=7)
+    _, stats = token_by_token(tiny_llama, cfg, [*IDS, 0], seed=7)  # feeds all of IDS
+    assert d["merge_rate"] == pytest.approx(stats.merge_rate)
+    assert 0 <= d["p_is_1"] <= d["mean_p"] + 1e-6 <= 1 + 1e-6 and d["value_gain"] > 0
+    never = par.merge_diagnostics(IDS, cfg.model_copy(update={"merge_clamp": (0.0, 0.0)}), seed=7)
+    assert never["merge_rate"] == 0 and never["mean_p"] == 0
