@@ -283,4 +283,10 @@ def test_metrics_are_scraped_after_real_requests(base, client):
     assert retained <= SERVE_BLOCK + SERVE_WINDOW + SERVE_BLOCK
     assert ratio == pytest.approx(retained / delta("cam_vllm:request_logical_tokens_sum"), rel=1e-6)
     assert ratio < 0.5
+    # the running-request gauges are flushed by the engine process every 0.25 s: wait for idle
+    for _ in range(40):
+        if after["cam_vllm:kv_tokens_retained"] == 0 and after["cam_vllm:kv_tokens_logical"] == 0:
+            break
+        time.sleep(0.25)
+        after = _scrape(base)
     assert after["cam_vllm:kv_tokens_retained"] == 0 and after["cam_vllm:kv_tokens_logical"] == 0  # idle
