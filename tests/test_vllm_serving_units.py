@@ -73,6 +73,45 @@ def test_setup_metrics_dir_exports_one_directory(monkeypatch):
     assert os.environ[metrics.METRICS_DIR_ENV] == first
 
 
+_CHILD_AND_TOP_LEVEL = """
+import multiprocessing, os, sys
+from cam_vllm.vllm_plugin import metrics
+
+def child(queue):
+    metrics.setup_metrics_dir()
+    queue.put(os.environ[metrics.METRICS_DIR_ENV])
+
+if __name__ == "__main__":
+    metrics.setup_metrics_dir()
+    mine = os.environ[metrics.METRICS_DIR_ENV]
+    queue = multiprocessing.get_context(sys.argv[1]).Queue()
+    proc = multiprocessing.get_context(sys.argv[1]).Process(target=child, args=(queue,))
+    proc.start()
+    print(mine, queue.get(timeout=60))
+    proc.join()
+"""
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_top_level_process_never_shares_an_inherited_metrics_dir(tmp_path, start_method):
+    """A `vllm serve` launched from a process that loaded the plugin (pytest, a notebook) must
+    not write into that process's directory: the server's /metrics would sum both."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(_CHILD_AND_TOP_LEVEL)
+    foreign = str(tmp_path / "someone-elses")
+    env = {**os.environ, metrics.METRICS_DIR_ENV: foreign}
+    out = subprocess.run(
+        [sys.executable, str(script), start_method], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    mine, childs = out.stdout.split()
+    assert mine != foreign, "the top-level process made its own directory"
+    assert childs == mine, "an engine-core/worker child keeps its parent's directory"
+
+
 def test_policy_report():
     from cam_vllm.vllm_plugin.endpoint import policy_report
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
 import threading
@@ -83,11 +84,18 @@ _metrics_dir: tempfile.TemporaryDirectory | None = None
 
 
 def setup_metrics_dir() -> None:
-    """Create and export the shared directory in the first vLLM process (children inherit it)."""
+    """Create and export the shared directory in the first vLLM process (children inherit it).
+
+    Only multiprocessing children (engine core, workers) keep an inherited directory. A top-level
+    process always makes its own: a ``vllm serve`` started from a Python process that had
+    loaded the plugin (a test suite, a notebook) inherits that process's variable through
+    ``os.environ``, and the two would then sum each other's counts and gauges.
+    """
     global _metrics_dir
-    if os.environ.get(METRICS_DIR_ENV):
+    if os.environ.get(METRICS_DIR_ENV) and multiprocessing.parent_process() is not None:
         return
-    _metrics_dir = tempfile.TemporaryDirectory(prefix="cam-vllm-metrics-")
+    if _metrics_dir is None:
+        _metrics_dir = tempfile.TemporaryDirectory(prefix="cam-vllm-metrics-")
     os.environ[METRICS_DIR_ENV] = _metrics_dir.name
 
 
