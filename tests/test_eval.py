@@ -282,6 +282,27 @@ def test_results_json_markdown_and_plots(tmp_path):
     )
 
 
+def test_more_seeds_from_a_later_file_are_pooled(tmp_path):
+    import os
+
+    first = _row("cam-streaming", 0.2, [0.5, 0.6])
+    more = {**_row("cam-streaming", 0.2, [0.7]), "seeds": [2], "merge_rate": 0.8}
+    write_json(tmp_path / "a.json", {}, [first])
+    write_json(tmp_path / "b.json", {}, [more])
+    os.utime(tmp_path / "a.json", (1, 1))  # a is the older file
+    os.utime(tmp_path / "b.json", (2, 2))
+    (row,) = load_rows(tmp_path)
+    assert row["seeds"] == [0, 1, 2]
+    assert row["metrics"]["acc"]["values"] == [0.5, 0.6, 0.7]
+    assert row["metrics"]["acc"]["mean"] == pytest.approx(0.6)
+    assert row["merge_rate"] == pytest.approx((0.5 * 2 + 0.8) / 3)
+    # the same seeds again (a re-run) do not pool: the later file wins
+    write_json(tmp_path / "c.json", {}, [{**_row("cam-streaming", 0.2, [0.1]), "seeds": [2]}])
+    os.utime(tmp_path / "c.json", (3, 3))
+    rows = load_rows(tmp_path)
+    assert len(rows) == 1 and rows[0]["metrics"]["acc"]["values"] == [0.1]
+
+
 def test_cli_parses_an_eval_row():
     from cam_vllm.cli import build_parser
 

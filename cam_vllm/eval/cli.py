@@ -65,11 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="result file name (default: task and a timestamp)")
     p.add_argument(
         "--engine",
-        choices=("reference", "parallel"),
+        choices=("reference", "parallel", "vllm"),
         default="parallel",
         help="reference: ReferenceEngine step by step; parallel: the same token-by-token "
-        "semantics computed in one batched forward (verified equal, much faster)",
+        "semantics computed in one batched forward (verified equal, much faster); vllm: the "
+        "plugin in a real vLLM engine, blocks of 32 and prefill chunks of --chunk (ppl, needle)",
     )
+    p.add_argument("--chunk", type=int, default=16, help="vllm engine: prefill chunk (tokens per step)")
     p.add_argument("--model", default=None, help="checkpoint folder (default: the prepared SmolLM2)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on busy 2-core boxes)")

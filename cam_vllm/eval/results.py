@@ -45,7 +45,11 @@ def _jsonable(x):
 
 
 def load_rows(folder: Path) -> list[dict]:
-    """Every row of every result file under ``folder`` (later files win on identical keys)."""
+    """Every row of every result file under ``folder``.
+
+    Rows with the same key are pooled when they ran other seeds of the same items (more seeds
+    added by a later command); otherwise the later file wins.
+    """
     rows: dict[tuple, dict] = {}
     for f in sorted(Path(folder).rglob("*.json"), key=lambda p: p.stat().st_mtime):
         try:
@@ -55,8 +59,35 @@ def load_rows(folder: Path) -> list[dict]:
         if not isinstance(data, dict) or "rows" not in data:
             continue
         for r in data["rows"]:
-            rows[row_key(r)] = r
+            key = row_key(r)
+            rows[key] = pool_seeds(rows[key], r) if key in rows else r
     return list(rows.values())
+
+
+def pool_seeds(old: dict, new: dict) -> dict:
+    """One row from two runs of other seeds of the same items; ``new`` when they do not pool."""
+    a, b = old.get("seeds") or [], new.get("seeds") or []
+    poolable = (
+        a
+        and b
+        and not set(a) & set(b)
+        and old.get("n_items") == new.get("n_items")
+        and set(old["metrics"]) == set(new["metrics"])
+        and all(len(old["metrics"][k]["values"]) == len(a) for k in old["metrics"])
+        and all(len(new["metrics"][k]["values"]) == len(b) for k in new["metrics"])
+    )
+    if not poolable:
+        return new
+    out = dict(new)
+    out["seeds"] = [*a, *b]
+    out["metrics"] = {
+        k: aggregate(old["metrics"][k]["values"] + v["values"]) for k, v in new["metrics"].items()
+    }
+    rates = [(r["merge_rate"], len(s)) for r, s in ((old, a), (new, b)) if r.get("merge_rate") is not None]
+    if rates:
+        out["merge_rate"] = sum(r * n for r, n in rates) / sum(n for _, n in rates)
+    out["seconds"] = round(old.get("seconds", 0.0) + new.get("seconds", 0.0), 2)
+    return out
 
 
 def row_key(r: dict) -> tuple:

@@ -22,7 +22,15 @@ log = logging.getLogger(__name__)
 SMOKE = {"mc_task": "piqa", "limit": 30, "budgets": [0.5], "seeds": [0], "ppl_tokens": 128}
 
 
-def build_engine(name: str, model, batch_tokens: int = 4096):
+def build_engine(name: str, model, batch_tokens: int = 4096, args: argparse.Namespace | None = None):
+    if name == "vllm":
+        from cam_vllm.eval.vllm_engine import VllmBackend
+        from cam_vllm.models import prepare_model
+
+        path = (args.model if args is not None else None) or prepare_model()
+        chunk = args.chunk if args is not None else 16
+        dtype = args.dtype if args is not None else "float32"
+        return VllmBackend(path, chunk=chunk, dtype=dtype)
     if name == "reference":
         from cam_vllm.eval.engines import ReferenceBackend
 
@@ -60,6 +68,11 @@ def mc_evaluator(engine, tokenizer, task: str, limit: int | None, progress: bool
     return evaluate, len(items)
 
 
+def task_needs_scores(task: str) -> bool:
+    """Zero-shot tasks score continuations with a per-request budget (not on vLLM)."""
+    return task in MC_TASKS or task in ("mc", "smoke")
+
+
 def run_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.task == "report":
@@ -78,13 +91,26 @@ def run_command(args: argparse.Namespace) -> int:
 
         transformers.utils.logging.disable_progress_bar()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model, tokenizer = load_model(args.model, dtype)
-    engine = build_engine(args.engine, model, args.batch_tokens)
+    if args.engine == "vllm":
+        from cam_vllm.eval.vllm_engine import NO_ZERO_SHOT
+
+        if task_needs_scores(args.task):
+            raise CamVllmError(f"{args.task}: {NO_ZERO_SHOT}")
+        from transformers import AutoTokenizer
+
+        from cam_vllm.models import prepare_model
+
+        model, tokenizer = None, AutoTokenizer.from_pretrained(str(args.model or prepare_model()))
+    else:
+        model, tokenizer = load_model(args.model, dtype)
+    engine = build_engine(args.engine, model, args.batch_tokens, args)
     progress = not args.no_progress
     meta = environment(engine.name, args.model or "prepared SmolLM2-135M-Instruct")
     meta.update(
         {"command": "cam-vllm " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "dtype": args.dtype}
     )
+    if args.engine == "vllm":
+        meta.update({"vllm_block_size": engine.block_size, "vllm_prefill_chunk": engine.chunk})
     overrides = overrides_from_args(args)
 
     task = args.task
@@ -149,6 +175,8 @@ def run_command(args: argparse.Namespace) -> int:
             engine, "needle", f"haystack-{args.tokens}", specs, seeds, evaluate, len(samples), progress, save
         )
     save()
+    if hasattr(engine, "close"):
+        engine.close()
     log.info("wrote %s", path)
     for p in write_report(out, img_dir=args.img):
         log.info("wrote %s", p)
