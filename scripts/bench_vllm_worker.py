@@ -42,17 +42,10 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from vllm_helpers import make_llm, make_tiny_model, token_prompts
+    from vllm_helpers import make_llm, make_peaky_model, token_prompts
 
     tmp = Path(tempfile.mkdtemp(prefix="cam-bench-"))
-    model = args.model or make_tiny_model(
-        tmp / "tiny",
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=3,
-        head_dim=64,
-        initializer_range=0.08,
-    )
+    model = args.model or make_peaky_model(tmp / "tiny")
     prompts = token_prompts(args.batch, args.prompt_len, seed=0)
     names = args.policies.split(",")
     engines = {}

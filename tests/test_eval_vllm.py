@@ -18,16 +18,9 @@ LENGTH = 300
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from vllm_helpers import make_tiny_model
+    from vllm_helpers import make_peaky_model
 
-    return make_tiny_model(
-        tmp_path_factory.mktemp("tiny") / "model",
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=3,
-        head_dim=64,
-        initializer_range=0.08,
-    )
+    return make_peaky_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -56,18 +56,11 @@ def _run(model, tp: int, prompts):
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="TP 2 on the CPU build needs 2 cores (one per rank)")
 def test_tensor_parallel_2_equals_1_with_cam(tmp_path):
-    from vllm_helpers import make_tiny_model, token_prompts
+    from vllm_helpers import make_peaky_model, token_prompts
 
     # 4 query heads, 2 KV heads: one KV head per rank at TP 2
-    model = make_tiny_model(
-        tmp_path / "model",
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        head_dim=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.08,
+    model = make_peaky_model(
+        tmp_path / "model", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
     )
     prompts = [token_prompts(1, n, seed=n)[0] for n in PROMPT_LENS]
     one = _run(model, 1, prompts)

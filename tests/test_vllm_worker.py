@@ -256,18 +256,9 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(mode, monkeypatch
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from vllm_helpers import make_tiny_model
+    from vllm_helpers import make_peaky_model
 
-    # bigger than the helper's default and with peaky attention, so eviction and merging
-    # visibly change greedy outputs; head_dim 64 like SmolLM2
-    return make_tiny_model(
-        tmp_path_factory.mktemp("tiny") / "model",
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=3,
-        head_dim=64,
-        initializer_range=0.08,
-    )
+    return make_peaky_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")

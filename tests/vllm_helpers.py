@@ -91,6 +91,16 @@ def make_tiny_model(path: Path, model_type: str = "llama", weights: bool = True,
     return path
 
 
+# Bigger than make_tiny_model's default and with peaky attention, so that eviction and merging
+# visibly change greedy outputs; head_dim 64 like SmolLM2.
+PEAKY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, head_dim=64, initializer_range=0.08)
+
+
+def make_peaky_model(path: Path | str, **overrides) -> Path:
+    """The tiny Llama the engine tests and the worker benchmark share (see ``PEAKY``)."""
+    return make_tiny_model(path, **{**PEAKY, **overrides})
+
+
 # --------------------------------------------------------------------------------------------
 # Engines and KV accounting
 # --------------------------------------------------------------------------------------------
