@@ -282,6 +282,38 @@ def test_results_json_markdown_and_plots(tmp_path):
     )
 
 
+def test_vllm_rows_get_their_own_plots_and_stay_out_of_the_reference_ones(tmp_path):
+    from cam_vllm.eval.results import vllm_comparison
+
+    def ppl(engine, policy, budget, value, variant=""):
+        return {
+            **_row(policy, budget, [value], variant),
+            "task": "ppl",
+            "data": "essays-1024",
+            "engine": engine,
+            "metrics": {"ppl": aggregate([value])},
+        }
+
+    rows = [
+        ppl("parallel", "none", None, 25.0),
+        ppl("parallel", "streaming", 0.2, 28.0),
+        ppl("parallel", "streaming", 0.2, 28.1, "block32"),
+        ppl("parallel", "cam-streaming", 0.2, 29.0, "block16"),  # not what vLLM on CPU runs
+        ppl("vllm-chunk16", "streaming", 0.2, 28.1),
+    ]
+    write_json(tmp_path / "a.json", {}, rows)
+    labels = sorted((r["engine"], r["variant"]) for r in vllm_comparison(load_rows(tmp_path), "ppl"))
+    assert labels == [
+        ("parallel", ""),
+        ("parallel", "reference, blocks of 32"),
+        ("parallel", "reference, per token"),
+        ("vllm-chunk16", "vllm-chunk16"),
+    ]
+    written = {p.name for p in write_report(tmp_path)}
+    assert {"vllm-ppl.png", "ppl.png"} <= written
+    assert "| vllm-chunk16 |" in (tmp_path / "results.md").read_text()
+
+
 def test_more_seeds_from_a_later_file_are_pooled(tmp_path):
     import os
 

@@ -354,18 +354,40 @@ def plot_needle_depths(rows: Sequence[dict], path: Path) -> Path | None:
     return path
 
 
+def is_vllm(row: dict) -> bool:
+    return str(row.get("engine", "")).startswith("vllm")
+
+
+def vllm_comparison(rows: Sequence[dict], task: str) -> list[dict]:
+    """``task`` rows of the vLLM engine next to the reference rows of the same data, each labelled
+    by its engine in the variant (for one plot): full cache, StreamingLLM and CaM, with the
+    reference's plain (per-token) and block-32 rows."""
+    vllm = [r for r in rows if r["task"] == task and is_vllm(r) and not r.get("variant")]
+    data = {r.get("data", "") for r in vllm}
+    out = [{**r, "variant": r["engine"]} for r in vllm]
+    for r in rows:
+        if r["task"] != task or is_vllm(r) or r.get("data", "") not in data:
+            continue
+        if not r.get("variant"):
+            out.append({**r, "variant": "" if r["policy"] == "none" else "reference, per token"})
+        elif r["variant"] in ("block32", "block_size=32"):
+            out.append({**r, "variant": "reference, blocks of 32"})
+    return out
+
+
 def write_report(folder: Path, title: str = "cam-vllm evaluation", img_dir: Path | None = None) -> list[Path]:
     """``results.md`` in ``folder`` and PNG plots (in ``img_dir``, default ``folder``) from every
     result file under ``folder``."""
     folder = Path(folder)
     img_dir = Path(img_dir) if img_dir is not None else folder
-    rows = load_rows(folder)
+    all_rows = load_rows(folder)
+    rows = [r for r in all_rows if not is_vllm(r)]  # the reference semantics; vLLM rows below
     md = [f"# {title}\n"]
     for b in sorted(
         {r["budget"] for r in rows if r["task"] in MC_TASK_NAMES and r.get("budget") is not None}
     ):
         md += [f"## Zero-shot accuracy at {b:.0%} budget (acc %, items)\n", paper_table(rows, b)]
-    md += ["## All rows\n", markdown_table(rows)]
+    md += ["## All rows\n", markdown_table(all_rows)]
     written = []
     groups = {
         "ppl": [r for r in rows if r["task"] == "ppl" and not r.get("variant")],
@@ -386,6 +408,11 @@ def write_report(folder: Path, title: str = "cam-vllm evaluation", img_dir: Path
             )
     written.append(plot_ablations(rows, img_dir / "ablations.png"))
     written.append(plot_needle_depths(rows, img_dir / "needle-depth.png"))
+    vllm_ppl = vllm_comparison(all_rows, "ppl")
+    if vllm_ppl:
+        written.append(plot_budget_curves(vllm_ppl, img_dir / "vllm-ppl.png", metric="ppl", log=True))
+    vllm_needle = [r for r in all_rows if r["task"] == "needle" and is_vllm(r) and not r.get("variant")]
+    written.append(plot_needle_depths(vllm_needle, img_dir / "vllm-needle-depth.png"))
     written = [p for p in written if p is not None]
     for p in written:
         md.append(f"![{p.stem}]({os.path.relpath(p, folder)})\n")

@@ -46,8 +46,6 @@ NO_ZERO_SHOT = (
 class VllmBackend:
     """Runs each sequence alone through a ``vllm.LLM`` built for its resolved KV policy."""
 
-    name = "vllm"
-
     def __init__(
         self,
         model_path: str | Path,
@@ -58,6 +56,7 @@ class VllmBackend:
     ) -> None:
         if chunk < 1:
             raise CamVllmError(f"the prefill chunk must be at least 1 token, got {chunk}")
+        self.name = f"vllm-chunk{chunk}"  # rows of other chunk sizes are other rows
         self.model_path = str(model_path)
         self.block_size = block_size
         self.chunk = chunk
