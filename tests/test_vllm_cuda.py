@@ -617,3 +617,32 @@ def test_gpu_engine_no_eviction_is_stock_and_policies_run(tmp_path):
     got = run({"policy": "streaming", "sink_tokens": SINKS, "window_tokens": WINDOW})
     assert got[0] != stock[0]
     assert run({"policy": "cam-streaming", "sink_tokens": SINKS, "window_tokens": WINDOW})  # runs
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_impls_refuse_what_a_policy_cannot_serve_and_leave_other_layers_alone(backend, monkeypatch):
+    """Both impls pick their policy through impl_common; a feature the policy cannot combine
+    with is refused by name, encoder layers keep stock attention."""
+    from vllm.v1.attention.backend import AttentionType
+
+    from cam_vllm.vllm_plugin import impl_common
+
+    if backend == "cpu":
+        from cam_vllm.vllm_plugin.attention_cpu import PolicyCPUAttentionBackendImpl as Impl
+    else:
+        from cam_vllm.vllm_plugin.attention_cuda import PolicyFlashAttentionImpl as Impl
+    policy = streaming(cam=True)
+    monkeypatch.setattr(impl_common, "policy_of", lambda config: policy)
+    if backend == "cpu":  # the stock CPU impl reads the model dtype from the current config
+        from vllm.v1.attention.backends import cpu_attn
+
+        fake = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))
+        monkeypatch.setattr(cpu_attn, "get_current_vllm_config", lambda: fake)
+    impl = Impl(4, 32, 0.125, 2, None, None, "auto")
+    assert impl.policy is policy and impl._abar is None and impl._layer_index is None
+    with pytest.raises(NotImplementedError, match="ALiBi"):
+        Impl(4, 32, 0.125, 2, [0.5] * 4, None, "auto")
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        Impl(4, 32, 0.125, 2, None, None, "auto", logits_soft_cap=30.0)
+    encoder = Impl(4, 32, 0.125, 2, None, None, "auto", attn_type=AttentionType.ENCODER_ONLY)
+    assert encoder.policy is None

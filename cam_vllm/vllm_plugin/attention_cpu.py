@@ -22,13 +22,12 @@ With a policy (see docs/vllm-worker.md):
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from dataclasses import dataclass
 
 import torch
-from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.config import VllmConfig
 from vllm.logger import init_logger
-from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -38,8 +37,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from cam_vllm.policies import KVPolicy
+from cam_vllm.vllm_plugin.impl_common import PolicyImplMixin, policy_spec
 from cam_vllm.vllm_plugin.paged import PagedKV, probe_layout
-from cam_vllm.vllm_plugin.scoring import global_kv_heads, score_and_merge
+from cam_vllm.vllm_plugin.scoring import score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 from cam_vllm.vllm_plugin.step_plan import (
     StepPlan,
@@ -51,7 +51,6 @@ from cam_vllm.vllm_plugin.step_plan import (
 logger = init_logger(__name__)
 
 BACKEND_PATH = f"{__name__}.PolicyCPUAttentionBackend"
-_KV_MANAGER_MODULE = "cam_vllm.vllm_plugin.kv_manager"
 
 
 def register_attention() -> None:
@@ -60,16 +59,6 @@ def register_attention() -> None:
 
     if AttentionBackendEnum.CPU_ATTN.get_path() != BACKEND_PATH:
         register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
-
-
-# The vLLM config the attention layers of this process were built under. The worker asks for the
-# layers' KV specs (``customize_spec``) outside any ``set_current_vllm_config`` context, after the
-# model (and so every impl) was built under it; a worker process serves exactly one config.
-_layers_config: VllmConfig | None = None
-
-
-def _policy(vllm_config: VllmConfig | None) -> KVPolicy | None:
-    return None if vllm_config is None else policy_from_vllm_config(vllm_config)
 
 
 class PolicyCPUAttentionBackend(CPUAttentionBackend):
@@ -89,21 +78,8 @@ class PolicyCPUAttentionBackend(CPUAttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """With a policy, the scheduler side's ``policy_kv_spec`` replaces the layer's spec.
-
-        It refuses specs a policy cannot serve (a layer must never silently stay on full
-        attention). Without a current vLLM config (some callers in the front-end process) or
-        without a policy, the stock spec is returned.
-        """
-        spec = super().customize_spec(spec)
-        policy = _policy(get_current_vllm_config_or_none() or _layers_config)
-        if policy is None:
-            return spec
-        if importlib.util.find_spec(_KV_MANAGER_MODULE) is None:
-            return spec  # the scheduler side has not landed: blocks are just never freed
-        from cam_vllm.vllm_plugin.kv_manager import policy_kv_spec  # type: ignore[import-not-found]
-
-        return policy_kv_spec(spec, policy)
+        """With a policy, the scheduler side's spec (see :func:`impl_common.policy_spec`)."""
+        return policy_spec(super().customize_spec(spec))
 
 
 @dataclass
@@ -196,49 +172,24 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         return PolicyCPUAttentionMetadata(**fields, cam_plan=plan)
 
 
-def _total_kv_heads() -> int | None:
-    config = get_current_vllm_config_or_none() or _layers_config
-    return config.model_config.get_total_num_kv_heads() if config is not None else None
-
-
-class PolicyCPUAttentionBackendImpl(CPUAttentionBackendImpl):
+class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):
     """The stock kernel, plus accumulated attention and CaM merging for merging policies."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        global _layers_config
-        _layers_config = get_current_vllm_config_or_none()
-        policy = _policy(_layers_config)
-        if policy is not None and (
-            self.attn_type != AttentionType.DECODER or self.kv_sharing_target_layer_name is not None
-        ):
-            policy = None
-        if policy is not None:
-            problems = []
-            if self.alibi_slopes is not None:
-                problems.append("ALiBi (positions are compacted)")
-            if self.sliding_window != -1:
-                problems.append("sliding-window attention")
-            if policy.tracks_scores and (self.logits_soft_cap or self.sinks is not None):
-                problems.append("logit soft-capping or learned sinks with score tracking")
-            if self.is_fp8_kv_cache and policy.tracks_scores:
-                problems.append("an fp8 KV cache with merging")
-            if problems:
-                raise NotImplementedError(f"KV policy {policy.name!r} does not support {', '.join(problems)}")
-        self.policy = policy
-        self._abar: torch.Tensor | None = None  # [num_blocks * block_size, Hkv] float32, by slot
-        self._paged: PagedKV | None = None
-        self._cache_key: tuple | None = None
-        self._layer_index: int | None = None
-        self._heads: torch.Tensor | None = None
-        self._counts_tokens = False
+        self._setup_policy(self._unsupported_features)
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        plan = getattr(attn_metadata, "cam_plan", None)
-        if plan is not None and self.policy is not None:
-            self._score_and_merge(layer, query, kv_cache, plan)
-        return output
+    def _unsupported_features(self, policy: KVPolicy) -> list[str]:
+        problems = []
+        if self.alibi_slopes is not None:
+            problems.append("ALiBi (positions are compacted)")
+        if self.sliding_window != -1:
+            problems.append("sliding-window attention")
+        if policy.tracks_scores and (self.logits_soft_cap or self.sinks is not None):
+            problems.append("logit soft-capping or learned sinks with score tracking")
+        if self.is_fp8_kv_cache and policy.tracks_scores:
+            problems.append("an fp8 KV cache with merging")
+        return problems
 
     def _bind(self, layer, kv_cache: torch.Tensor) -> None:
         """Per-layer state, (re)made when the KV cache tensor is first seen or replaced."""
@@ -249,13 +200,7 @@ class PolicyCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         layout = probe_layout(layer.isa, kv_cache.dtype, block_size, self.head_size)
         self._paged = PagedKV(kv_cache, layout)
         self._abar = torch.zeros(num_blocks * block_size, num_kv_heads, dtype=torch.float32)
-        if self._layer_index is None:
-            from vllm.model_executor.models.utils import extract_layer_index
-
-            self._layer_index = extract_layer_index(layer.layer_name)
-            self._heads = global_kv_heads(num_kv_heads, _total_kv_heads())
-            # tokens merged are counted once: by the first layer of the rank holding KV head 0
-            self._counts_tokens = self._layer_index == 0 and int(self._heads[0]) == 0
+        self._bind_heads(layer, num_kv_heads)
         self._cache_key = key
 
     def _score_and_merge(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, plan: StepPlan) -> None:

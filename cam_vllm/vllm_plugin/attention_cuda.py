@@ -32,13 +32,12 @@ Same design as the CPU path (``attention_cpu.py``), same per-step planning (``st
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from vllm.config import VllmConfig, get_current_vllm_config_or_none
-from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.config import VllmConfig
+from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
@@ -49,8 +48,9 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from cam_vllm.policies import KVPolicy
 from cam_vllm.vllm_plugin.cuda_startup import BACKEND_NAME, platform_is_cuda
+from cam_vllm.vllm_plugin.impl_common import PolicyImplMixin, policy_spec
 from cam_vllm.vllm_plugin.paged import NHDPagedKV
-from cam_vllm.vllm_plugin.scoring import global_kv_heads, score_and_merge
+from cam_vllm.vllm_plugin.scoring import score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 from cam_vllm.vllm_plugin.step_plan import (
     MergeEvent,
@@ -62,7 +62,6 @@ from cam_vllm.vllm_plugin.step_plan import (
 )
 
 BACKEND_PATH = f"{__name__}.PolicyFlashAttentionBackend"
-_KV_MANAGER_MODULE = "cam_vllm.vllm_plugin.kv_manager"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,14 +206,6 @@ def plan_device_scores(
 # Backend, metadata, builder, impl
 # ------------------------------------------------------------------------------------------------
 
-# The vLLM config the attention layers of this process were built under (see attention_cpu.py:
-# the worker asks for KV specs outside any set_current_vllm_config context).
-_layers_config: VllmConfig | None = None
-
-
-def _policy(vllm_config: VllmConfig | None) -> KVPolicy | None:
-    return None if vllm_config is None else policy_from_vllm_config(vllm_config)
-
 
 class PolicyFlashAttentionBackend(FlashAttentionBackend):
     """``FLASH_ATTN`` with a KV policy; identical to the stock backend when none is configured."""
@@ -233,16 +224,8 @@ class PolicyFlashAttentionBackend(FlashAttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """With a policy, the scheduler side's ``policy_kv_spec`` replaces the layer's spec."""
-        spec = super().customize_spec(spec)
-        policy = _policy(get_current_vllm_config_or_none() or _layers_config)
-        if policy is None:
-            return spec
-        if importlib.util.find_spec(_KV_MANAGER_MODULE) is None:
-            return spec
-        from cam_vllm.vllm_plugin.kv_manager import policy_kv_spec
-
-        return policy_kv_spec(spec, policy)
+        """With a policy, the scheduler side's spec (see :func:`impl_common.policy_spec`)."""
+        return policy_spec(super().customize_spec(spec))
 
 
 @dataclass
@@ -338,54 +321,28 @@ def build_policy_metadata(
     return PolicyFlashAttentionMetadata(**fields, cam_plan=plan)
 
 
-def _total_kv_heads() -> int | None:
-    config = get_current_vllm_config_or_none() or _layers_config
-    return config.model_config.get_total_num_kv_heads() if config is not None else None
-
-
-class PolicyFlashAttentionImpl(FlashAttentionImpl):
+class PolicyFlashAttentionImpl(PolicyImplMixin, FlashAttentionImpl):
     """The stock FlashAttention kernel, plus accumulated attention and CaM merging."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        global _layers_config
-        _layers_config = get_current_vllm_config_or_none()
-        policy = _policy(_layers_config)
-        if policy is not None and (
-            self.attn_type != AttentionType.DECODER or self.kv_sharing_target_layer_name is not None
-        ):
-            policy = None
-        if policy is not None:
-            problems = []
-            if self.alibi_slopes is not None:
-                problems.append("ALiBi (positions are compacted)")
-            if tuple(self.sliding_window) != (-1, -1):
-                problems.append("sliding-window attention")
-            if self.sinks is not None:
-                problems.append("learned attention sinks")
-            if policy.tracks_scores and self.logits_soft_cap:
-                problems.append("logit soft-capping with score tracking")
-            from vllm.utils.torch_utils import is_quantized_kv_cache
+        self._setup_policy(self._unsupported_features, where=" on CUDA")
 
-            if is_quantized_kv_cache(str(self.kv_cache_dtype)):
-                problems.append(f"a quantized ({self.kv_cache_dtype}) KV cache")
-            if problems:
-                raise NotImplementedError(
-                    f"KV policy {policy.name!r} on CUDA does not support {', '.join(problems)}"
-                )
-        self.policy = policy
-        self._abar: torch.Tensor | None = None  # [num_slots + 1, Hkv] float32; last row: padding
-        self._paged: NHDPagedKV | None = None
-        self._cache_key: tuple | None = None
-        self._layer_index: int | None = None
-        self._heads: torch.Tensor | None = None
+    def _unsupported_features(self, policy: KVPolicy) -> list[str]:
+        from vllm.utils.torch_utils import is_quantized_kv_cache
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        plan = getattr(attn_metadata, "cam_plan", None)
-        if plan is not None and self.policy is not None:
-            self._score_and_merge(layer, query, kv_cache, plan)
-        return output
+        problems = []
+        if self.alibi_slopes is not None:
+            problems.append("ALiBi (positions are compacted)")
+        if tuple(self.sliding_window) != (-1, -1):
+            problems.append("sliding-window attention")
+        if self.sinks is not None:
+            problems.append("learned attention sinks")
+        if policy.tracks_scores and self.logits_soft_cap:
+            problems.append("logit soft-capping with score tracking")
+        if is_quantized_kv_cache(str(self.kv_cache_dtype)):
+            problems.append(f"a quantized ({self.kv_cache_dtype}) KV cache")
+        return problems
 
     def _bind(self, layer, kv_cache: torch.Tensor) -> None:
         """Per-layer state, (re)made when the KV cache tensor is first seen or replaced."""
@@ -394,16 +351,11 @@ class PolicyFlashAttentionImpl(FlashAttentionImpl):
             return
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         self._paged = NHDPagedKV(kv_cache, self.head_size)
+        # [num_slots + 1, Hkv] float32; the last row absorbs padding
         self._abar = torch.zeros(
             num_blocks * block_size + 1, num_kv_heads, dtype=torch.float32, device=kv_cache.device
         )
-        if self._layer_index is None:
-            from vllm.model_executor.models.utils import extract_layer_index
-
-            self._layer_index = extract_layer_index(layer.layer_name)
-        self._heads = global_kv_heads(num_kv_heads, _total_kv_heads(), kv_cache.device)
-        # tokens merged are counted once: by the first layer of the rank holding KV head 0
-        self._counts_tokens = self._layer_index == 0 and int(self._heads[0]) == 0
+        self._bind_heads(layer, num_kv_heads, kv_cache.device)
         self._cache_key = key
 
     def _score_and_merge(

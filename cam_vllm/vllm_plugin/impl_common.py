@@ -1,0 +1,109 @@
+"""What the CPU and CUDA attention backends share: the policy a layer serves, the vLLM config the
+layers were built under, and the impl's hook that scores and merges after the stock kernel.
+
+Each backend keeps only what differs: its kernel's metadata, its paged-KV layout, and the list of
+features it cannot combine with a policy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from cam_vllm.policies import KVPolicy
+from cam_vllm.vllm_plugin.scoring import global_kv_heads
+from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
+
+_KV_MANAGER_MODULE = "cam_vllm.vllm_plugin.kv_manager"
+
+# The vLLM config the attention layers of this process were built under. The worker asks for the
+# layers' KV specs (``customize_spec``) outside any ``set_current_vllm_config`` context, after the
+# model (and so every impl) was built under it; a worker process serves exactly one config.
+_layers_config: VllmConfig | None = None
+
+
+def layers_config() -> VllmConfig | None:
+    """The current vLLM config, else the one this process's attention layers were built under."""
+    return get_current_vllm_config_or_none() or _layers_config
+
+
+def policy_of(vllm_config: VllmConfig | None) -> KVPolicy | None:
+    return None if vllm_config is None else policy_from_vllm_config(vllm_config)
+
+
+def policy_spec(spec: AttentionSpec) -> AttentionSpec:
+    """A backend's ``customize_spec`` tail: with a policy, the scheduler side's ``policy_kv_spec``
+    replaces the layer's spec (it refuses specs a policy cannot serve: a layer must never silently
+    stay on full attention). Without a config (some front-end callers) or a policy: ``spec``."""
+    policy = policy_of(layers_config())
+    if policy is None or importlib.util.find_spec(_KV_MANAGER_MODULE) is None:
+        return spec
+    from cam_vllm.vllm_plugin.kv_manager import policy_kv_spec
+
+    return policy_kv_spec(spec, policy)
+
+
+def total_kv_heads() -> int | None:
+    config = layers_config()
+    return config.model_config.get_total_num_kv_heads() if config is not None else None
+
+
+class PolicyImplMixin:
+    """Mixed in before a stock attention impl: the policy of this layer, and after the stock
+    kernel's ``forward`` the backend's ``_score_and_merge`` for merging policies."""
+
+    policy: KVPolicy | None
+
+    def _setup_policy(self, unsupported: Callable[[KVPolicy], list[str]], where: str = "") -> None:
+        """Pick this layer's policy (None: stock behaviour) and refuse what it cannot serve.
+
+        Call at the end of the impl's ``__init__`` (the stock attributes must exist). Encoder,
+        cross-attention and KV-sharing layers keep stock attention.
+        """
+        global _layers_config
+        _layers_config = get_current_vllm_config_or_none()
+        policy = policy_of(_layers_config)
+        impl: Any = self
+        if policy is not None and (
+            impl.attn_type != AttentionType.DECODER or impl.kv_sharing_target_layer_name is not None
+        ):
+            policy = None
+        if policy is not None:
+            problems = unsupported(policy)
+            if problems:
+                raise NotImplementedError(
+                    f"KV policy {policy.name!r}{where} does not support {', '.join(problems)}"
+                )
+        self.policy = policy
+        self._abar: torch.Tensor | None = None  # accumulated attention per physical slot
+        self._paged: Any = None
+        self._cache_key: tuple | None = None
+        self._layer_index: int | None = None
+        self._heads: torch.Tensor | None = None
+        self._counts_tokens = False
+
+    def _bind_heads(self, layer: Any, num_kv_heads: int, device: torch.device | str = "cpu") -> None:
+        """This layer's index and its rank's global KV heads (the keys of the CaM draws)."""
+        if self._layer_index is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self._layer_index = extract_layer_index(layer.layer_name)
+        self._heads = global_kv_heads(num_kv_heads, total_kv_heads(), device)
+        # tokens merged are counted once: by the first layer of the rank holding KV head 0
+        self._counts_tokens = self._layer_index == 0 and int(self._heads[0]) == 0
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):  # noqa: ANN001
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)  # type: ignore[misc]
+        plan = getattr(attn_metadata, "cam_plan", None)
+        if plan is not None and self.policy is not None:
+            self._score_and_merge(layer, query, kv_cache, plan)
+        return output
+
+    def _score_and_merge(self, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, plan: Any) -> None:
+        raise NotImplementedError
