@@ -299,7 +299,8 @@ def test_vllm_rows_get_their_own_plots_and_stay_out_of_the_reference_ones(tmp_pa
         ppl("parallel", "streaming", 0.2, 28.0),
         ppl("parallel", "streaming", 0.2, 28.1, "block32"),
         ppl("parallel", "cam-streaming", 0.2, 29.0, "block16"),  # not what vLLM on CPU runs
-        ppl("vllm-chunk16", "streaming", 0.2, 28.1),
+        *(ppl("vllm-chunk16", "streaming", b, 28.1 - b) for b in (0.2, 0.5, 0.9)),
+        ppl("vllm-chunk48", "streaming", 0.2, 28.1),  # a single point: the table only
     ]
     write_json(tmp_path / "a.json", {}, rows)
     labels = sorted((r["engine"], r["variant"]) for r in vllm_comparison(load_rows(tmp_path), "ppl"))
@@ -307,7 +308,7 @@ def test_vllm_rows_get_their_own_plots_and_stay_out_of_the_reference_ones(tmp_pa
         ("parallel", ""),
         ("parallel", "reference, blocks of 32"),
         ("parallel", "reference, per token"),
-        ("vllm-chunk16", "vllm-chunk16"),
+        *[("vllm-chunk16", "vllm-chunk16")] * 3,
     ]
     written = {p.name for p in write_report(tmp_path)}
     assert {"vllm-ppl.png", "ppl.png"} <= written

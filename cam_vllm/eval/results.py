@@ -363,6 +363,10 @@ def vllm_comparison(rows: Sequence[dict], task: str) -> list[dict]:
     by its engine in the variant (for one plot): full cache, StreamingLLM and CaM, with the
     reference's plain (per-token) and block-32 rows."""
     vllm = [r for r in rows if r["task"] == task and is_vllm(r) and not r.get("variant")]
+    budgets: dict[str, set] = {}
+    for r in vllm:
+        budgets.setdefault(r["engine"], set()).add(r.get("budget"))
+    vllm = [r for r in vllm if len(budgets[r["engine"]]) > 2]  # curves; single points stay in the table
     data = {r.get("data", "") for r in vllm}
     out = [{**r, "variant": r["engine"]} for r in vllm]
     for r in rows:
