@@ -152,6 +152,29 @@ def test_manager_frees_exactly_the_dropped_blocks(chunk: int, prompt_len: int) -
     assert kvm.block_pool.get_num_free_blocks() == total
 
 
+def test_running_gauges_forget_requests_the_manager_no_longer_holds(monkeypatch) -> None:
+    """Per-request lengths feed the running gauges; a request freed without passing through
+    ``free`` (or a stray entry) is dropped at the next free, so the gauges go back to zero."""
+    from cam_vllm.vllm_plugin import metrics
+
+    stats = metrics.ProcessStats()
+    monkeypatch.setattr(metrics, "STATS", stats)
+    kvm, manager = _manager_and_pool(_policy_spec(step=32), num_blocks=64)
+    a, b = _request("a", 300), _request("b", 200)
+    list(_run(kvm, a, 32, steps_after_prompt=3))
+    list(_run(kvm, b, 32, steps_after_prompt=3))
+    assert set(stats.running) == {"a", "b"}
+    assert stats.snapshot()["gauges"]["kv_tokens_logical"] >= 500
+    stats.request_step("ghost", 77, 0)  # e.g. a request whose blocks left by another path
+    kvm.free(a)
+    assert set(stats.running) == {"b"} and stats.histograms["request_logical_tokens"][-1] >= 300
+    kvm.free(b)
+    assert stats.running == {} and stats.snapshot()["gauges"] == {
+        "kv_tokens_logical": 0,
+        "kv_tokens_retained": 0,
+    }
+
+
 def test_admission_uses_the_policy_bound() -> None:
     """A prompt longer than the whole pool is admitted (its peak is sinks + window + a chunk)."""
     spec = _policy_spec(step=32)

@@ -264,6 +264,8 @@ class PolicyKVCacheManager(FullAttentionManager):
         if self.kv_cache_group_id == 0:
             metrics.STATS.request_finished(request_id)
         super().free(request_id)
+        if self.kv_cache_group_id == 0:
+            metrics.STATS.keep_only(self.req_to_blocks)  # the live requests of this manager
 
     def cache_blocks(self, request: Any, num_tokens: int, *args: Any, **kwargs: Any) -> None:
         # Never hash or share blocks: merged values make them request-private.
