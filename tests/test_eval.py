@@ -243,6 +243,13 @@ def test_make_specs():
     assert {s.variant for s in plain} == {"block16"}  # merge ablations do not apply to plain eviction
     cam = [s for s in specs if s.policy == "cam-streaming"]
     assert len(cam) == 4 and cam[0].config().merge_clamp == (1.0, 1.0)
+    # flags on top of an ablation make another row (label), not a copy of the ablation's row
+    labelled = make_specs(["cam-streaming"], [0.2], ["block32"], {"merge_targets": 4})
+    assert [s.variant for s in labelled] == ["block32,merge_targets=4"]
+    assert labelled[0].config().block_size == 32 and labelled[0].config().merge_targets == 4
+    assert [s.variant for s in make_specs(["cam-streaming"], [0.2], [], {"merge_targets": 4})] == [
+        "merge_targets=4"
+    ]
 
 
 def _row(policy, budget, acc, variant=""):

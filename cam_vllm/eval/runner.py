@@ -75,7 +75,9 @@ def make_specs(
                 ov = {k: v for k, v in ov.items() if k in ("block_size",)}
                 if variant and not ov:
                     continue  # a merge ablation on plain eviction is plain eviction
-            label = variant or _label(ov)
+            # flags on top of a named ablation stay in the label: another row, not the same one
+            extra = {k: v for k, v in ov.items() if k not in ABLATIONS.get(variant, {})}
+            label = ",".join(x for x in (variant, _label(extra)) if x)
             for b in budgets:
                 spec = RunSpec(policy, b, label, ov, sinks)
                 if spec not in specs:
