@@ -8,6 +8,7 @@ features it cannot combine with a policy.
 from __future__ import annotations
 
 import importlib.util
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +55,7 @@ def total_kv_heads() -> int | None:
     return config.model_config.get_total_num_kv_heads() if config is not None else None
 
 
-class PolicyImplMixin:
+class PolicyImplMixin(ABC):
     """Mixed in before a stock attention impl: the policy of this layer, and after the stock
     kernel's ``forward`` the backend's ``_score_and_merge`` for merging policies."""
 
@@ -105,5 +106,6 @@ class PolicyImplMixin:
             self._score_and_merge(layer, query, kv_cache, plan)
         return output
 
+    @abstractmethod
     def _score_and_merge(self, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, plan: Any) -> None:
-        raise NotImplementedError
+        """Score this step's queries and merge what leaves the retained set (backend-specific)."""
