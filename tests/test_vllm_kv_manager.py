@@ -80,6 +80,15 @@ def test_policy_kv_spec_refuses_sliding_window() -> None:
         policy_kv_spec(sw, KVPolicy(_policy(), None, name="streaming"))
 
 
+@pytest.fixture(autouse=True)
+def _private_stats(monkeypatch):
+    """Managers made here record into their own stats: requests these tests leave unfreed must
+    not show up in this process's metrics file (which an engine started later could read)."""
+    from cam_vllm.vllm_plugin import metrics
+
+    monkeypatch.setattr(metrics, "STATS", metrics.ProcessStats())
+
+
 def _manager_and_pool(spec: PolicyAttentionSpec, num_blocks: int, enable_caching: bool = False):
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
@@ -152,27 +161,26 @@ def test_manager_frees_exactly_the_dropped_blocks(chunk: int, prompt_len: int) -
     assert kvm.block_pool.get_num_free_blocks() == total
 
 
-def test_running_gauges_forget_requests_the_manager_no_longer_holds(monkeypatch) -> None:
-    """Per-request lengths feed the running gauges; a request freed without passing through
-    ``free`` (or a stray entry) is dropped at the next free, so the gauges go back to zero."""
+def test_running_gauges_follow_the_requests_the_manager_holds() -> None:
+    """Per-request lengths feed the running gauges; freeing a request (``free``, or the
+    scheduler's deferred ``pop_blocks_for_free``) observes it once and the gauges go to zero."""
     from cam_vllm.vllm_plugin import metrics
 
-    stats = metrics.ProcessStats()
-    monkeypatch.setattr(metrics, "STATS", stats)
+    stats = metrics.STATS  # this test's own (see _private_stats)
     kvm, manager = _manager_and_pool(_policy_spec(step=32), num_blocks=64)
     a, b = _request("a", 300), _request("b", 200)
     list(_run(kvm, a, 32, steps_after_prompt=3))
     list(_run(kvm, b, 32, steps_after_prompt=3))
     assert set(stats.running) == {"a", "b"}
     assert stats.snapshot()["gauges"]["kv_tokens_logical"] >= 500
-    stats.request_step("ghost", 77, 0)  # e.g. a request whose blocks left by another path
     kvm.free(a)
     assert set(stats.running) == {"b"} and stats.histograms["request_logical_tokens"][-1] >= 300
-    kvm.free(b)
+    kvm.block_pool.free_blocks(reversed(kvm.pop_blocks_for_free(b)))  # the deferred-free path
     assert stats.running == {} and stats.snapshot()["gauges"] == {
         "kv_tokens_logical": 0,
         "kv_tokens_retained": 0,
     }
+    assert sum(stats.histograms["request_logical_tokens"][:-1]) == 2  # each observed once
 
 
 def test_admission_uses_the_policy_bound() -> None:

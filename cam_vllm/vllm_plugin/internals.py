@@ -282,9 +282,10 @@ INTERNALS: list[Internal] = [
         params=("request_id", "num_tokens"),
     ),
     Internal(
-        "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.free",
+        "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.pop_blocks_for_free",
         "method",
-        "PolicyKVCacheManager observes the finished request's retained/logical tokens",
+        "PolicyKVCacheManager observes the finished request's retained/logical tokens there: "
+        "free() and the scheduler's deferred free both pop a request's blocks through it",
         params=("request_id",),
     ),
     Internal(

@@ -260,12 +260,12 @@ class PolicyKVCacheManager(FullAttentionManager):
             metrics.STATS.request_step(request_id, num_tokens, 0)
         return super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
 
-    def free(self, request_id: str) -> None:
+    def pop_blocks_for_free(self, request_id: str) -> list[Any]:
+        # Both ways a request's blocks leave go through here: ``free`` and the scheduler's
+        # deferred free (KV connectors), which pops the blocks without calling ``free``.
         if self.kv_cache_group_id == 0:
             metrics.STATS.request_finished(request_id)
-        super().free(request_id)
-        if self.kv_cache_group_id == 0:
-            metrics.STATS.keep_only(self.req_to_blocks)  # the live requests of this manager
+        return super().pop_blocks_for_free(request_id)
 
     def cache_blocks(self, request: Any, num_tokens: int, *args: Any, **kwargs: Any) -> None:
         # Never hash or share blocks: merged values make them request-private.

@@ -154,16 +154,6 @@ class ProcessStats:
             self._observe("request_kv_tokens_retained", retained)
             self._observe("request_logical_tokens", logical)
 
-    def keep_only(self, live: Iterable[str]) -> None:
-        """Drop running entries of requests the KV manager no longer holds, whatever path freed
-        them (a gauge must never keep a finished request's tokens)."""
-        with self._lock:
-            stale = self.running.keys() - set(live)
-            if stale:
-                self._touch()
-                for request_id in stale:
-                    del self.running[request_id]
-
     def _observe(self, name: str, value: float) -> None:
         counts, bounds = self.histograms[name], HISTOGRAMS[name][1]
         index = next((i for i, b in enumerate(bounds) if value <= b), len(bounds))
