@@ -22,15 +22,8 @@ log = logging.getLogger(__name__)
 SMOKE = {"mc_task": "piqa", "limit": 30, "budgets": [0.5], "seeds": [0], "ppl_tokens": 128}
 
 
-def build_engine(name: str, model, batch_tokens: int = 4096, args: argparse.Namespace | None = None):
-    if name == "vllm":
-        from cam_vllm.eval.vllm_engine import VllmBackend
-        from cam_vllm.models import prepare_model
-
-        path = (args.model if args is not None else None) or prepare_model()
-        chunk = args.chunk if args is not None else 16
-        dtype = args.dtype if args is not None else "float32"
-        return VllmBackend(path, chunk=chunk, dtype=dtype)
+def build_engine(name: str, model, batch_tokens: int = 4096):
+    """An engine on a loaded transformers model (the vLLM engine loads its own: run_command)."""
     if name == "reference":
         from cam_vllm.eval.engines import ReferenceBackend
 
@@ -92,18 +85,19 @@ def run_command(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if args.engine == "vllm":
-        from cam_vllm.eval.vllm_engine import NO_ZERO_SHOT
+        from transformers import AutoTokenizer
+
+        from cam_vllm.eval.vllm_engine import NO_ZERO_SHOT, VllmBackend
+        from cam_vllm.models import prepare_model
 
         if task_needs_scores(args.task):
             raise CamVllmError(f"{args.task}: {NO_ZERO_SHOT}")
-        from transformers import AutoTokenizer
-
-        from cam_vllm.models import prepare_model
-
-        model, tokenizer = None, AutoTokenizer.from_pretrained(str(args.model or prepare_model()))
+        path = args.model or prepare_model()
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        engine = VllmBackend(path, chunk=args.chunk, dtype=args.dtype)
     else:
         model, tokenizer = load_model(args.model, dtype)
-    engine = build_engine(args.engine, model, args.batch_tokens, args)
+        engine = build_engine(args.engine, model, args.batch_tokens)
     progress = not args.no_progress
     meta = environment(engine.name, args.model or "prepared SmolLM2-135M-Instruct")
     meta.update(

@@ -65,6 +65,7 @@ class VllmBackend:
         self.stats = EngineStats()
         self._key: tuple | None = None
         self._llm = None
+        self._seen: dict[str, float] | None = None  # the plugin's counters after the last sequence
 
     # --- engines ------------------------------------------------------------------------------
 
@@ -122,15 +123,24 @@ class VllmBackend:
         time.sleep(3 * metrics.FLUSH_SECONDS)  # the engine core flushes its counts periodically
         return metrics.read_totals()["counters"]
 
-    def _account(self, cfg: KVPolicyConfig, length: int, before: dict[str, float]) -> None:
-        after = self._counters()
+    def _run(self, ids: Sequence[int], cfg: KVPolicyConfig, seed: int, params, progress: bool = False):  # noqa: ANN001
+        """One sequence alone through the engine of its resolved policy, with what the cache did
+        added to :attr:`stats` (the plugin's counters are cumulative: one read per sequence)."""
+        rcfg = self._resolve(cfg, len(ids))
+        llm = self._engine(rcfg, seed)
+        if self._seen is None:
+            self._seen = self._counters()
+        out = llm.generate([{"prompt_token_ids": list(ids)}], params, use_tqdm=progress)[0]
+        before, after = self._seen, self._counters()
+        self._seen = after
+        kept = build_policy(rcfg).eviction.max_retained_tokens() if rcfg.evicts else None
         self.stats.sequences += 1
-        self.stats.tokens += length
-        kept = build_policy(cfg).eviction.max_retained_tokens() if cfg.evicts else None
-        self.stats.kept_tokens += min(length, kept or length)
+        self.stats.tokens += len(ids)
+        self.stats.kept_tokens += min(len(ids), kept or len(ids))
         self.stats.evicted += int(after["kv_tokens_evicted"] - before["kv_tokens_evicted"])
         self.stats.merge_decisions += int(after["merge_decisions"] - before["merge_decisions"])
         self.stats.merged += int(after["merges_accepted"] - before["merges_accepted"])
+        return out
 
     # --- the protocol -------------------------------------------------------------------------
 
@@ -144,15 +154,9 @@ class VllmBackend:
     ) -> torch.Tensor:
         from vllm import SamplingParams
 
-        rcfg = self._resolve(cfg, len(ids))
-        llm = self._engine(rcfg, seed)
-        before = self._counters()
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        out = llm.generate([{"prompt_token_ids": list(ids)}], params, use_tqdm=progress)[0]
-        nlls = []
-        for i, step in enumerate(out.prompt_logprobs[1:], start=1):
-            nlls.append(-step[ids[i]].logprob)
-        self._account(rcfg, len(ids), before)
+        out = self._run(ids, cfg, seed, params, progress)
+        nlls = [-step[ids[i]].logprob for i, step in enumerate(out.prompt_logprobs[1:], start=1)]
         return torch.tensor(nlls, dtype=torch.float64)
 
     def generate(
@@ -160,10 +164,5 @@ class VllmBackend:
     ) -> list[int]:
         from vllm import SamplingParams
 
-        rcfg = self._resolve(cfg, len(prompt_ids))
-        llm = self._engine(rcfg, seed)
-        before = self._counters()
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
-        out = llm.generate([{"prompt_token_ids": list(prompt_ids)}], params, use_tqdm=False)[0]
-        self._account(rcfg, len(prompt_ids), before)
+        out = self._run(prompt_ids, cfg, seed, SamplingParams(max_tokens=max_new_tokens, temperature=0.0))
         return list(out.outputs[0].token_ids)
