@@ -125,10 +125,10 @@ def test_item_scores_acc_and_acc_norm():
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from hf_helpers import tiny_hf_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    return tiny_hf_llama(
+        sharpen=True,
         vocab_size=128,
         hidden_size=96,
         intermediate_size=128,
@@ -138,12 +138,6 @@ def tiny_llama():
         head_dim=16,
         max_position_embeddings=512,
     )
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger values and sharper attention than the init: merges then matter
-        for layer in model.model.layers:
-            layer.self_attn.v_proj.weight.mul_(8.0)
-            layer.self_attn.q_proj.weight.mul_(4.0)
-    return model
 
 
 IDS = torch.randint(0, 128, (48,), generator=torch.Generator().manual_seed(1)).tolist()

@@ -71,10 +71,10 @@ def test_per_token_mode_is_exactly_the_authors_path(m):
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from hf_helpers import tiny_hf_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    # GQA as in SmolLM2: 9 query heads over 3 KV heads
+    return tiny_hf_llama(
         vocab_size=256,
         hidden_size=144,
         intermediate_size=256,
@@ -83,8 +83,7 @@ def tiny_llama():
         num_key_value_heads=3,
         head_dim=16,
         max_position_embeddings=1024,
-    )  # GQA as in SmolLM2: 9 query heads over 3 KV heads
-    return LlamaForCausalLM(cfg).eval()
+    )
 
 
 @pytest.fixture(scope="module")

@@ -576,21 +576,17 @@ def test_gpu_engine_no_eviction_is_stock_and_policies_run(tmp_path):
     change the long prompt's continuation. (bf16 vs the float32 reference engine is not a
     token-exact comparison; the exact checks are the CPU tests above.)"""
     import gc
-    import os
 
     from vllm import LLM, SamplingParams
-    from vllm_helpers import make_tiny_model, token_prompts
+    from vllm_helpers import make_tiny_model, temp_env, token_prompts
 
     model = make_tiny_model(tmp_path / "model", hidden_size=256, intermediate_size=512, head_dim=64)
     prompts = [token_prompts(1, n, seed=i)[0] for i, n in enumerate((300, 77, 161))]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
     def run(policy, plugins=True):
-        saved = os.environ.get("VLLM_PLUGINS")
-        if not plugins:
-            os.environ["VLLM_PLUGINS"] = ""
-        try:
-            extra = {"additional_config": {"kv_policy": policy}} if policy else {}
+        extra = {"additional_config": {"kv_policy": policy}} if policy else {}
+        with temp_env(None if plugins else {"VLLM_PLUGINS": ""}):
             llm = LLM(
                 str(model),
                 dtype="bfloat16",
@@ -600,11 +596,6 @@ def test_gpu_engine_no_eviction_is_stock_and_policies_run(tmp_path):
                 gpu_memory_utilization=0.3,
                 **extra,
             )
-        finally:
-            if saved is None:
-                os.environ.pop("VLLM_PLUGINS", None)
-            else:
-                os.environ["VLLM_PLUGINS"] = saved
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         del llm
         gc.collect()

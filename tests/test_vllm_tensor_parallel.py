@@ -20,25 +20,18 @@ def _run(model, tp: int, prompts):
     from vllm import SamplingParams
     from vllm_helpers import make_llm
 
-    saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    if tp > 1:
-        # one core per rank; without it the CPU worker refuses ("Not enough allowed NUMA nodes")
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
-    try:
-        llm = make_llm(
-            model,
-            block_size=32,
-            max_model_len=1024,
-            enable_prefix_caching=False,
-            disable_log_stats=True,
-            tensor_parallel_size=tp,
-            additional_config={"kv_policy": POLICY},
-        )
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
+    # one core per rank; without it the CPU worker refuses ("Not enough allowed NUMA nodes")
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i) for i in range(tp))} if tp > 1 else None
+    llm = make_llm(
+        model,
+        env=env,
+        block_size=32,
+        max_model_len=1024,
+        enable_prefix_caching=False,
+        disable_log_stats=True,
+        tensor_parallel_size=tp,
+        additional_config={"kv_policy": POLICY},
+    )
     try:
         params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

@@ -9,7 +9,6 @@ reference engine (``ReferenceEngine``, same block-granular policy, same prefill 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
@@ -273,19 +272,11 @@ def engine(model, policy: dict | None = None, plugins: bool = True, **kwargs):
     """One engine for the duration of a test (engines are torn down at once: memory)."""
     from vllm_helpers import make_llm
 
-    saved = os.environ.get("VLLM_PLUGINS")
-    if not plugins:
-        os.environ["VLLM_PLUGINS"] = ""  # read by the spawned engine core and worker: stock vLLM
-    try:
-        args = dict(block_size=BLOCK, max_model_len=2048, enable_prefix_caching=False, disable_log_stats=True)
-        if policy is not None:
-            args["additional_config"] = {"kv_policy": policy}
-        llm = make_llm(model, **{**args, **kwargs})
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_PLUGINS", None)
-        else:
-            os.environ["VLLM_PLUGINS"] = saved
+    args = dict(block_size=BLOCK, max_model_len=2048, enable_prefix_caching=False, disable_log_stats=True)
+    if policy is not None:
+        args["additional_config"] = {"kv_policy": policy}
+    # VLLM_PLUGINS="" is read by the spawned engine core and worker: stock vLLM
+    llm = make_llm(model, env=None if plugins else {"VLLM_PLUGINS": ""}, **{**args, **kwargs})
     try:
         yield llm
     finally:

@@ -6,9 +6,11 @@ on a 2-core runner): build one per configuration in a module-scoped fixture and 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 VOCAB_SIZE = 1000
@@ -114,13 +116,29 @@ BASE_ENGINE_KWARGS = dict(
 )
 
 
-def make_llm(model: Path | str, **kwargs):
+@contextlib.contextmanager
+def temp_env(env: dict[str, str] | None) -> Iterator[None]:
+    """Set ``env`` for the duration (an engine's spawned processes read it at start), then restore."""
+    saved = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def make_llm(model: Path | str, env: dict[str, str] | None = None, **kwargs):
     """A ``vllm.LLM`` on the CPU build with the test defaults (call under ``__main__`` guards:
-    the engine core is a spawned process)."""
+    the engine core is a spawned process); ``env`` is set only while it starts (:func:`temp_env`)."""
     engine_env()
     from vllm import LLM
 
-    return LLM(str(model), **{**BASE_ENGINE_KWARGS, **kwargs})
+    with temp_env(env):
+        return LLM(str(model), **{**BASE_ENGINE_KWARGS, **kwargs})
 
 
 def metric_values(llm) -> dict[str, float]:
