@@ -104,21 +104,71 @@ def test_draws_are_uniform_enough_for_bernoulli():
     assert counts.min() > 0.8 * counts.mean()
 
 
+def _chain(n_leaving=32, n_window=16, h=3, d=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    n = n_leaving + n_window
+    values, abar = torch.randn(n, h, d, generator=g), torch.rand(n, h, generator=g)
+    leaving = torch.arange(n) < n_leaving
+    return values, abar, leaving, torch.arange(50, 50 + n)
+
+
 def test_cam_merge_same_seed_same_merges_and_forced_probabilities():
-    torch.manual_seed(1)
-    vt, ve = torch.randn(16, 3, 8), torch.randn(32, 3, 8)
-    at, ae = torch.rand(16, 3), torch.rand(32, 3)
-    pos = torch.arange(50, 82)
+    values, abar, leaving, pos = _chain()
     cfg = MergeConfig(seed=11)
-    v1, m1 = cam_merge(vt, ve, at, ae, pos, layer=2, config=cfg)
-    v2, m2 = cam_merge(vt, ve, at, ae, pos, layer=2, config=cfg)
-    assert torch.equal(v1, v2) and torch.equal(m1, m2)
-    _, m3 = cam_merge(vt, ve, at, ae, pos, layer=2, config=cfg, seed=12)
-    assert not torch.equal(m1, m3)
-    never, mn = cam_merge(vt, ve, at, ae, pos, 2, MergeConfig(clamp=(0.0, 0.0)))
-    assert not mn.any() and torch.equal(never, vt)
-    _, ma = cam_merge(vt, ve, at, ae, pos, 2, MergeConfig(clamp=(1.0, 1.0)))
-    assert ma.all()
+    v1, d1 = cam_merge(values, abar, leaving, pos, layer=2, config=cfg)
+    v2, d2 = cam_merge(values, abar, leaving, pos, layer=2, config=cfg)
+    assert torch.equal(v1, v2) and torch.equal(d1.mask, d2.mask)
+    _, d3 = cam_merge(values, abar, leaving, pos, layer=2, config=cfg, seed=12)
+    assert not torch.equal(d1.mask, d3.mask)
+    never, dn = cam_merge(values, abar, leaving, pos, 2, MergeConfig(clamp=(0.0, 0.0)))
+    assert not dn.mask.any() and torch.equal(never, values)
+    _, da = cam_merge(values, abar, leaving, pos, 2, MergeConfig(clamp=(1.0, 1.0)))
+    assert da.mask.all()
+
+
+def _sequential_chain(values, abar, leaving, pos, layer, cfg):
+    """The chain token by token, as the per-token path would do it: the readable oracle."""
+    v = values.double().clone()
+    n, h, _ = v.shape
+    m = cfg.num_targets
+    for i in torch.nonzero(leaving).flatten().tolist():
+        targets = list(range(i + 1, min(i + 1 + m, n)))
+        if not targets:
+            continue
+        p = merge_probability(abar[i : i + 1], abar[targets], cfg.clamp)[0]
+        u = merge_uniforms(cfg.seed, layer, pos[i : i + 1], h)[0]
+        mask = (u < p).double()
+        if cfg.targets == "even":
+            for j in targets:
+                v[j] += mask[:, None] * v[i] / len(targets)
+        else:
+            choice = target_choices(cfg.seed, layer, pos[i : i + 1], h, len(targets))[0]
+            for head in range(h):
+                v[targets[int(choice[head])], head] += mask[head] * v[i, head]
+    return v
+
+
+@pytest.mark.parametrize("targets", ["even", "random-single"])
+@pytest.mark.parametrize(("n_leaving", "n_window", "m"), [(32, 16, 16), (1, 16, 16), (300, 20, 4), (5, 3, 16)])
+def test_block_chain_equals_merging_its_tokens_one_by_one(targets, n_leaving, n_window, m):
+    """A leaving block merges as if its tokens left one after another (each into the m tokens
+    that follow it, passing on what it received); 300 leaving tokens span several solves."""
+    values, abar, leaving, pos = _chain(n_leaving, n_window)
+    cfg = MergeConfig(num_targets=m, targets=targets, seed=3)
+    ours, decided = cam_merge(values, abar, leaving, pos, layer=1, config=cfg)
+    oracle = _sequential_chain(values, abar, leaving, pos, 1, cfg)
+    torch.testing.assert_close(ours.double(), oracle, atol=1e-4, rtol=1e-4)
+    assert decided.mask.any()
+    assert decided.num_targets.tolist() == [min(m, n_leaving + n_window - 1 - i) for i in range(n_leaving)]
+
+
+def test_one_leaving_token_merges_into_the_m_oldest_window_tokens_as_eq_15():
+    values, abar, leaving, pos = _chain(n_leaving=1, n_window=20)
+    cfg = MergeConfig(num_targets=16, clamp=(1.0, 1.0))
+    new, _ = cam_merge(values, abar, leaving, pos, 0, cfg)
+    expected = merge_values(values[1:17], values[:1], torch.ones(1, 3, dtype=torch.bool))
+    torch.testing.assert_close(new[1:17], expected)
+    assert torch.equal(new[17:], values[17:]) and torch.equal(new[:1], values[:1])
 
 
 def test_merge_config_validation():

@@ -1,15 +1,20 @@
 """CaM cache merging (Zhang et al., ICML 2024, Eq. 14-15), layout-agnostic.
 
-For an evicted token ``i`` and the ``m`` merge targets (the oldest tokens of the recent window),
+For an evicted token ``i`` and its ``m`` merge targets (the tokens that follow it in the cache),
 per KV head::
 
     p = clamp(Abar_i / mean(Abar_targets), lo, hi)     # Eq. 14, default [lo, hi] = [0, 1]
     M ~ Bernoulli(p)                                   # one draw per (token, KV head)
     V_k += M * V_i / m     for every target k           # Eq. 15; keys are never merged
 
-Several tokens evicted at once (a block leaving the window) are merged into the same targets,
-each with its own draw; since merging does not change ``Abar``, this equals merging them one
-after another.
+Token by token (the paper), the targets of the token that leaves are the ``m`` oldest tokens of
+the recent window, i.e. the ``m`` tokens right after it. A paged cache evicts a whole block at
+once; :func:`cam_merge` then merges the block's tokens *as if they had left one by one*: each
+token into the ``m`` tokens that follow it (the first ones still in the leaving block), in
+position order, so a token passes on what it received from the tokens before it, exactly like
+the per-token path. Merging a whole block into the same ``m`` targets instead (the first vLLM
+version) multiplies the merged mass by about ``p * B / m`` per block and blows up (see
+docs/results.md). The chain is a unit lower-triangular linear system, solved per KV head.
 """
 
 from __future__ import annotations
@@ -55,12 +60,18 @@ class MergeConfig:
 def merge_probability(
     abar_evicted: torch.Tensor, abar_targets: torch.Tensor, clamp: tuple[float, float] = (0.0, 1.0)
 ) -> torch.Tensor:
-    """Eq. 14 without the draw: [E, H] probabilities from Abar_evicted [E, H], Abar_targets [T, H].
+    """Eq. 14 without the draw: [E, H] probabilities from Abar_evicted [E, H], Abar_targets [T, H]."""
+    return probability_from_mean(abar_evicted, abar_targets.float().mean(dim=0, keepdim=True), clamp)
+
+
+def probability_from_mean(
+    abar_evicted: torch.Tensor, target_mean: torch.Tensor, clamp: tuple[float, float] = (0.0, 1.0)
+) -> torch.Tensor:
+    """Eq. 14 given the mean ``Abar`` of each token's targets (broadcast against [E, H]).
 
     0/0 counts as 0 (nothing known about either side: do not merge), x/0 with x > 0 as 1.
     """
-    ref = abar_targets.float().mean(dim=0, keepdim=True)  # [1, H]
-    ratio = abar_evicted.float() / ref
+    ratio = abar_evicted.float() / target_mean
     ratio = torch.nan_to_num(ratio, nan=0.0, posinf=1.0)
     return ratio.clamp(min=clamp[0], max=clamp[1])
 
@@ -94,31 +105,105 @@ def merge_values(
     return out.to(v_targets.dtype)
 
 
+# Leaving tokens solved together in one triangular system (bounds memory for a long prefill
+# chunk that evicts thousands of tokens at once; exact, since a token only reaches m ahead).
+CHAIN_SOURCES_PER_SOLVE = 128
+
+
+@dataclass(frozen=True)
+class ChainMerge:
+    """What :func:`cam_merge` decided: per leaving token and KV head (rows in chain order)."""
+
+    mask: torch.Tensor  # [E, H] bool: merged (the Bernoulli draw was 1)
+    probability: torch.Tensor  # [E, H] float32: Eq. 14 before the draw
+    num_targets: torch.Tensor  # [E] int64: targets the token had (0: nothing followed it)
+
+
+def chain_targets(num_entries: int, sources: torch.Tensor, m: int) -> torch.Tensor:
+    """How many chain entries follow each source (at most ``m``): its number of targets."""
+    return (num_entries - 1 - sources).clamp(min=0, max=m)
+
+
+def build_chain(
+    positions: torch.Tensor, leaving: torch.Tensor, receivers: torch.Tensor, m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge chain of one sequence: (indices into ``positions``, leaving flags) in position order.
+
+    positions: [N] of the cached tokens; leaving: [N] bool, the tokens that leave now;
+    receivers: [N] bool, retained tokens that may receive (the recent window; never sinks). The
+    chain holds every leaving token and the receivers after them, cut ``m`` entries after the
+    last leaving token (no token reaches further).
+    """
+    idx = torch.nonzero(leaving | receivers).flatten()
+    idx = idx[torch.argsort(positions[idx])]
+    flags = leaving[idx]
+    src = torch.nonzero(flags).flatten()
+    if src.numel() == 0:
+        return idx[:0], flags[:0]
+    end = int(src[-1]) + 1 + m
+    return idx[:end], flags[:end]
+
+
 def cam_merge(
-    v_targets: torch.Tensor,
-    v_evicted: torch.Tensor,
-    abar_targets: torch.Tensor,
-    abar_evicted: torch.Tensor,
-    evicted_positions: torch.Tensor,
+    values: torch.Tensor,
+    abar: torch.Tensor,
+    leaving: torch.Tensor,
+    positions: torch.Tensor,
     layer: int,
     config: MergeConfig,
     seed: int | None = None,
     heads: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One CaM merge of E evicted tokens into T targets of one layer.
+) -> tuple[torch.Tensor, ChainMerge]:
+    """CaM-merge the leaving tokens of a *chain* into the tokens that follow them.
 
-    Returns (new v_targets [T, H, D], merge mask [E, H]). Draws are keyed by
-    (seed, layer, evicted position, KV head); pass ``heads`` (global KV-head indices) when this
-    process holds only some heads (tensor parallelism).
+    The chain is one sequence's tokens in position order: every token that leaves this step and
+    the retained tokens after them that may receive merges (the oldest ``m`` of the recent
+    window are enough). values: [N, H, D]; abar: [N, H]; leaving: [N] bool; positions: [N]
+    (the draws of a leaving token are keyed by its position). A leaving token at chain index
+    ``i`` merges into entries ``i+1 .. i+c`` with ``c = min(m, N-1-i)``, after receiving from
+    the leaving tokens before it. Returns (new values [N, H, D] in ``values``' dtype, decisions).
+    Draws are keyed by (seed, layer, position, KV head); pass ``heads`` (global KV-head indices)
+    when this process holds only some heads (tensor parallelism).
     """
-    num_heads = v_targets.shape[1]
-    head_ids = heads if heads is not None else torch.arange(num_heads, device=v_targets.device)
+    n, num_heads, _ = values.shape
+    device = values.device
+    head_ids = heads if heads is not None else torch.arange(num_heads, device=device)
     seed = config.seed if seed is None else seed
-    p = merge_probability(abar_evicted, abar_targets, config.clamp)
-    u = merge_uniforms(seed, layer, evicted_positions, head_ids).to(p.device)
-    mask = merge_mask(p, u)
-    choice = None
+    m = config.num_targets
+    src = torch.nonzero(leaving).flatten()  # [E] chain indices, ascending
+    count = chain_targets(n, src, m)  # [E]
+    csum = torch.nn.functional.pad(abar.float().cumsum(dim=0), (0, 0, 1, 0))  # [N + 1, H]
+    target_sum = csum[src + 1 + count] - csum[src + 1]  # [E, H]
+    target_mean = target_sum / count.clamp(min=1)[:, None].float()
+    p = probability_from_mean(abar[src], target_mean, config.clamp)  # [E, H]
+    u = merge_uniforms(seed, layer, positions[src], head_ids).to(device)
+    mask = merge_mask(p, u) & (count > 0)[:, None]
+    decisions = ChainMerge(mask, p, count)
+    if not bool(mask.any()):
+        return values, decisions
+
+    acc = torch.promote_types(values.dtype, torch.float32)
+    x = values.to(acc).permute(1, 0, 2).clone()  # [H, N, D]
     if config.targets == "random-single":
-        choice = target_choices(seed, layer, evicted_positions, head_ids, v_targets.shape[0])
-        choice = choice.to(v_targets.device)
-    return merge_values(v_targets, v_evicted, mask, choice), mask
+        choice = target_choices(seed, layer, positions[src], head_ids, count.clamp(min=1)[:, None])
+        choice = choice.to(device)
+    for a in range(0, src.numel(), CHAIN_SOURCES_PER_SOLVE):
+        s = src[a : a + CHAIN_SOURCES_PER_SOLVE]
+        c = count[a : a + CHAIN_SOURCES_PER_SOLVE]
+        lo, hi = int(s[0]), int((s + c).max()) + 1
+        rows = torch.arange(lo, hi, device=device)[:, None]  # [n, 1]
+        cols = s[None, :]  # [1, e]
+        w = mask[a : a + CHAIN_SOURCES_PER_SOLVE].to(acc)  # [e, H]
+        if config.targets == "even":
+            into = (rows > cols) & (rows <= cols + c[None, :])  # [n, e]
+            w = w / c.clamp(min=1)[:, None].to(acc)
+        else:  # random-single: the whole value into one of the targets
+            pick = cols + 1 + choice[a : a + CHAIN_SOURCES_PER_SOLVE].T  # [H, e]
+            into = rows[None] == pick[:, None, :]  # [H, n, e]
+        # L[h, i, j] = weight of source j into row i; sources are columns (s - lo) of the span
+        contrib = into.to(acc) * w.T[:, None, :]  # [H, n, e]
+        lower = torch.zeros(num_heads, hi - lo, hi - lo, dtype=acc, device=device)
+        lower[:, :, s - lo] = contrib
+        eye = torch.eye(hi - lo, dtype=acc, device=device)
+        x[:, lo:hi] = torch.linalg.solve_triangular(eye - lower, x[:, lo:hi], upper=False, unitriangular=True)
+    return x.permute(1, 0, 2).to(values.dtype), decisions

@@ -57,7 +57,11 @@ def merge_uniforms(seed: int, layer: int, positions: torch.Tensor, heads: torch.
 
 
 def target_choices(
-    seed: int, layer: int, positions: torch.Tensor, heads: torch.Tensor | int, num_targets: int
+    seed: int,
+    layer: int,
+    positions: torch.Tensor,
+    heads: torch.Tensor | int,
+    num_targets: int | torch.Tensor,
 ) -> torch.Tensor:
     """Index in [0, num_targets) of a single merge target per (position, head), shape [E, H] int64.
 
@@ -66,4 +70,6 @@ def target_choices(
     if isinstance(heads, int):
         heads = torch.arange(heads, device=positions.device)
     bits = _key(seed, layer, positions, heads, salt=_CHOICE_SALT)
+    if isinstance(num_targets, torch.Tensor):  # per position ([E, 1]), e.g. a chain's counts
+        return bits % num_targets.to(bits.device).clamp(min=1)
     return bits % max(num_targets, 1)

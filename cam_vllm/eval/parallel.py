@@ -9,7 +9,7 @@ layer by layer, because **keys are never merged**:
   the policy's visibility mask only, so one masked softmax gives all of them;
 * the accumulated attention of token k after step s is ``cumsum_t P[t, k]`` (t <= s), so the
   merge probability of token j, evicted at the end of step ``e_j`` into the targets
-  ``[a_j, a_j + c_j)`` (the oldest ``c_j <= m`` window tokens), is known for every j at once,
+  ``[j + 1, j + 1 + c_j)`` (the ``c_j <= m`` tokens after it), is known for every j at once,
   and so is its Bernoulli draw (keyed by seed, layer, position, KV head);
 * the value token j carries when it is evicted includes what was merged into it before:
   ``Vfin_j = v_j + sum_{i: j in targets(i), M_i} Vfin_i / c_i``. This is a strictly lower
@@ -74,10 +74,12 @@ def schedule(cfg: KVPolicyConfig, length: int) -> Schedule:
     ever = gone.any(dim=0)
     evict = torch.where(ever, gone.int().argmax(dim=0), torch.full_like(pos, length))
     m = policy.merge.num_targets if policy.merge is not None else 0
-    ws = torch.as_tensor(ev.window_start(pos + 2)).expand(length)  # window start after step t
+    # CaM's chain (core.merge.cam_merge): token j merges into the tokens right after it that exist
+    # at its eviction step e_j; for a positional policy the tokens between j and the window leave
+    # with j (a block) and pass on what they receive, so these are positions j+1 .. j+c.
     e = evict.clamp(max=length - 1)
-    start = torch.where(ever, ws[e], torch.zeros_like(pos))
-    count = torch.where(ever, (e - start + 1).clamp(min=0, max=m), torch.zeros_like(pos))
+    start = torch.where(ever, pos + 1, torch.zeros_like(pos))
+    count = torch.where(ever, (e - pos).clamp(min=0, max=m), torch.zeros_like(pos))
     final = ev.retained(pos, length + 1)
     return Schedule(length, visible, evict, start, count, final)
 

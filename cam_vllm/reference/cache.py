@@ -6,8 +6,9 @@ Per layer it holds only the retained tokens (keys, values, positions, accumulate
 1. append this step's keys/values (post-RoPE, so positions stay what they were written with);
 2. attend: every query sees the tokens its policy makes visible (``EvictionPolicy.visible``);
 3. if the policy merges: add this step's probabilities to ``Abar`` (``accumulate_attention``);
-4. drop the tokens the *next* query will not see; with CaM, merge their values into the oldest
-   tokens of the next query's window first (``cam_merge``).
+4. drop the tokens the *next* query will not see; with CaM, first merge each of them, in position
+   order, into the ``m`` tokens that follow it (``cam_merge``): with one token leaving per step
+   these are the oldest tokens of the next query's window (the paper); a leaving block chains.
 
 Steps may be single tokens (decoding, the paper's path) or chunks (vLLM's chunked prefill): a
 chunk attends exactly like its tokens would one by one, and eviction/merging happens at the end
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cam_vllm.core.attention import accumulate_attention, attention_with_probs, reduce_to_kv_heads
-from cam_vllm.core.merge import cam_merge
+from cam_vllm.core.merge import build_chain, cam_merge
 from cam_vllm.policies import KVPolicy
 
 
@@ -108,21 +109,18 @@ class PolicyCache:
         self.stats.evicted_tokens += int(gone.sum())
         merge = self.policy.merge
         if merge is not None:
-            window_start = self.policy.eviction.window_start(next_num_tokens)
-            target_idx = torch.nonzero(keep & (st.positions >= window_start)).flatten()
-            target_idx = target_idx[torch.argsort(st.positions[target_idx])][: merge.num_targets]
-            if target_idx.numel():
-                new_v, mask = cam_merge(
-                    v_targets=st.v[target_idx],
-                    v_evicted=st.v[gone],
-                    abar_targets=st.abar[target_idx],
-                    abar_evicted=st.abar[gone],
-                    evicted_positions=st.positions[gone],
-                    layer=layer,
-                    config=merge,
-                    seed=self.seed,
-                )
-                st.v[target_idx] = new_v
-                self.stats.merge_decisions += mask.numel()
-                self.stats.merged += int(mask.sum())
+            window = keep & (st.positions >= self.policy.eviction.window_start(next_num_tokens))
+            idx, leaving = build_chain(st.positions, gone, window, merge.num_targets)
+            new_v, decided = cam_merge(
+                values=st.v[idx],
+                abar=st.abar[idx],
+                leaving=leaving,
+                positions=st.positions[idx],
+                layer=layer,
+                config=merge,
+                seed=self.seed,
+            )
+            st.v[idx] = new_v
+            self.stats.merge_decisions += int((decided.num_targets > 0).sum()) * st.v.shape[1]
+            self.stats.merged += int(decided.mask.sum())
         st.k, st.v, st.positions, st.abar = st.k[keep], st.v[keep], st.positions[keep], st.abar[keep]

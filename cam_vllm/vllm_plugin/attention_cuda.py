@@ -186,7 +186,7 @@ def plan_device_scores(
 
     pieces = [p.kv_slots for p in host.packs]
     for m in host.merges:
-        pieces += [m.evicted_slots, m.target_slots]
+        pieces.append(m.slots)
     sizes = [int(p.numel()) for p in pieces]
     flat = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64)
     vslot = flat.to(device)
@@ -196,8 +196,7 @@ def plan_device_scores(
     packs = [ScorePack(p.q_rows, next(parts), p.visible.to(device)) for p in host.packs]
     merges = []
     for m in host.merges:
-        evicted, targets = next(parts), next(parts)
-        merges.append(MergeEvent(evicted, m.evicted_positions.to(device), targets))
+        merges.append(MergeEvent(next(parts), m.positions.to(device), m.leaving.to(device)))
     num_tokens = int(tokens.token_pos.numel())
     return DeviceStepPlan(cm.slot_mapping[:num_tokens], packs, merges)
 

@@ -49,7 +49,7 @@ def score_and_merge(
     heads: torch.Tensor,
     count_tokens: bool,
 ) -> None:
-    """Accumulate this step's attention into ``abar`` (per slot), then CaM-merge what leaves."""
+    """Accumulate this step's attention into ``abar`` (per slot), then CaM-merge each leaving chain."""
     for pack in packs:
         k = paged.gather_k(pack.kv_slots)
         # only the probabilities are used (the output is the kernel's), so the values passed
@@ -61,20 +61,20 @@ def score_and_merge(
     if policy.merge is None:
         return
     for event in merges:
-        new_v, merged = cam_merge(
-            v_targets=paged.gather_v(event.target_slots),
-            v_evicted=paged.gather_v(event.evicted_slots),
-            abar_targets=abar[event.target_slots],
-            abar_evicted=abar[event.evicted_slots],
-            evicted_positions=event.evicted_positions,
+        new_v, decided = cam_merge(
+            values=paged.gather_v(event.slots),
+            abar=abar[event.slots],
+            leaving=event.leaving,
+            positions=event.positions,
             layer=layer_index,
             config=policy.merge,
             heads=heads,
         )
-        paged.scatter_v(event.target_slots, new_v)
+        stays = ~event.leaving  # a leaving token's slot is freed after this step: skip the write
+        paged.scatter_v(event.slots[stays], new_v[stays])
         record_merge(
-            num_tokens=int(merged.shape[0]),
-            decisions=merged.numel(),
-            accepted=int(merged.sum()),
+            num_tokens=int((decided.num_targets > 0).sum()),
+            decisions=int((decided.num_targets > 0).sum()) * decided.mask.shape[1],
+            accepted=int(decided.mask.sum()),
             count_tokens=count_tokens,
         )

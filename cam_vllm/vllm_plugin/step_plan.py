@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cam_vllm.core.merge import build_chain
 from cam_vllm.policies import KVPolicy
 
 Retained = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -155,11 +156,11 @@ class ScorePack:
 
 @dataclass(frozen=True)
 class MergeEvent:
-    """Tokens of one request that leave the retained set at the end of this step."""
+    """One request's merge chain at the end of this step (``core.merge.build_chain``)."""
 
-    evicted_slots: torch.Tensor  # [E]
-    evicted_positions: torch.Tensor  # [E] (keys the CaM draws)
-    target_slots: torch.Tensor  # [T] the oldest retained window tokens, oldest first
+    slots: torch.Tensor  # [N] physical slots of the chain, in position order
+    positions: torch.Tensor  # [N] (a leaving token's position keys its CaM draws)
+    leaving: torch.Tensor  # [N] bool: leaves the retained set now (else a receiver that stays)
 
 
 @dataclass(frozen=True)
@@ -242,8 +243,7 @@ def plan_scores(
         target = ~evicted & (kv_pos >= ev.window_start(next_n))
         for r in torch.unique(kv_req[evicted]).tolist():
             k0, k1 = int(kv_start[r]), int(kv_start[r + 1])
-            e, t = evicted[k0:k1], target[k0:k1]
-            t_slots = kv_slot[k0:k1][t][: policy.merge.num_targets]
-            if t_slots.numel():
-                merges.append(MergeEvent(kv_slot[k0:k1][e], kv_pos[k0:k1][e], t_slots))
+            pos = kv_pos[k0:k1]
+            idx, leaving = build_chain(pos, evicted[k0:k1], target[k0:k1], policy.merge.num_targets)
+            merges.append(MergeEvent(kv_slot[k0:k1][idx], pos[idx], leaving))
     return StepPlan(reset, packs, merges)
