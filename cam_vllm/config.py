@@ -22,7 +22,12 @@ class KVPolicyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    policy: str = Field("none", description="policy name, e.g. none, streaming, cam-streaming")
+    policy: str = Field(
+        "none", description="policy name, e.g. none, streaming, cam-streaming (<merge rule>-<policy>)"
+    )
+    merge: str | None = Field(
+        None, description="merge rule for evicted tokens: none, cam, weighted (default: what the name says)"
+    )
     sink_tokens: int = Field(4, ge=0, description="first tokens always kept (attention sinks)")
     window_tokens: int | None = Field(None, ge=1, description="recent tokens kept (incl. the newest)")
     budget: float | None = Field(None, gt=0.0, le=1.0, description="sinks + window as a fraction")
@@ -35,9 +40,9 @@ class KVPolicyConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> KVPolicyConfig:
-        from cam_vllm.policies import base_policy_name
+        from cam_vllm.policies import resolve_merge
 
-        base_policy_name(self.policy)  # raises on unknown names
+        resolve_merge(self.policy, self.merge)  # raises on unknown names and contradictions
         if self.window_tokens is not None and self.budget is not None:
             raise ValueError("give either window_tokens or budget, not both")
         lo, hi = self.merge_clamp

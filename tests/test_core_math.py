@@ -149,7 +149,9 @@ def _sequential_chain(values, abar, leaving, pos, layer, cfg):
 
 
 @pytest.mark.parametrize("targets", ["even", "random-single"])
-@pytest.mark.parametrize(("n_leaving", "n_window", "m"), [(32, 16, 16), (1, 16, 16), (300, 20, 4), (5, 3, 16)])
+@pytest.mark.parametrize(
+    ("n_leaving", "n_window", "m"), [(32, 16, 16), (1, 16, 16), (300, 20, 4), (5, 3, 16)]
+)
 def test_block_chain_equals_merging_its_tokens_one_by_one(targets, n_leaving, n_window, m):
     """A leaving block merges as if its tokens left one after another (each into the m tokens
     that follow it, passing on what it received); 300 leaving tokens span several solves."""

@@ -228,7 +228,9 @@ def test_schedule_of_streaming():
 
 
 def test_schedule_of_a_leaving_block_chains_its_merges():
-    cfg = KVPolicyConfig(policy="cam-streaming", sink_tokens=2, window_tokens=8, block_size=4, merge_targets=3)
+    cfg = KVPolicyConfig(
+        policy="cam-streaming", sink_tokens=2, window_tokens=8, block_size=4, merge_targets=3
+    )
     s = schedule(cfg, 16)
     # block [4, 8) leaves after step 11 (the next token starts block 3): each token merges into
     # the 3 tokens after it, the first of them still in the leaving block

@@ -53,12 +53,16 @@ def test_vllm_perplexity_equals_the_block_granular_oracle(tiny, ids):
     oracle = ParallelBackend(AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval())
     backend = VllmBackend(tiny, chunk=16, max_model_len=1024)
     try:
-        for policy in ("streaming", "cam-streaming"):
+        for policy in ("streaming", "cam-streaming", "weighted-streaming"):
             cfg = KVPolicyConfig(policy=policy, budget=0.3, seed=5)
+            merged_before = (backend.stats.merged, oracle.stats.merged)
             got = backend.token_nlls(ids, cfg, seed=5)
             want = oracle.token_nlls(ids, cfg.model_copy(update={"block_size": CPU_BLOCK_SIZE}), seed=5)
             assert got.shape == want.shape == (LENGTH - 1,)
             torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=1e-3)
+            # the same merges: vLLM's worker counts them in the engine core, the oracle in-process
+            merged = backend.stats.merged - merged_before[0], oracle.stats.merged - merged_before[1]
+            assert merged[0] == merged[1] and (merged[0] > 0) == (policy != "streaming"), (policy, merged)
         # the cache really evicted and merged, counted by the plugin's metrics in the engine core
         assert backend.stats.evicted > 0
         assert 0 < backend.stats.merged <= backend.stats.merge_decisions

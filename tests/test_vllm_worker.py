@@ -24,8 +24,9 @@ NEW_TOKENS = 24
 SMALL_CHUNK = 40  # not a multiple of the block size on purpose
 
 
-def streaming(block: int = BLOCK, window: int = WINDOW, cam: bool = False):
-    name = "cam-streaming" if cam else "streaming"
+def streaming(block: int = BLOCK, window: int = WINDOW, cam: bool = False, rule: str | None = None):
+    rule = rule or ("cam" if cam else None)
+    name = f"{rule}-streaming" if rule else "streaming"
     return build_policy(
         KVPolicyConfig(policy=name, sink_tokens=SINKS, window_tokens=window, block_size=block)
     )
@@ -185,8 +186,10 @@ def _impl_for(policy, hq, hkv, d, scale, monkeypatch):
     return impl
 
 
-@pytest.mark.parametrize("mode", ["accumulated", "current"])
-def test_worker_steps_reproduce_policy_cache_without_an_engine(mode, monkeypatch):
+@pytest.mark.parametrize(
+    ("rule", "mode"), [("cam", "accumulated"), ("cam", "current"), ("weighted", "accumulated")]
+)
+def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, monkeypatch):
     """Kernel on the compacted batch + score/merge plan + impl, step by step, two requests with
     different chunkings, against one reference PolicyCache per request (outputs, values, Abar).
     Freed blocks are poisoned with NaN after every step, as if reused by someone else."""
@@ -201,7 +204,7 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(mode, monkeypatch
 
     monkeypatch.setattr(step_plan, "MAX_PAIRS_PER_CALL", 3000)  # exercise query slicing
     torch.manual_seed(0)
-    policy = dataclasses.replace(streaming(cam=True), score_mode=mode)
+    policy = dataclasses.replace(streaming(rule=rule), score_mode=mode)
     hq, hkv, d, scale = 4, 2, 64, 0.125
     chunks = [[150, 1, 1, 37, 1, 1, 1, 40, 1, 1], [1, 70, 1, 1, 1, 100, 1, 30, 1, 1]]
     lengths = [sum(c) for c in chunks]

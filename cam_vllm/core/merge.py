@@ -40,8 +40,11 @@ class MergeConfig:
     targets: "even" spreads V_i / m over all m targets; "random-single" adds V_i to one
         target chosen at random (ablation "w.o. avg merge").
     seed: the default seed of the draws (a request's own seed overrides it in serving).
+    rule: the merge rule (``core.rules``): ``cam`` (this module) or another registered rule,
+        which uses the fields that apply to it.
     """
 
+    rule: str = "cam"
     num_targets: int = 16
     clamp: tuple[float, float] = (0.0, 1.0)
     targets: TargetMode = "even"
@@ -111,12 +114,20 @@ CHAIN_SOURCES_PER_SOLVE = 128
 
 
 @dataclass(frozen=True)
-class ChainMerge:
-    """What :func:`cam_merge` decided: per leaving token and KV head (rows in chain order)."""
+class MergeDecisions:
+    """What a merge rule decided, per leaving token (chain order) and KV head."""
 
-    mask: torch.Tensor  # [E, H] bool: merged (the Bernoulli draw was 1)
-    probability: torch.Tensor  # [E, H] float32: Eq. 14 before the draw
-    num_targets: torch.Tensor  # [E] int64: targets the token had (0: nothing followed it)
+    mask: torch.Tensor  # [E, H] bool: merged
+    num_targets: torch.Tensor  # [E] int64: receivers the token could go to (0: none, no decision)
+
+    @property
+    def decisions(self) -> int:
+        """(token, KV head) pairs that were decided (had somewhere to go)."""
+        return int((self.num_targets > 0).sum()) * self.mask.shape[1]
+
+    @property
+    def merged(self) -> int:
+        return int(self.mask.sum())
 
 
 def chain_targets(num_entries: int, sources: torch.Tensor, m: int) -> torch.Tensor:
@@ -125,14 +136,14 @@ def chain_targets(num_entries: int, sources: torch.Tensor, m: int) -> torch.Tens
 
 
 def build_chain(
-    positions: torch.Tensor, leaving: torch.Tensor, receivers: torch.Tensor, m: int
+    positions: torch.Tensor, leaving: torch.Tensor, receivers: torch.Tensor, reach: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The merge chain of one sequence: (indices into ``positions``, leaving flags) in position order.
 
     positions: [N] of the cached tokens; leaving: [N] bool, the tokens that leave now;
     receivers: [N] bool, retained tokens that may receive (the recent window; never sinks). The
-    chain holds every leaving token and the receivers after them, cut ``m`` entries after the
-    last leaving token (no token reaches further).
+    chain holds every leaving token and the receivers after them, cut ``reach`` entries after
+    the last leaving token (no token reaches further; None: keep every receiver).
     """
     idx = torch.nonzero(leaving | receivers).flatten()
     idx = idx[torch.argsort(positions[idx])]
@@ -140,7 +151,9 @@ def build_chain(
     src = torch.nonzero(flags).flatten()
     if src.numel() == 0:
         return idx[:0], flags[:0]
-    end = int(src[-1]) + 1 + m
+    if reach is None:
+        return idx, flags
+    end = int(src[-1]) + 1 + reach
     return idx[:end], flags[:end]
 
 
@@ -153,7 +166,7 @@ def cam_merge(
     config: MergeConfig,
     seed: int | None = None,
     heads: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, ChainMerge]:
+) -> tuple[torch.Tensor, MergeDecisions]:
     """CaM-merge the leaving tokens of a *chain* into the tokens that follow them.
 
     The chain is one sequence's tokens in position order: every token that leaves this step and
@@ -178,7 +191,7 @@ def cam_merge(
     p = probability_from_mean(abar[src], target_mean, config.clamp)  # [E, H]
     u = merge_uniforms(seed, layer, positions[src], head_ids).to(device)
     mask = merge_mask(p, u) & (count > 0)[:, None]
-    decisions = ChainMerge(mask, p, count)
+    decisions = MergeDecisions(mask, count)
     if not bool(mask.any()):
         return values, decisions
 

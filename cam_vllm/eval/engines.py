@@ -37,7 +37,7 @@ import torch
 
 from cam_vllm.config import KVPolicyConfig
 from cam_vllm.eval.budget import resolve_budget
-from cam_vllm.policies import build_policy
+from cam_vllm.policies import build_policy, merge_rule_of
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class ReferenceBackend:
         n = len(ids)
         eng = self._engine(cfg, seed)
         eng.start(n)
-        merging = cfg.policy.startswith("cam-")
+        merging = merge_rule_of(cfg.policy, cfg.merge) is not None
         first = first_eviction_step(cfg, n) if merging else n - 1
         bounds = [(0, min(first + 1, n))]
         bounds += [(s, s + 1) for s in range(bounds[0][1], n)]

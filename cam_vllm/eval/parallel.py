@@ -38,7 +38,7 @@ from cam_vllm.config import KVPolicyConfig
 from cam_vllm.core.rng import merge_uniforms, target_choices
 from cam_vllm.eval.budget import resolve_budget
 from cam_vllm.eval.engines import EngineStats, ScoreRequest
-from cam_vllm.policies import KVPolicy, build_policy
+from cam_vllm.policies import KVPolicy, build_policy, resolve_merge
 
 ATTN_IMPLEMENTATION = "cam_parallel"
 
@@ -65,6 +65,8 @@ class Schedule:
 def schedule(cfg: KVPolicyConfig, length: int) -> Schedule:
     """The schedule of an already resolved ``cfg`` (explicit window) for ``length`` tokens."""
     policy = build_policy(cfg)
+    if policy.merge is not None and policy.merge.rule != "cam":
+        raise ValueError(f"the closed form computes CaM's merges only, not {policy.merge.rule!r}")
     ev = policy.eviction
     pos = torch.arange(length)
     visible = ev.visible(pos, pos)
@@ -240,6 +242,7 @@ class ParallelBackend:
         self.model = model
         self.batch_tokens = batch_tokens
         self.stats = EngineStats()
+        self._reference = None
 
     @contextlib.contextmanager
     def _active(self, batch: _Batch) -> Iterator[_Batch]:
@@ -290,10 +293,26 @@ class ParallelBackend:
             out.append(-torch.nn.functional.cross_entropy(logits, targets[s : s + 512], reduction="none"))
         return torch.cat(out) if out else torch.zeros(0)
 
+    def _delegate(self, cfg: KVPolicyConfig):
+        """The reference engine, for a merge rule this closed form does not compute (only CaM's
+        is linear in the values); None when this engine computes ``cfg`` itself. Both engines
+        have the same token-by-token semantics, so this changes the speed, not the numbers."""
+        if resolve_merge(cfg.policy, cfg.merge)[1] in (None, "cam"):
+            return None
+        if self._reference is None:
+            from cam_vllm.eval.engines import ReferenceBackend
+
+            self._reference = ReferenceBackend(self.model)
+        self._reference.stats = self.stats
+        return self._reference
+
     def loglikelihoods(
         self, requests: Sequence[ScoreRequest], cfg: KVPolicyConfig, seed: int, progress: bool = False
     ) -> list[float]:
         from tqdm.auto import tqdm
+
+        if (ref := self._delegate(cfg)) is not None:
+            return ref.loglikelihoods(requests, cfg, seed, progress=progress)
 
         order = sorted(range(len(requests)), key=lambda i: -requests[i].length)
         groups, cur = [], []
@@ -329,6 +348,8 @@ class ParallelBackend:
     def token_nlls(
         self, ids: Sequence[int], cfg: KVPolicyConfig, seed: int, progress: bool = False
     ) -> torch.Tensor:
+        if (ref := self._delegate(cfg)) is not None:
+            return ref.token_nlls(ids, cfg, seed, progress=progress)
         seq = list(ids[:-1])
         rcfg = resolve_budget(cfg, len(ids))
         hidden = self._hidden(self._make_batch([rcfg], [len(seq)], seed), torch.tensor([seq]))
@@ -339,6 +360,8 @@ class ParallelBackend:
         """Feed ``ids`` (token by token semantics) and return CaM's merge statistics over all layers:
         merge rate, share of decisions with Abar_i >= mean(Abar_targets) (p = 1), mean p, and the
         mean norm growth ||Vfin|| / ||v|| of the values that received merges."""
+        if resolve_merge(cfg.policy, cfg.merge)[1] != "cam":
+            raise ValueError(f"merge diagnostics are CaM's; policy {cfg.policy!r} does not merge with CaM")
         rcfg = resolve_budget(cfg, len(ids))
         batch = self._make_batch([rcfg], [len(ids)], seed)
         batch.record = {}
@@ -380,6 +403,8 @@ class ParallelBackend:
     def generate(
         self, prompt_ids: Sequence[int], max_new_tokens: int, cfg: KVPolicyConfig, seed: int
     ) -> list[int]:
+        if (ref := self._delegate(cfg)) is not None:
+            return ref.generate(prompt_ids, max_new_tokens, cfg, seed)
         rcfg = resolve_budget(cfg, len(prompt_ids))
         logits, engine = self.prefill(prompt_ids, rcfg, seed)
         eos = self.model.config.eos_token_id

@@ -20,6 +20,8 @@ import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from cam_vllm.policies import merge_rule_of
+
 POLICY_ORDER = {"none": 0, "streaming": 1, "cam-streaming": 2}
 MC_TASK_NAMES = ("copa", "piqa", "winogrande", "openbookqa", "rte")
 
@@ -257,7 +259,7 @@ def plot_ablations(rows: Sequence[dict], path: Path, budget: float = 0.2) -> Pat
     panels: dict[tuple, list[dict]] = {}
     for r in at:
         metric = "ppl" if r["task"] == "ppl" else "acc"
-        if r.get("variant") and r["policy"].startswith("cam-") and metric in r["metrics"]:
+        if r.get("variant") and merge_rule_of(r["policy"]) == "cam" and metric in r["metrics"]:
             panels.setdefault((r["task"], r.get("data", "")), []).append(r)
     if not panels:
         return None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cam_vllm.config import KVPolicyConfig
 from cam_vllm.eval.results import aggregate
+from cam_vllm.policies import merge_rule_of
 
 # Named ablations (paper Tables 2 and 3, and the block-granular merging vLLM needs).
 ABLATIONS: dict[str, dict] = {
@@ -31,6 +32,11 @@ ABLATIONS: dict[str, dict] = {
     "block16": {"block_size": 16},  # eviction and merging a block at a time (vLLM CUDA blocks)
     "block32": {"block_size": 32},  # (the smallest block vLLM's CPU backend accepts)
 }
+
+def random_merges(spec: RunSpec) -> bool:
+    """Whether the spec's merges are random draws (CaM), so that several seeds mean something."""
+    return merge_rule_of(spec.policy, spec.overrides.get("merge")) == "cam"
+
 
 MC_TASKS = ("copa", "piqa", "winogrande", "openbookqa", "rte")
 TASK_NAMES = ("ppl", *MC_TASKS, "mc", "needle", "smoke")
@@ -71,7 +77,7 @@ def make_specs(
             if variant and variant not in ABLATIONS:
                 raise ValueError(f"unknown ablation {variant!r}; choose from {', '.join(ABLATIONS)}")
             ov = {**overrides, **ABLATIONS.get(variant, {})}
-            if not policy.startswith("cam-"):
+            if merge_rule_of(policy) != "cam":
                 ov = {k: v for k, v in ov.items() if k in ("block_size",)}
                 if variant and not ov:
                     continue  # a merge ablation on plain eviction is plain eviction
@@ -129,10 +135,10 @@ def run_grid(
     from tqdm.auto import tqdm
 
     rows = []
-    todo = [(s, seed) for s in specs for seed in (seeds if s.policy.startswith("cam-") else seeds[:1])]
+    todo = [(s, seed) for s in specs for seed in (seeds if random_merges(s) else seeds[:1])]
     bar = tqdm(total=len(todo), desc=f"{task} {data_label}".strip(), disable=not progress)
     for spec in specs:
-        spec_seeds = list(seeds) if spec.policy.startswith("cam-") else list(seeds[:1])
+        spec_seeds = list(seeds) if random_merges(spec) else list(seeds[:1])
         per_metric: dict[str, list[float]] = {}
         extra: dict = {}
         engine.stats.reset()
@@ -152,10 +158,10 @@ def run_grid(
             "variant": spec.variant,
             "budget": spec.budget if spec.policy != "none" else None,
             "config": spec.config().model_dump(exclude={"seed", "budget"}),
-            "seeds": spec_seeds if spec.policy.startswith("cam-") else [],
+            "seeds": spec_seeds if random_merges(spec) else [],
             "n_items": n_items,
             "metrics": {k: aggregate(v) for k, v in per_metric.items()},
-            "merge_rate": stats.merge_rate if spec.policy.startswith("cam-") else None,
+            "merge_rate": stats.merge_rate if merge_rule_of(spec.policy) else None,
             "mean_budget": stats.mean_budget,
             "seconds": round(time.perf_counter() - t0, 2),
             **extra,

@@ -14,6 +14,7 @@ from cam_vllm.eval import multiple_choice as mc
 from cam_vllm.eval import needle, perplexity
 from cam_vllm.eval.results import write_json, write_report
 from cam_vllm.eval.runner import MC_TASKS, environment, make_specs, run_grid
+from cam_vllm.policies import merge_rule_of
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def run_command(args: argparse.Namespace) -> int:
             def evaluate(cfg, seed, sample=sample):
                 return engine.merge_diagnostics(sample.ids, cfg, seed), {"n_tokens": len(sample.ids)}
 
-            cam_specs = [s for s in specs if s.policy.startswith("cam-")]
+            cam_specs = [s for s in specs if merge_rule_of(s.policy) == "cam"]
             run_grid(
                 engine,
                 "merge-stats",

@@ -34,7 +34,7 @@ from cam_vllm.config import KVPolicyConfig
 from cam_vllm.errors import CamVllmError
 from cam_vllm.eval.budget import resolve_budget
 from cam_vllm.eval.engines import EngineStats, ScoreRequest
-from cam_vllm.policies import build_policy
+from cam_vllm.policies import build_policy, merge_rule_of
 
 CPU_BLOCK_SIZE = 32  # vLLM's CPU attention backend refuses smaller blocks
 NO_ZERO_SHOT = (
@@ -78,7 +78,7 @@ class VllmBackend:
         return resolve_budget(cfg.model_copy(update={"block_size": self.block_size}), length)
 
     def _engine(self, cfg: KVPolicyConfig, seed: int):
-        key = (cfg.model_dump_json(exclude={"seed"}), seed if cfg.policy.startswith("cam-") else 0)
+        key = (cfg.model_dump_json(exclude={"seed"}), seed if merge_rule_of(cfg.policy, cfg.merge) else 0)
         if key == self._key:
             return self._llm
         self.close()

@@ -1,8 +1,11 @@
-"""Policy registry: a policy name maps to an eviction policy, optionally wrapped by CaM merging.
+"""Policy registry: a policy name maps to an eviction policy, optionally with a merge rule.
 
-``"<name>"`` is plain eviction by the registered policy; ``"cam-<name>"`` is the same eviction
-with CaM merging of what it evicts. Adding a policy is one file with an
-:class:`EvictionPolicy` subclass plus one line in ``_FACTORIES``.
+``"<name>"`` is plain eviction by the registered policy; ``"<rule>-<name>"`` is the same eviction
+with the merge rule ``<rule>`` (``core.rules.MERGE_RULES``: ``cam-streaming`` is StreamingLLM with
+CaM merging, ``weighted-streaming`` with the convex weighted merge). The rule can also be given
+on its own (``KVPolicyConfig.merge``, ``--kv-merge``). Adding a policy is one file with an
+:class:`EvictionPolicy` subclass plus one line in ``_FACTORIES``; adding a merge rule is one line
+in ``MERGE_RULES``; every combination then has a name.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from cam_vllm.config import KVPolicyConfig
 from cam_vllm.core.attention import ScoreMode
 from cam_vllm.core.merge import MergeConfig
+from cam_vllm.core.rules import MERGE_RULES
 from cam_vllm.policies.base import EvictionPolicy, FullCache
 from cam_vllm.policies.streaming import StreamingPolicy
 
@@ -27,17 +31,57 @@ _FACTORIES: dict[str, Callable[[KVPolicyConfig], EvictionPolicy]] = {
 
 
 def policy_names() -> list[str]:
-    """Every accepted policy name (plain and CaM-wrapped)."""
+    """Every accepted policy name (plain, and with each merge rule)."""
     names = list(_FACTORIES)
-    return names + [CAM_PREFIX + n for n in names if n != "none"]
+    return names + [f"{rule}-{n}" for rule in MERGE_RULES for n in names if n != "none"]
+
+
+def split_policy_name(name: str) -> tuple[str, str | None]:
+    """``(eviction policy, merge rule or None)`` of ``name``; raises naming the choices if unknown."""
+    base, rule = name, None
+    for r in MERGE_RULES:
+        if name.startswith(r + "-") and name.removeprefix(r + "-") in _FACTORIES:
+            base, rule = name.removeprefix(r + "-"), r
+            break
+    if base not in _FACTORIES or (rule is not None and base == "none"):
+        raise ValueError(f"unknown KV policy {name!r}; choose one of: {', '.join(policy_names())}")
+    return base, rule
 
 
 def base_policy_name(name: str) -> str:
     """The eviction policy under ``name`` (``cam-streaming`` -> ``streaming``); raises if unknown."""
-    base = name.removeprefix(CAM_PREFIX)
-    if base not in _FACTORIES or name == CAM_PREFIX + "none":
-        raise ValueError(f"unknown KV policy {name!r}; choose one of: {', '.join(policy_names())}")
-    return base
+    return split_policy_name(name)[0]
+
+
+def resolve_merge(policy: str, merge: str | None) -> tuple[str, str | None]:
+    """The eviction policy and merge rule that ``policy`` plus an explicit ``merge`` ask for.
+
+    ``merge`` None keeps what the name says; ``"none"`` asks for no merging. A name that already
+    carries another rule, or merging with nothing evicted, is an error naming the fix.
+    """
+    base, rule = split_policy_name(policy)
+    if merge is None:
+        return base, rule
+    if merge != "none" and merge not in MERGE_RULES:
+        raise ValueError(f"unknown merge rule {merge!r}; choose one of: none, {', '.join(MERGE_RULES)}")
+    wanted = None if merge == "none" else merge
+    if rule is not None and rule != wanted:
+        raise ValueError(
+            f"policy {policy!r} already merges with {rule!r}, but merge {merge!r} was asked for. "
+            f"Fix: give the eviction policy alone ({base!r}) with the merge rule"
+        )
+    if base == "none" and wanted is not None:
+        raise ValueError(f"merge {merge!r} needs an evicting policy; policy 'none' keeps every token")
+    return base, wanted
+
+
+def merge_rule_of(policy: str, merge: str | None = None) -> str | None:
+    """The merge rule ``policy`` (with an explicit ``merge``) uses; None for plain eviction."""
+    return resolve_merge(policy, merge)[1]
+
+
+def canonical_name(base: str, rule: str | None) -> str:
+    return base if rule is None else f"{rule}-{base}"
 
 
 @dataclass(frozen=True)
@@ -58,12 +102,14 @@ class KVPolicy:
                 f"sinks {ev.sink_tokens} (kept: {ev.sink_end}), window {ev.window_tokens} tokens, "
                 f"at most {ev.max_retained_tokens()} tokens per sequence"
             )
-        if self.merge is not None:
-            m = self.merge
+        m = self.merge
+        if m is not None and m.rule == "cam":
             parts.append(
-                f"CaM merge into {m.num_targets} targets ({m.targets}), clamp {list(m.clamp)}, "
-                f"{self.score_mode} attention, seed {m.seed}"
+                f"CaM merge into the {m.num_targets} tokens after each evicted one ({m.targets}), "
+                f"clamp {list(m.clamp)}, {self.score_mode} attention, seed {m.seed}"
             )
+        elif m is not None:
+            parts.append(f"{m.rule} merge ({MERGE_RULES[m.rule].summary}), {self.score_mode} attention")
         return "; ".join(parts)
 
     @property
@@ -75,16 +121,17 @@ class KVPolicy:
 def build_policy(config: KVPolicyConfig, length: int | None = None) -> KVPolicy:
     """Validate ``config`` (resolving a fractional budget against ``length``) and build it."""
     config = config.resolve(length)
-    base = base_policy_name(config.policy)
+    base, rule = resolve_merge(config.policy, config.merge)
     merge = None
-    if config.policy.startswith(CAM_PREFIX):
+    if rule is not None:
         merge = MergeConfig(
+            rule=rule,
             num_targets=config.merge_targets,
             clamp=config.merge_clamp,
             targets=config.merge_target_mode,
             seed=config.seed,
         )
-    return KVPolicy(_FACTORIES[base](config), merge, config.score_mode, config.policy)
+    return KVPolicy(_FACTORIES[base](config), merge, config.score_mode, canonical_name(base, rule))
 
 
 __all__ = [
@@ -95,4 +142,7 @@ __all__ = [
     "base_policy_name",
     "build_policy",
     "policy_names",
+    "merge_rule_of",
+    "resolve_merge",
+    "split_policy_name",
 ]

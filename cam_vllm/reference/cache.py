@@ -6,9 +6,10 @@ Per layer it holds only the retained tokens (keys, values, positions, accumulate
 1. append this step's keys/values (post-RoPE, so positions stay what they were written with);
 2. attend: every query sees the tokens its policy makes visible (``EvictionPolicy.visible``);
 3. if the policy merges: add this step's probabilities to ``Abar`` (``accumulate_attention``);
-4. drop the tokens the *next* query will not see; with CaM, first merge each of them, in position
-   order, into the ``m`` tokens that follow it (``cam_merge``): with one token leaving per step
-   these are the oldest tokens of the next query's window (the paper); a leaving block chains.
+4. drop the tokens the *next* query will not see; with a merge rule, merge them first
+   (``core.rules.merge_leaving``). CaM merges each of them, in position order, into the ``m``
+   tokens that follow it: with one token leaving per step these are the oldest tokens of the next
+   query's window (the paper); a leaving block chains.
 
 Steps may be single tokens (decoding, the paper's path) or chunks (vLLM's chunked prefill): a
 chunk attends exactly like its tokens would one by one, and eviction/merging happens at the end
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from cam_vllm.core.attention import accumulate_attention, attention_with_probs, reduce_to_kv_heads
-from cam_vllm.core.merge import build_chain, cam_merge
+from cam_vllm.core.merge import build_chain
+from cam_vllm.core.rules import merge_leaving, merge_rule
 from cam_vllm.policies import KVPolicy
 
 
@@ -110,9 +112,10 @@ class PolicyCache:
         merge = self.policy.merge
         if merge is not None:
             window = keep & (st.positions >= self.policy.eviction.window_start(next_num_tokens))
-            idx, leaving = build_chain(st.positions, gone, window, merge.num_targets)
-            new_v, decided = cam_merge(
+            idx, leaving = build_chain(st.positions, gone, window, merge_rule(merge.rule).reach(merge))
+            res = merge_leaving(
                 values=st.v[idx],
+                keys=st.k[idx],
                 abar=st.abar[idx],
                 leaving=leaving,
                 positions=st.positions[idx],
@@ -120,7 +123,7 @@ class PolicyCache:
                 config=merge,
                 seed=self.seed,
             )
-            st.v[idx] = new_v
-            self.stats.merge_decisions += int((decided.num_targets > 0).sum()) * st.v.shape[1]
-            self.stats.merged += int(decided.mask.sum())
+            st.v[idx], st.abar[idx] = res.values, res.abar
+            self.stats.merge_decisions += res.decisions.decisions
+            self.stats.merged += res.decisions.merged
         st.k, st.v, st.positions, st.abar = st.k[keep], st.v[keep], st.positions[keep], st.abar[keep]

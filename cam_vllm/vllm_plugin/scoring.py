@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from cam_vllm.core.attention import accumulate_attention, attention_with_probs, reduce_to_kv_heads
-from cam_vllm.core.merge import cam_merge
+from cam_vllm.core.rules import merge_leaving, merge_rule
 from cam_vllm.policies import KVPolicy
 from cam_vllm.vllm_plugin.metrics import record_merge
 
@@ -49,7 +49,7 @@ def score_and_merge(
     heads: torch.Tensor,
     count_tokens: bool,
 ) -> None:
-    """Accumulate this step's attention into ``abar`` (per slot), then CaM-merge each leaving chain."""
+    """Accumulate this step's attention into ``abar`` (per slot), then merge each leaving chain."""
     for pack in packs:
         k = paged.gather_k(pack.kv_slots)
         # only the probabilities are used (the output is the kernel's), so the values passed
@@ -60,9 +60,11 @@ def score_and_merge(
         abar[pack.kv_slots] = accumulate_attention(abar[pack.kv_slots], probs_kv, policy.score_mode)
     if policy.merge is None:
         return
+    rule = merge_rule(policy.merge.rule)
     for event in merges:
-        new_v, decided = cam_merge(
+        res = merge_leaving(
             values=paged.gather_v(event.slots),
+            keys=paged.gather_k(event.slots) if rule.needs_keys else None,
             abar=abar[event.slots],
             leaving=event.leaving,
             positions=event.positions,
@@ -71,10 +73,11 @@ def score_and_merge(
             heads=heads,
         )
         stays = ~event.leaving  # a leaving token's slot is freed after this step: skip the write
-        paged.scatter_v(event.slots[stays], new_v[stays])
+        paged.scatter_v(event.slots[stays], res.values[stays])
+        abar[event.slots[stays]] = res.abar[stays].to(abar.dtype)
         record_merge(
-            num_tokens=int((decided.num_targets > 0).sum()),
-            decisions=int((decided.num_targets > 0).sum()) * decided.mask.shape[1],
-            accepted=int(decided.mask.sum()),
+            num_tokens=int((res.decisions.num_targets > 0).sum()),
+            decisions=res.decisions.decisions,
+            accepted=res.decisions.merged,
             count_tokens=count_tokens,
         )

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from cam_vllm.core.merge import build_chain
+from cam_vllm.core.rules import merge_rule
 from cam_vllm.policies import KVPolicy
 
 Retained = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -241,9 +242,10 @@ def plan_scores(
         next_n = tokens.seq_lens[kv_req] + 1  # the next query's length, per cached token
         evicted = ~ev.retained(kv_pos, next_n)
         target = ~evicted & (kv_pos >= ev.window_start(next_n))
+        reach = merge_rule(policy.merge.rule).reach(policy.merge)
         for r in torch.unique(kv_req[evicted]).tolist():
             k0, k1 = int(kv_start[r]), int(kv_start[r + 1])
             pos = kv_pos[k0:k1]
-            idx, leaving = build_chain(pos, evicted[k0:k1], target[k0:k1], policy.merge.num_targets)
+            idx, leaving = build_chain(pos, evicted[k0:k1], target[k0:k1], reach)
             merges.append(MergeEvent(kv_slot[k0:k1][idx], pos[idx], leaving))
     return StepPlan(reset, packs, merges)

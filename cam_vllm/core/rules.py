@@ -1,0 +1,90 @@
+"""Merge rules, chosen independently of the eviction policy: one registry, one entry point.
+
+Every engine (the reference cache, the vLLM worker) hands :func:`merge_leaving` the same thing:
+one sequence's *chain* (``merge.build_chain``: the tokens that leave now and the retained window
+tokens after them, in position order) with their values, keys, running weights (``Abar``) and
+positions, and writes back what it returns. Adding a rule is one file in ``core`` with its math
+plus one line in ``MERGE_RULES``; the policy names ``<rule>-<policy>`` then exist everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from cam_vllm.core.merge import MergeConfig, MergeDecisions, cam_merge
+from cam_vllm.core.weighted import weighted_merge
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """New values and weights of the chain's entries (receivers changed, leaving ones irrelevant)."""
+
+    values: torch.Tensor  # [N, H, D]
+    abar: torch.Tensor  # [N, H]
+    decisions: MergeDecisions
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    """A registered rule: what it needs and how far past the last leaving token it reaches."""
+
+    name: str
+    summary: str
+    needs_keys: bool
+    reach: Callable[[MergeConfig], int | None]  # None: every receiver of the window
+    run: Callable[..., MergeResult]
+
+
+def _cam(values, keys, abar, leaving, positions, layer, config, seed, heads) -> MergeResult:  # noqa: ANN001
+    new_v, decided = cam_merge(values, abar, leaving, positions, layer, config, seed=seed, heads=heads)
+    return MergeResult(new_v, abar, decided)
+
+
+def _weighted(values, keys, abar, leaving, positions, layer, config, seed, heads) -> MergeResult:  # noqa: ANN001
+    return MergeResult(*weighted_merge(values, keys, abar, leaving))
+
+
+MERGE_RULES: dict[str, MergeRule] = {
+    "cam": MergeRule(
+        name="cam",
+        summary="CaM (ICML 2024): V_i/m into the m tokens after i, Bernoulli(Abar ratio)",
+        needs_keys=False,
+        reach=lambda c: c.num_targets,
+        run=_cam,
+    ),
+    "weighted": MergeRule(
+        name="weighted",
+        summary="convex, Abar-weighted average into the most similar window key",
+        needs_keys=True,
+        reach=lambda c: None,
+        run=_weighted,
+    ),
+}
+
+
+def merge_rule(name: str) -> MergeRule:
+    """The rule called ``name``; raises naming the choices."""
+    if name not in MERGE_RULES:
+        raise ValueError(f"unknown merge rule {name!r}; choose one of: {', '.join(MERGE_RULES)}")
+    return MERGE_RULES[name]
+
+
+def merge_leaving(
+    values: torch.Tensor,
+    keys: torch.Tensor | None,
+    abar: torch.Tensor,
+    leaving: torch.Tensor,
+    positions: torch.Tensor,
+    layer: int,
+    config: MergeConfig,
+    seed: int | None = None,
+    heads: torch.Tensor | None = None,
+) -> MergeResult:
+    """Apply ``config.rule`` to one chain (shapes as in ``cam_merge``; keys only if the rule needs them)."""
+    rule = merge_rule(config.rule)
+    if rule.needs_keys and keys is None:
+        raise ValueError(f"merge rule {rule.name!r} needs the chain's keys")
+    return rule.run(values, keys, abar, leaving, positions, layer, config, seed, heads)
