@@ -35,6 +35,9 @@ class KVPolicyConfig(BaseModel):
     merge_targets: int = Field(16, ge=1, description="CaM: oldest window tokens receiving a merge (m)")
     merge_clamp: tuple[float, float] = Field((0.0, 1.0), description="CaM: clamp interval of Eq. 14")
     merge_target_mode: Literal["even", "random-single"] = "even"
+    merge_similarity: float = Field(
+        0.8, ge=-1.0, le=1.0, description="kvmerger: key cosine joining adjacent evicted tokens into a set"
+    )
     score_mode: Literal["accumulated", "current"] = "accumulated"
     seed: int = Field(0, description="CaM: default seed of the merge draws")
 

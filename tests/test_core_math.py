@@ -8,8 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cam_vllm.core.attention import accumulate_attention, attention_with_probs, reduce_to_kv_heads
+from cam_vllm.core.kvmerger import kvmerger_merge, merging_sets
 from cam_vllm.core.merge import MergeConfig, cam_merge, merge_probability, merge_values
 from cam_vllm.core.rng import merge_uniforms, target_choices
+from cam_vllm.core.rules import merge_leaving
+from cam_vllm.core.weighted import weighted_merge
 
 
 def test_attention_with_probs_matches_sdpa_with_gqa():
@@ -226,3 +229,145 @@ def test_theorem_3_3_lossless_when_equal():
     full = 0.2 * v_i[0, 0] + (a[:, None] * v_t[:, 0]).sum(0)
     merged = (a[:, None] * merge_values(v_t, v_i, torch.ones(1, 1, dtype=torch.bool))[:, 0]).sum(0)
     torch.testing.assert_close(merged, full)
+
+
+# --- the weighted (convex) merge rule ---------------------------------------------------------
+
+
+def _weighted_case(data, n_max=12, h=2, d=4):
+    n = data.draw(st.integers(2, n_max))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(n, h, d, generator=g, dtype=torch.float64) * data.draw(st.floats(0.1, 10.0))
+    keys = torch.randn(n, h, d, generator=g, dtype=torch.float64)
+    abar = torch.rand(n, h, generator=g, dtype=torch.float64) * data.draw(st.floats(0.0, 5.0))
+    leaving = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    return values, keys, abar, leaving
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_weighted_merge_is_convex_and_conserves_weighted_mass(data):
+    """No value's norm ever exceeds the largest norm among the values merged into it (per head);
+    sum(A V) and sum(A) over each receiver and what it absorbed are conserved; keys and the
+    leaving entries' own values are untouched; only positive-cosine, positive-weight tokens merge."""
+    values, keys, abar, leaving = _weighted_case(data)
+    new_v, new_a, decided = weighted_merge(values, keys, abar, leaving)
+    src, dst = torch.nonzero(leaving).flatten(), torch.nonzero(~leaving).flatten()
+    assert torch.equal(new_v[src], values[src])
+    if src.numel() == 0 or dst.numel() == 0:
+        assert torch.equal(new_v, values) and not decided.mask.any()
+        return
+    kn = torch.nn.functional.normalize(keys, dim=-1)
+    for h in range(values.shape[1]):
+        sims = kn[src, h] @ kn[dst, h].T  # [E, T]
+        best = sims.argmax(dim=1)
+        for t_i, t in enumerate(dst.tolist()):
+            into = [e for e in range(src.numel()) if best[e] == t_i and bool(decided.mask[e, h])]
+            inputs = [values[t, h]] + [values[int(src[e]), h] for e in into]
+            assert new_v[t, h].norm() <= max(float(x.norm()) for x in inputs) * (1 + 1e-9) + 1e-12
+            mass = abar[t, h] * values[t, h] + sum(
+                abar[int(src[e]), h] * values[int(src[e]), h] for e in into
+            )
+            weight = abar[t, h] + sum(abar[int(src[e]), h] for e in into)
+            torch.testing.assert_close(new_a[t, h].double(), weight, atol=1e-5, rtol=1e-5)
+            if into:
+                torch.testing.assert_close(new_a[t, h].double() * new_v[t, h], mass, atol=1e-4, rtol=1e-4)
+            else:
+                assert torch.equal(new_v[t, h], values[t, h])
+        merged = decided.mask[:, h]
+        assert bool(((sims.max(dim=1).values > 0) & (abar[src, h] > 0) == merged).all())
+
+
+def test_weighted_rule_through_the_registry_and_unknown_rules():
+    values, keys = torch.randn(6, 1, 4), torch.randn(6, 1, 4)
+    keys[4] = keys[0] * 3  # token 0 is most similar to receiver 4
+    abar = torch.ones(6, 1)
+    leaving = torch.tensor([True, False, False, False, False, False])
+    res = merge_leaving(values, keys, abar, leaving, torch.arange(6), 0, MergeConfig(rule="weighted"))
+    torch.testing.assert_close(res.values[4], (values[4] + values[0]) / 2)
+    assert float(res.abar[4]) == 2.0 and torch.equal(res.values[1:4], values[1:4])
+    with pytest.raises(ValueError, match="needs the chain's keys"):
+        merge_leaving(values, None, abar, leaving, torch.arange(6), 0, MergeConfig(rule="weighted"))
+    with pytest.raises(ValueError, match="unknown merge rule 'avg'.*cam, weighted, kvmerger"):
+        merge_leaving(values, keys, abar, leaving, torch.arange(6), 0, MergeConfig(rule="avg"))
+
+
+# --- the kvmerger rule -----------------------------------------------------------------------------
+
+
+def _kvmerger_loops(values, keys, abar, leaving, similarity):
+    """KVMerger on a chain written out per head and per set: the readable oracle."""
+    v, k, a = values.double().clone(), keys.double().clone(), abar.double().clone()
+    src = torch.nonzero(leaving).flatten().tolist()
+    dst = torch.nonzero(~leaving).flatten().tolist()
+    cos = torch.nn.functional.cosine_similarity
+    for h in range(values.shape[1]):
+        sets = []
+        for i, s in enumerate(src):
+            prev = src[i - 1] if i else None
+            if prev is not None and s == prev + 1 and cos(keys[s, h], keys[prev, h], dim=0) >= similarity:
+                sets[-1].append(s)
+            else:
+                sets.append([s])
+        for group in (g for g in sets if len(g) >= 2):
+            ks, vs = keys[group, h].double(), values[group, h].double()
+            ws = abar[group, h].double()
+            if float(ws.sum()) <= 0:
+                continue
+            p = int(torch.argmax(ws))
+            d2 = ((ks - ks[p]) ** 2).sum(-1)
+            g = torch.exp(-d2 / (2 * d2.mean())) if float(d2.mean()) > 0 else torch.ones_like(d2)
+            k_star = (g[:, None] * ks).sum(0) / g.sum()
+            v_star = (ws[:, None] * vs).sum(0) / ws.sum()
+            sims = torch.stack([cos(k_star, keys[r, h].double(), dim=0) for r in dst])
+            if float(sims.max()) <= 0:
+                continue
+            r = dst[int(torch.argmax(sims))]
+            total = a[r, h] + ws.sum()
+            k[r, h] = (a[r, h] * k[r, h] + ws.sum() * k_star) / total
+            v[r, h] = (a[r, h] * v[r, h] + ws.sum() * v_star) / total
+            a[r, h] = total
+    return v, k, a
+
+
+@pytest.mark.parametrize("similarity", [-1.0, 0.0, 0.5, 0.95])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kvmerger_equals_its_per_set_definition(similarity, seed):
+    g = torch.Generator().manual_seed(seed)
+    n, h, d = 40, 3, 8
+    # adjacent keys drift slowly, as the paper observes, so sets of several tokens form
+    keys = torch.cumsum(torch.randn(n, h, d, generator=g) * 0.4, dim=0) + torch.randn(1, h, d, generator=g)
+    values, abar = torch.randn(n, h, d, generator=g), torch.rand(n, h, generator=g)
+    leaving = torch.zeros(n, dtype=torch.bool)
+    leaving[:24] = True
+    leaving[10] = False  # a retained token between leaving ones breaks a run
+    new_v, new_k, new_a, decided = kvmerger_merge(values, keys, abar, leaving, similarity)
+    v, k, a = _kvmerger_loops(values, keys, abar, leaving, similarity)
+    torch.testing.assert_close(new_v.double(), v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new_k.double(), k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new_a.double(), a, atol=1e-5, rtol=1e-5)
+    if similarity <= 0.5:
+        assert decided.merged > 0
+    if similarity == -1.0:  # every adjacent pair joins: one set per run (the gap at 10 splits it)
+        assert torch.equal(
+            merging_sets(keys[leaving], torch.nonzero(leaving).flatten(), -1.0)[:, 0][:12],
+            torch.tensor([0] * 10 + [1] * 2),
+        )
+
+
+def test_kvmerger_merges_keys_and_is_convex():
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(1, 2, 8, generator=g).repeat(12, 1, 1) + 0.01 * torch.randn(12, 2, 8, generator=g)
+    values, abar = torch.randn(12, 2, 8, generator=g) * 5, torch.rand(12, 2, generator=g) + 0.1
+    leaving = torch.arange(12) < 8
+    res = merge_leaving(values, keys, abar, leaving, torch.arange(12), 0, MergeConfig(rule="kvmerger"))
+    assert res.keys is not None and not torch.equal(res.keys[8:], keys[8:]), "kvmerger merges keys"
+    assert torch.equal(res.keys[:8], keys[:8]) and torch.equal(res.values[:8], values[:8])
+    for x_new, x in ((res.values, values), (res.keys, keys)):
+        bound = x.norm(dim=-1).max(dim=0).values  # [H]
+        assert bool((x_new.norm(dim=-1) <= bound * (1 + 1e-6)).all())
+    # attention mass is conserved: what the receivers gained is what the merged sets had
+    assert res.decisions.merged > 0
+    gained = float(res.abar[8:].sum() - abar[8:].sum())
+    assert gained == pytest.approx(float(abar[:8][res.decisions.mask].sum()), rel=1e-5)

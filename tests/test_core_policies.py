@@ -114,3 +114,43 @@ def test_cam_prefix_adds_merge_plain_policy_has_none():
     cam = build_policy(KVPolicyConfig(policy="cam-streaming", window_tokens=64, merge_targets=8, seed=3))
     assert cam.merge.num_targets == 8 and cam.merge.seed == 3 and cam.tracks_scores
     assert build_policy(KVPolicyConfig()).eviction.retained(torch.arange(5), 5).all()
+
+
+@pytest.mark.parametrize(
+    ("policy", "merge", "name", "rule"),
+    [
+        ("streaming", None, "streaming", None),
+        ("cam-streaming", None, "cam-streaming", "cam"),
+        ("weighted-streaming", None, "weighted-streaming", "weighted"),
+        ("streaming", "weighted", "weighted-streaming", "weighted"),
+        ("streaming", "cam", "cam-streaming", "cam"),
+        ("cam-streaming", "cam", "cam-streaming", "cam"),
+        ("streaming", "none", "streaming", None),
+        ("kvmerger-streaming", None, "kvmerger-streaming", "kvmerger"),
+    ],
+)
+def test_merge_rule_is_its_own_axis(policy, merge, name, rule):
+    built = build_policy(KVPolicyConfig(policy=policy, merge=merge, window_tokens=64))
+    assert built.name == name
+    assert (built.merge.rule if built.merge else None) == rule
+    assert built.tracks_scores == (rule is not None)
+    assert name in policy_names()
+
+
+@pytest.mark.parametrize(
+    ("policy", "merge", "message"),
+    [
+        ("cam-streaming", "weighted", "already merges with 'cam'.*Fix: give the eviction policy alone"),
+        ("cam-streaming", "none", "already merges with 'cam'"),
+        ("none", "cam", "needs an evicting policy"),
+        (
+            "streaming",
+            "average",
+            "unknown merge rule 'average'; choose one of: none, cam, weighted, kvmerger",
+        ),
+        ("weighted-none", None, "unknown KV policy 'weighted-none'"),
+    ],
+)
+def test_contradictory_or_unknown_merge_settings_are_refused(policy, merge, message):
+    with pytest.raises(ValueError, match=message):
+        KVPolicyConfig(policy=policy, merge=merge)

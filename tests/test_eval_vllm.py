@@ -53,8 +53,8 @@ def test_vllm_perplexity_equals_the_block_granular_oracle(tiny, ids):
     oracle = ParallelBackend(AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval())
     backend = VllmBackend(tiny, chunk=16, max_model_len=1024)
     try:
-        for policy in ("streaming", "cam-streaming", "weighted-streaming"):
-            cfg = KVPolicyConfig(policy=policy, budget=0.3, seed=5)
+        for policy in ("streaming", "cam-streaming", "weighted-streaming", "kvmerger-streaming"):
+            cfg = KVPolicyConfig(policy=policy, budget=0.3, seed=5, merge_similarity=0.0)
             merged_before = (backend.stats.merged, oracle.stats.merged)
             got = backend.token_nlls(ids, cfg, seed=5)
             want = oracle.token_nlls(ids, cfg.model_copy(update={"block_size": CPU_BLOCK_SIZE}), seed=5)

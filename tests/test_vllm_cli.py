@@ -54,6 +54,10 @@ def test_flags_land_in_additional_config(serve_parser) -> None:
         "merge_targets": 8,
         "seed": 3,
     }
+    ea = _engine_args(
+        serve_parser, "--kv-policy", "streaming", "--kv-merge", "weighted", "--kv-budget", "0.25"
+    )
+    assert ea.additional_config["kv_policy"] == {"policy": "streaming", "merge": "weighted", "budget": 0.25}
     ea = _engine_args(serve_parser, "--kv-policy", "streaming", "--kv-budget", "0.25")
     assert ea.additional_config["kv_policy"] == {"policy": "streaming", "budget": 0.25}
     # other additional_config entries stay
@@ -81,6 +85,7 @@ def test_flags_appear_in_help(serve_parser) -> None:
         "--kv-sink-tokens",
         "--kv-window-tokens",
         "--kv-budget",
+        "--kv-merge",
         "--kv-merge-targets",
         "--kv-seed",
     } <= flags
@@ -114,6 +119,10 @@ def test_additional_config_route(serve_parser) -> None:
             ],
             "the KV policy is given twice",
         ),
+        (
+            ["--kv-policy", "cam-streaming", "--kv-merge", "weighted", "--kv-window-tokens", "256"],
+            "already merges with 'cam'",
+        ),
     ],
 )
 def test_bad_flag_combinations(serve_parser, argv: list[str], message: str) -> None:
@@ -127,6 +136,9 @@ def test_unknown_policy_is_an_argparse_error(serve_parser, capsys: pytest.Captur
     with pytest.raises(SystemExit):
         serve_parser.parse_args(["serve", "m", "--kv-policy", "h2o"])
     assert "invalid choice: 'h2o'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve_parser.parse_args(["serve", "m", "--kv-policy", "streaming", "--kv-merge", "mean"])
+    assert "invalid choice: 'mean'" in capsys.readouterr().err
 
 
 def test_prefix_caching_handling() -> None:

@@ -187,7 +187,8 @@ def _impl_for(policy, hq, hkv, d, scale, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("rule", "mode"), [("cam", "accumulated"), ("cam", "current"), ("weighted", "accumulated")]
+    ("rule", "mode"),
+    [("cam", "accumulated"), ("cam", "current"), ("weighted", "accumulated"), ("kvmerger", "accumulated")],
 )
 def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, monkeypatch):
     """Kernel on the compacted batch + score/merge plan + impl, step by step, two requests with
@@ -205,6 +206,8 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, monke
     monkeypatch.setattr(step_plan, "MAX_PAIRS_PER_CALL", 3000)  # exercise query slicing
     torch.manual_seed(0)
     policy = dataclasses.replace(streaming(rule=rule), score_mode=mode)
+    if rule == "kvmerger":  # random keys are nearly orthogonal: let every adjacent pair form a set
+        policy = dataclasses.replace(policy, merge=dataclasses.replace(policy.merge, similarity=-1.0))
     hq, hkv, d, scale = 4, 2, 64, 0.125
     chunks = [[150, 1, 1, 37, 1, 1, 1, 40, 1, 1], [1, 70, 1, 1, 1, 100, 1, 30, 1, 1]]
     lengths = [sum(c) for c in chunks]
@@ -246,6 +249,7 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, monke
             st = refs[r].layers[3]
             slot = table[r].long()[st.positions // BLOCK] * BLOCK + st.positions % BLOCK
             torch.testing.assert_close(impl._paged.gather_v(slot), st.v, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(impl._paged.gather_k(slot), st.k, atol=1e-6, rtol=1e-6)
             torch.testing.assert_close(impl._abar[slot], st.abar, atol=1e-6, rtol=1e-5)
             for j in range(widths[r]):  # blocks the scheduler frees now: poison them
                 if not bool(policy.eviction.retained(torch.tensor(j * BLOCK), done[r] + 1)):

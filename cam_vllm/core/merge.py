@@ -42,6 +42,7 @@ class MergeConfig:
     seed: the default seed of the draws (a request's own seed overrides it in serving).
     rule: the merge rule (``core.rules``): ``cam`` (this module) or another registered rule,
         which uses the fields that apply to it.
+    similarity: ``kvmerger``: key cosine at or above which adjacent leaving tokens form a set.
     """
 
     rule: str = "cam"
@@ -49,6 +50,7 @@ class MergeConfig:
     clamp: tuple[float, float] = (0.0, 1.0)
     targets: TargetMode = "even"
     seed: int = 0
+    similarity: float = 0.8
 
     def __post_init__(self) -> None:
         lo, hi = self.clamp
@@ -56,6 +58,8 @@ class MergeConfig:
             raise ValueError(f"merge num_targets must be >= 1, got {self.num_targets}")
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"merge clamp must satisfy 0 <= lo <= hi <= 1, got {self.clamp}")
+        if not -1.0 <= self.similarity <= 1.0:
+            raise ValueError(f"merge similarity is a cosine in [-1, 1], got {self.similarity}")
         if self.targets not in ("even", "random-single"):
             raise ValueError(f"unknown merge target mode {self.targets!r}")
 

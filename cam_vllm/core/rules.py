@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cam_vllm.core.kvmerger import kvmerger_merge
 from cam_vllm.core.merge import MergeConfig, MergeDecisions, cam_merge
 from cam_vllm.core.weighted import weighted_merge
 
@@ -25,6 +26,7 @@ class MergeResult:
     values: torch.Tensor  # [N, H, D]
     abar: torch.Tensor  # [N, H]
     decisions: MergeDecisions
+    keys: torch.Tensor | None = None  # [N, H, D] when the rule merges keys, else None (unchanged)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class MergeRule:
     name: str
     summary: str
     needs_keys: bool
+    writes_keys: bool
     reach: Callable[[MergeConfig], int | None]  # None: every receiver of the window
     run: Callable[..., MergeResult]
 
@@ -47,11 +50,17 @@ def _weighted(values, keys, abar, leaving, positions, layer, config, seed, heads
     return MergeResult(*weighted_merge(values, keys, abar, leaving))
 
 
+def _kvmerger(values, keys, abar, leaving, positions, layer, config, seed, heads) -> MergeResult:  # noqa: ANN001
+    new_v, new_k, new_a, decided = kvmerger_merge(values, keys, abar, leaving, config.similarity)
+    return MergeResult(new_v, new_a, decided, keys=new_k)
+
+
 MERGE_RULES: dict[str, MergeRule] = {
     "cam": MergeRule(
         name="cam",
         summary="CaM (ICML 2024): V_i/m into the m tokens after i, Bernoulli(Abar ratio)",
         needs_keys=False,
+        writes_keys=False,
         reach=lambda c: c.num_targets,
         run=_cam,
     ),
@@ -59,8 +68,17 @@ MERGE_RULES: dict[str, MergeRule] = {
         name="weighted",
         summary="convex, Abar-weighted average into the most similar window key",
         needs_keys=True,
+        writes_keys=False,
         reach=lambda c: None,
         run=_weighted,
+    ),
+    "kvmerger": MergeRule(
+        name="kvmerger",
+        summary="KVMerger: runs of similar leaving keys merged (keys too) into the most similar window slot",
+        needs_keys=True,
+        writes_keys=True,
+        reach=lambda c: None,
+        run=_kvmerger,
     ),
 }
 

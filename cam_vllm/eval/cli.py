@@ -89,6 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--merge-targets", type=int, default=None, help="m (default 16)")
     g.add_argument("--merge-clamp", nargs=2, type=float, default=None, metavar=("LO", "HI"))
     g.add_argument("--merge-target-mode", choices=("even", "random-single"), default=None)
+    g.add_argument("--merge-similarity", type=float, default=None, help="kvmerger: set threshold")
     g.add_argument("--score-mode", choices=("accumulated", "current"), default=None)
     t = p.add_argument_group("task options")
     t.add_argument("--text", nargs="+", choices=("essays", "shakespeare"), default=["essays", "shakespeare"])
@@ -100,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     ov = {}
-    for name in ("block_size", "merge_targets", "merge_target_mode", "score_mode"):
+    for name in ("block_size", "merge_targets", "merge_target_mode", "merge_similarity", "score_mode"):
         if getattr(args, name) is not None:
             ov[name] = getattr(args, name)
     if args.merge_clamp is not None:

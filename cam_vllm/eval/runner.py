@@ -33,6 +33,7 @@ ABLATIONS: dict[str, dict] = {
     "block32": {"block_size": 32},  # (the smallest block vLLM's CPU backend accepts)
 }
 
+
 def random_merges(spec: RunSpec) -> bool:
     """Whether the spec's merges are random draws (CaM), so that several seeds mean something."""
     return merge_rule_of(spec.policy, spec.overrides.get("merge")) == "cam"

@@ -130,6 +130,7 @@ def build_policy(config: KVPolicyConfig, length: int | None = None) -> KVPolicy:
             clamp=config.merge_clamp,
             targets=config.merge_target_mode,
             seed=config.seed,
+            similarity=config.merge_similarity,
         )
     return KVPolicy(_FACTORIES[base](config), merge, config.score_mode, canonical_name(base, rule))
 

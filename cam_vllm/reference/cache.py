@@ -124,6 +124,8 @@ class PolicyCache:
                 seed=self.seed,
             )
             st.v[idx], st.abar[idx] = res.values, res.abar
+            if res.keys is not None:
+                st.k[idx] = res.keys
             self.stats.merge_decisions += res.decisions.decisions
             self.stats.merged += res.decisions.merged
         st.k, st.v, st.positions, st.abar = st.k[keep], st.v[keep], st.positions[keep], st.abar[keep]

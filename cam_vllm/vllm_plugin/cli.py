@@ -5,6 +5,7 @@ Flags (added to every parser vLLM builds with ``EngineArgs.add_cli_args``: ``vll
 
     --kv-policy cam-streaming --kv-sink-tokens 4 --kv-window-tokens 1024
     --kv-budget 0.25            (sinks + window as a fraction of max_model_len; instead of a window)
+    --kv-merge weighted         (merge rule; the name cam-streaming already says cam)
     --kv-merge-targets 16 --kv-seed 0
 
 They become ``additional_config["kv_policy"]`` (see ``settings.py``), the same dict that
@@ -66,6 +67,13 @@ _FLAGS: dict[str, tuple[str, str, Any, str, str]] = {
         "FRACTION",
         "sinks + window as a fraction of max_model_len (instead of --kv-window-tokens)",
     ),
+    "--kv-merge": (
+        "cam_kv_merge",
+        "merge",
+        str,
+        "",
+        "merge rule for evicted tokens (default: the one the policy name gives, e.g. cam-streaming)",
+    ),
     "--kv-merge-targets": (
         "cam_kv_merge_targets",
         "merge_targets",
@@ -73,27 +81,37 @@ _FLAGS: dict[str, tuple[str, str, Any, str, str]] = {
         "M",
         "CaM: oldest window tokens that receive a merge (default: 16)",
     ),
+    "--kv-merge-similarity": (
+        "cam_kv_merge_similarity",
+        "merge_similarity",
+        float,
+        "COS",
+        "kvmerger: key cosine joining adjacent evicted tokens into a merging set (default: 0.8)",
+    ),
     "--kv-seed": ("cam_kv_seed", "seed", int, "SEED", "CaM: default seed of the merge draws (default: 0)"),
 }
 
 
 def add_policy_cli_args(parser: Any) -> Any:
     """Add the ``--kv-*`` group to ``parser`` (idempotent)."""
+    from cam_vllm.core.rules import MERGE_RULES
     from cam_vllm.policies import policy_names
 
     if any(getattr(a, "dest", None) == "cam_kv_policy" for a in getattr(parser, "_actions", [])):
         return parser
     group = parser.add_argument_group(
         title=GROUP_TITLE,
-        description="cam-vllm: KV-cache eviction (StreamingLLM sinks + window) and CaM merging. Stored in "
+        description="cam-vllm: KV-cache eviction (StreamingLLM sinks + window) and merging of what is "
+        "evicted (CaM, weighted). Stored in "
         f'--additional-config as "{ADDITIONAL_CONFIG_KEY}"; turns prefix caching off.',
     )
     for flag, (dest, _field, typ, metavar, help_text) in _FLAGS.items():
         # SUPPRESS: an absent flag leaves no attribute (and no "(default: None)" in the help)
         kwargs: dict[str, Any] = {"dest": dest, "type": typ, "default": argparse.SUPPRESS, "help": help_text}
-        kwargs["metavar"] = metavar or "{" + ",".join(policy_names()) + "}"
-        if flag == "--kv-policy":
-            kwargs["choices"] = policy_names()
+        choices = {"--kv-policy": policy_names(), "--kv-merge": ["none", *MERGE_RULES]}.get(flag)
+        if choices:
+            kwargs["choices"] = choices
+        kwargs["metavar"] = metavar or "{" + ",".join(choices or []) + "}"
         group.add_argument(flag, **kwargs)
     return parser
 

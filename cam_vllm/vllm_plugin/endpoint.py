@@ -47,6 +47,8 @@ def policy_report(vllm_config: Any) -> dict[str, Any]:
             "sink_end": getattr(eviction, "sink_end", None),  # sinks rounded up to whole blocks
             "window_tokens": getattr(eviction, "window_tokens", None),
             "merging": policy.merge is not None,
+            "name": policy.name,  # canonical: <merge rule>-<policy>
+            "merge_rule": policy.merge.rule if policy.merge is not None else None,
         }
     return report
 

@@ -25,9 +25,10 @@ Metrics (labels ``model_name``, ``policy``):
 
 * ``cam_vllm:kv_blocks_evicted_total`` / ``cam_vllm:kv_tokens_evicted_total`` - KV blocks (tokens)
   the policy freed (engine core);
-* ``cam_vllm:tokens_merged_total`` - tokens that left the retained set and were merged (CaM),
-  counted once per token; ``cam_vllm:merge_decisions_total`` / ``cam_vllm:merges_accepted_total``
-  - CaM's Bernoulli draws per (token, layer, KV head) and how many merged;
+* ``cam_vllm:tokens_merged_total`` - tokens that left the retained set and went through the merge
+  rule, counted once per token; ``cam_vllm:merge_decisions_total`` /
+  ``cam_vllm:merges_accepted_total`` - decisions per (token, layer, KV head) (CaM: its Bernoulli
+  draws; weighted: whether a similar receiver was found) and how many merged;
   ``cam_vllm:merge_acceptance_rate`` = accepted / decisions;
 * ``cam_vllm:kv_tokens_retained`` / ``cam_vllm:kv_tokens_logical`` - summed over running requests;
 * histograms per finished request: ``cam_vllm:request_kv_retained_ratio`` (retained KV tokens /
@@ -58,9 +59,9 @@ FLUSH_SECONDS = 0.25
 COUNTERS = {
     "kv_blocks_evicted": "KV-cache blocks freed by the KV policy (evicted from the retained set)",
     "kv_tokens_evicted": "KV-cache token slots freed by the KV policy",
-    "tokens_merged": "Tokens that left the retained set and went through CaM merging (once per token)",
-    "merge_decisions": "CaM merge draws, one per (evicted token, layer, KV head)",
-    "merges_accepted": "CaM merge draws that merged the evicted value into its target",
+    "tokens_merged": "Tokens that left the retained set and went through the merge rule (once per token)",
+    "merge_decisions": "Merge decisions (CaM: draws), one per (evicted token, layer, KV head)",
+    "merges_accepted": "Merge decisions that merged the evicted value into a retained token",
 }
 GAUGES = {
     "kv_tokens_retained": "KV tokens held for running requests (after eviction)",
@@ -268,7 +269,7 @@ class CamCollector:
         decisions = totals["counters"]["merge_decisions"]
         rate = GaugeMetricFamily(
             PREFIX + "merge_acceptance_rate",
-            "CaM merges accepted / merge draws since start (0 before the first draw)",
+            "Merges accepted / merge decisions since start (0 before the first decision)",
             labels=names,
         )
         rate.add_metric(values, totals["counters"]["merges_accepted"] / decisions if decisions else 0.0)

@@ -182,14 +182,21 @@ class PagedKV:
         """Values of ``slots`` [N] as [N, H, D] (a copy)."""
         return self._gather(slots, self._v_view, self.layout.v_offsets)
 
+    def _scatter(self, slots: torch.Tensor, x: torch.Tensor, view: torch.Tensor | None, offsets) -> None:  # noqa: ANN001
+        slots = slots.to(torch.int64)
+        x = x.to(self.flat.dtype)
+        if view is not None:
+            view[slots // self.block_size, :, slots % self.block_size] = x
+        else:
+            self.flat[self._index(slots, offsets)] = x
+
     def scatter_v(self, slots: torch.Tensor, values: torch.Tensor) -> None:
         """Write values [N, H, D] to ``slots`` in place (slots must be distinct)."""
-        slots = slots.to(torch.int64)
-        values = values.to(self.flat.dtype)
-        if self._v_view is not None:
-            self._v_view[slots // self.block_size, :, slots % self.block_size] = values
-        else:
-            self.flat[self._index(slots, self.layout.v_offsets)] = values
+        self._scatter(slots, values, self._v_view, self.layout.v_offsets)
+
+    def scatter_k(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """Write keys [N, H, D] to ``slots`` in place (merge rules that merge keys)."""
+        self._scatter(slots, keys, self._k_view, self.layout.k_offsets)
 
 
 def block_slots(block_table_row: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -248,3 +255,7 @@ class NHDPagedKV:
     def scatter_v(self, slots: torch.Tensor, values: torch.Tensor) -> None:
         """Write values [N, H, Dv] to ``slots`` in place (slots must be distinct)."""
         self._v[self._where(slots)] = values.to(self._v.dtype)
+
+    def scatter_k(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """Write keys [N, H, D] to ``slots`` in place (merge rules that merge keys)."""
+        self._k[self._where(slots)] = keys.to(self._k.dtype)

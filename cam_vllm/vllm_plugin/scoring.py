@@ -75,6 +75,8 @@ def score_and_merge(
         stays = ~event.leaving  # a leaving token's slot is freed after this step: skip the write
         paged.scatter_v(event.slots[stays], res.values[stays])
         abar[event.slots[stays]] = res.abar[stays].to(abar.dtype)
+        if res.keys is not None:
+            paged.scatter_k(event.slots[stays], res.keys[stays])
         record_merge(
             num_tokens=int((res.decisions.num_targets > 0).sum()),
             decisions=res.decisions.decisions,
