@@ -296,7 +296,7 @@ def test_results_json_markdown_and_plots(tmp_path):
 
 
 def test_vllm_rows_get_their_own_plots_and_stay_out_of_the_reference_ones(tmp_path):
-    from cam_vllm.eval.results import vllm_comparison
+    from cam_vllm.eval.results import merge_rule_ratios, vllm_comparison
 
     def ppl(engine, policy, budget, value, variant=""):
         return {
@@ -314,6 +314,8 @@ def test_vllm_rows_get_their_own_plots_and_stay_out_of_the_reference_ones(tmp_pa
         ppl("parallel", "cam-streaming", 0.2, 29.0, "block16"),  # not what vLLM on CPU runs
         *(ppl("vllm-chunk16", "streaming", b, 28.1 - b) for b in (0.2, 0.5, 0.9)),
         ppl("vllm-chunk48", "streaming", 0.2, 28.1),  # a single point: the table only
+        *(ppl("vllm-chunk16", "weighted-streaming", b, (28.1 - b) * 0.9) for b in (0.2, 0.5)),
+        ppl("vllm-chunk48", "weighted-streaming", 0.2, 30.0),  # compared with chunk48's own streaming
     ]
     write_json(tmp_path / "a.json", {}, rows)
     labels = sorted((r["engine"], r["variant"]) for r in vllm_comparison(load_rows(tmp_path), "ppl"))
@@ -321,10 +323,16 @@ def test_vllm_rows_get_their_own_plots_and_stay_out_of_the_reference_ones(tmp_pa
         ("parallel", ""),
         ("parallel", "reference, blocks of 32"),
         ("parallel", "reference, per token"),
-        *[("vllm-chunk16", "vllm-chunk16")] * 3,
+        *[("vllm-chunk16", "vllm-chunk16")] * 5,
     ]
+    ratios = merge_rule_ratios(load_rows(tmp_path))["essays-1024"]
+    assert ratios["weighted-streaming [vllm-chunk16]"] == [
+        (0.2, pytest.approx(0.9), 0.0),
+        (0.5, pytest.approx(0.9), 0.0),
+    ]
+    assert ratios["weighted-streaming [vllm-chunk48]"] == [(0.2, pytest.approx(30.0 / 28.1), 0.0)]
     written = {p.name for p in write_report(tmp_path)}
-    assert {"vllm-ppl.png", "ppl.png"} <= written
+    assert {"vllm-ppl.png", "ppl.png", "vllm-merge-rules.png"} <= written
     assert "| vllm-chunk16 |" in (tmp_path / "results.md").read_text()
 
 

@@ -98,12 +98,12 @@ def kvmerger_merge(
     live = (size >= 2) & (a_star > 0)
     k_dst, v_dst = keys[dst].to(acc), values[dst].to(acc)  # [T, H, D]
     a_dst = abar[dst].to(acc)  # [T, H]
-    sim = torch.einsum(
-        "sd,tsd->st",
-        torch.nn.functional.normalize(k_star, dim=-1),
-        torch.nn.functional.normalize(k_dst[:, set_head], dim=-1),
-    )  # [n, T]
-    best_sim, target = sim.max(dim=-1)
+    sim = torch.einsum(  # flat set id s = head * E + local id, so k* reshapes to [H, E, D]
+        "hed,thd->het",
+        torch.nn.functional.normalize(k_star.view(h, e, -1), dim=-1),
+        torch.nn.functional.normalize(k_dst, dim=-1),
+    )  # [H, E, T]
+    best_sim, target = sim.reshape(n, -1).max(dim=-1)
     live &= best_sim > 0
     w = torch.where(live, a_star, torch.zeros_like(a_star))
     slot = target * h + set_head  # flat (receiver, head)

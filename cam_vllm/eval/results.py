@@ -356,6 +356,60 @@ def plot_needle_depths(rows: Sequence[dict], path: Path) -> Path | None:
     return path
 
 
+def merge_rule_ratios(rows: Sequence[dict]) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
+    """vLLM perplexity of every merging policy relative to plain eviction on the same engine at the
+    same budget: {data: {"policy [engine]": [(budget, mean ratio, std ratio)]}} (< 1: merging helps)."""
+    vllm = [
+        r
+        for r in rows
+        if r["task"] == "ppl" and is_vllm(r) and not r.get("variant") and r.get("budget") is not None
+    ]
+    plain = {
+        (r["engine"], r.get("data", ""), r["policy"], r["budget"]): r["metrics"]["ppl"]["mean"]
+        for r in vllm
+        if merge_rule_of(r["policy"]) is None
+    }
+    out: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+    for r in vllm:
+        rule = merge_rule_of(r["policy"])
+        key = (r["engine"], r.get("data", ""), r["policy"].removeprefix(f"{rule}-"), r["budget"])
+        if rule is None or key not in plain:
+            continue
+        ppl, base = r["metrics"]["ppl"], plain[key]
+        out.setdefault(r.get("data", ""), {}).setdefault(f"{r['policy']} [{r['engine']}]", []).append(
+            (r["budget"], ppl["mean"] / base, ppl["std"] / base)
+        )
+    return {d: {p: sorted(v) for p, v in pol.items()} for d, pol in out.items()}
+
+
+def plot_merge_rules(rows: Sequence[dict], path: Path) -> Path | None:
+    """vLLM perplexity of each merge rule divided by plain eviction's, against the budget."""
+    ratios = merge_rule_ratios(rows)
+    if not ratios:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ratios), figsize=(4.8 * len(ratios), 3.4), squeeze=False)
+    for ax, (data, pols) in zip(axes[0], sorted(ratios.items()), strict=True):
+        for policy, pts in sorted(pols.items()):
+            xs, ys, es = zip(*pts, strict=True)
+            ax.errorbar([x * 100 for x in xs], ys, yerr=es, marker="o", ms=3, capsize=2, label=policy)
+        ax.axhline(1.0, color="k", ls="--", lw=1, label="plain eviction")
+        ax.set_title(f"vLLM perplexity vs plain eviction: {data}")
+        ax.set_xlabel("KV budget (% of sequence)")
+        ax.set_ylabel("ppl / ppl without merging")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def is_vllm(row: dict) -> bool:
     return str(row.get("engine", "")).startswith("vllm")
 
@@ -417,6 +471,7 @@ def write_report(folder: Path, title: str = "cam-vllm evaluation", img_dir: Path
     vllm_ppl = vllm_comparison(all_rows, "ppl")
     if vllm_ppl:
         written.append(plot_budget_curves(vllm_ppl, img_dir / "vllm-ppl.png", metric="ppl", log=True))
+    written.append(plot_merge_rules(all_rows, img_dir / "vllm-merge-rules.png"))
     vllm_needle = [r for r in all_rows if r["task"] == "needle" and is_vllm(r) and not r.get("variant")]
     written.append(plot_needle_depths(vllm_needle, img_dir / "vllm-needle-depth.png"))
     written = [p for p in written if p is not None]
