@@ -131,4 +131,15 @@ def test_policy_report():
         "sink_end": 32,
         "window_tokens": 256,
         "merging": True,
+        "name": "cam-streaming",
+        "merge_rule": "cam",
     }
+    # the merge rule given on its own: the canonical name says what runs
+    config.additional_config = {
+        "kv_policy": {"policy": "streaming", "merge": "weighted", "window_tokens": 256}
+    }
+    report = policy_report(config)
+    assert report["policy"] == "streaming" and report["settings"]["merge"] == "weighted"
+    assert (
+        report["resolved"]["name"] == "weighted-streaming" and report["resolved"]["merge_rule"] == "weighted"
+    )

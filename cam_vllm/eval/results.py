@@ -181,6 +181,17 @@ def paper_table(rows: Iterable[dict], budget: float = 0.2) -> str:
     return "\n".join(out) + "\n"
 
 
+def _save(fig, path: Path) -> Path:  # noqa: ANN001
+    """Lay out, write (dpi 110) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_budget_curves(
     rows: Sequence[dict], path: Path, metric: str | None = None, title: str = "", log: bool = False
 ) -> Path | None:
@@ -240,11 +251,7 @@ def plot_budget_curves(
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_ablations(rows: Sequence[dict], path: Path, budget: float = 0.2) -> Path | None:
@@ -312,11 +319,7 @@ def plot_ablations(rows: Sequence[dict], path: Path, budget: float = 0.2) -> Pat
         ax.legend(fontsize=7)
     for ax in axes[n:]:
         ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_needle_depths(rows: Sequence[dict], path: Path) -> Path | None:
@@ -349,11 +352,7 @@ def plot_needle_depths(rows: Sequence[dict], path: Path) -> Path | None:
         ax.set_ylim(0, 105)
         ax.set_title("budget " + ("full" if b is None else f"{b:.0%}"))
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def merge_rule_ratios(rows: Sequence[dict]) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
@@ -403,11 +402,7 @@ def plot_merge_rules(rows: Sequence[dict], path: Path) -> Path | None:
         ax.set_ylabel("ppl / ppl without merging")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def is_vllm(row: dict) -> bool:
