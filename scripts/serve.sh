@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The main job: set up, prepare SmolLM2-135M-Instruct offline, and serve it with CaM on CPU.
+# The main job: set up, prepare SmolLM2-135M-Instruct offline, and serve it with KV eviction on CPU.
 # The Docker images run this same script (docker/), so what CI tests is what the images run.
 #
 #   bash scripts/serve.sh                       # http://127.0.0.1:8000/v1, model name "smollm2"
 #   PORT=9000 bash scripts/serve.sh --kv-window-tokens 512   # extra args go to `vllm serve`
 #
-# Environment: PORT (8000), KV_POLICY (cam-streaming), KV_SINK_TOKENS (4), KV_WINDOW_TOKENS (1024),
+# Environment: PORT (8000), KV_POLICY (streaming: the measured choice, docs/results.md), KV_SINK_TOKENS (4), KV_WINDOW_TOKENS (1024),
 # VLLM_CPU_KVCACHE_SPACE (GiB of KV cache, 2), VLLM_PLUGINS (cam_vllm: also enables cam-vllm's
 # endpoint plugin, GET /v1/kv_policy; endpoint plugins load only when named in VLLM_PLUGINS).
 # Also: HOST (127.0.0.1), MODEL (a checkpoint directory; default: the prepared SmolLM2),
@@ -26,7 +26,7 @@ exec "${vllm_cmd[@]}" serve "$model" \
     --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" --served-model-name "${SERVED_MODEL_NAME:-smollm2}" \
     --dtype "${DTYPE:-float32}" --max-model-len "${MAX_MODEL_LEN:-8192}" \
     --gpu-memory-utilization "${GPU_MEMORY_UTILIZATION:-0.3}" \
-    --kv-policy "${KV_POLICY:-cam-streaming}" \
+    --kv-policy "${KV_POLICY:-streaming}" \
     --kv-sink-tokens "${KV_SINK_TOKENS:-4}" \
     --kv-window-tokens "${KV_WINDOW_TOKENS:-1024}" \
     "$@"

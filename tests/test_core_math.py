@@ -371,3 +371,21 @@ def test_kvmerger_merges_keys_and_is_convex():
     assert res.decisions.merged > 0
     gained = float(res.abar[8:].sum() - abar[8:].sum())
     assert gained == pytest.approx(float(abar[:8][res.decisions.mask].sum()), rel=1e-5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), similarity=st.floats(-1.0, 1.0))
+def test_kvmerger_is_convex_in_keys_and_values(data, similarity):
+    """Every receiver's new key and value is a convex combination of its own and of leaving tokens'
+    (so its norm is at most the largest of those), and the total attention mass is conserved."""
+    values, keys, abar, leaving = _weighted_case(data)
+    new_v, new_k, new_a, decided = kvmerger_merge(values, keys, abar, leaving, similarity)
+    src, dst = torch.nonzero(leaving).flatten(), torch.nonzero(~leaving).flatten()
+    for new, old in ((new_v, values), (new_k, keys)):
+        assert torch.equal(new[src], old[src])
+        if src.numel():
+            bound = torch.maximum(old[dst].norm(dim=-1), old[src].norm(dim=-1).max(dim=0).values)
+            assert bool((new[dst].norm(dim=-1) <= bound * (1 + 1e-9) + 1e-12).all())
+    gained = new_a[dst].double().sum(dim=0) - abar[dst].sum(dim=0)
+    merged_mass = (abar[src] * decided.mask).sum(dim=0) if src.numel() else gained * 0
+    torch.testing.assert_close(gained, merged_mass, atol=1e-5, rtol=1e-5)

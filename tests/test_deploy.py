@@ -183,7 +183,7 @@ def test_helm_chart_renders_to_valid_manifests(override, tmp_path):
     env = {e["name"]: e for e in container.get("env", [])}
     assert ("VLLM_API_KEY" in env) == bool(override)
     config = next(d for d in docs if d["kind"] == "ConfigMap")
-    assert config["data"]["KV_POLICY"] == "cam-streaming" and config["data"]["KV_WINDOW_TOKENS"] == "1024"
+    assert config["data"]["KV_POLICY"] == "streaming" and config["data"]["KV_WINDOW_TOKENS"] == "1024"
     out = tmp_path / "rendered.yaml"
     out.write_text(yaml.safe_dump_all(docs))
     r = _run(_tool("kubernetes-validate"), "--strict", "--quiet", str(out))
