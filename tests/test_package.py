@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 
 import cam_vllm
 from cam_vllm import plugin
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_version_matches_distribution():
@@ -47,3 +50,48 @@ def test_console_script_runs():
     assert "prepare-model" in out
     version = subprocess.run([str(script), "--version"], check=True, capture_output=True, text=True).stdout
     assert version.strip() == f"cam-vllm {cam_vllm.__version__}"
+
+
+def _fake_wheel(folder, name: str, version: str) -> None:
+    """A minimal valid wheel (metadata only): enough for pip to resolve ``name==version`` offline."""
+    import zipfile
+
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{dist}/RECORD"] = "".join(f"{p},,\n" for p in files) + f"{dist}/RECORD,,\n"
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as zf:
+        for path, text in files.items():
+            zf.writestr(path, text)
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "python").exists(), reason="needs the set-up's venv")
+def test_setup_names_where_the_cpu_torch_comes_from(tmp_path):
+    """Without a package source that has torch 2.13.0+cpu (no local wheel folder, no PyTorch index
+    configured), the set-up names PyTorch's CPU wheel index instead of failing on something else or
+    taking PyPI's CUDA torch; with a source that has it, it uses that. Offline: pip only reads a
+    local folder and an index that does not exist."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k not in ("CI", "VIRTUAL_ENV")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL=(tmp_path / "no-index").as_uri())
+
+    def source(**extra: str) -> str:
+        r = subprocess.run(
+            ["bash", "scripts/setup.sh", "--torch-source"],
+            cwd=ROOT,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    missing = source()
+    assert "in none of the configured package sources" in missing
+    assert "https://download.pytorch.org/whl/cpu" in missing
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _fake_wheel(wheels, "torch", "2.13.0+cpu")
+    assert "found in the configured package sources" in source(PIP_FIND_LINKS=str(wheels))
