@@ -393,9 +393,14 @@ def plot_merge_rules(rows: Sequence[dict], path: Path) -> Path | None:
 
     fig, axes = plt.subplots(1, len(ratios), figsize=(4.8 * len(ratios), 3.4), squeeze=False)
     for ax, (data, pols) in zip(axes[0], sorted(ratios.items()), strict=True):
-        for policy, pts in sorted(pols.items()):
+        for label, pts in sorted(pols.items()):
             xs, ys, es = zip(*pts, strict=True)
-            ax.errorbar([x * 100 for x in xs], ys, yerr=es, marker="o", ms=3, capsize=2, label=policy)
+            policy = label.split(" ")[0]  # one colour per policy in every panel
+            color = {"cam-streaming": "tab:orange", "weighted-streaming": "tab:green"}.get(policy)
+            style = (
+                {"color": color or "tab:red"} if len(xs) > 1 else {"color": color or "tab:red", "mfc": "w"}
+            )
+            ax.errorbar([x * 100 for x in xs], ys, yerr=es, marker="o", ms=4, capsize=2, label=label, **style)
         ax.axhline(1.0, color="k", ls="--", lw=1, label="plain eviction")
         ax.set_title(f"vLLM perplexity vs plain eviction: {data}")
         ax.set_xlabel("KV budget (% of sequence)")
