@@ -71,6 +71,7 @@ class ServeProcess:
         env = dict(
             os.environ,
             PORT=str(port),
+            KV_POLICY="cam-streaming",  # not serve.sh's default (streaming): these tests check merging too
             KV_SINK_TOKENS=str(SERVE_SINKS),
             KV_WINDOW_TOKENS=str(SERVE_WINDOW),
             VLLM_CPU_KVCACHE_SPACE="1",
