@@ -11,6 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cam_vllm.core.scores import MAX_HISTORY
+from cam_vllm.policies import is_score_driven, resolve_merge
+
 
 class KVPolicyConfig(BaseModel):
     """A KV policy and its budget.
@@ -18,6 +21,11 @@ class KVPolicyConfig(BaseModel):
     The budget is either absolute (``window_tokens``) or a fraction of a length (``budget``:
     sinks + window = budget * length); :meth:`resolve` turns a fraction into tokens once the
     length is known (vLLM: ``max_model_len``; evaluations: the prompt length, as the paper does).
+
+    Score-driven policies (h2o, tova, scissorhands, corm) also keep a heavy region. Default split,
+    as in the H2O and CaM papers: half heavy, half recent. With a budget, what is left after the
+    sinks is halved (heavy rounded down to whole blocks, the window gets the rest, rounded down);
+    with an explicit window and no ``heavy_tokens``, the heavy region equals the window.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -38,14 +46,26 @@ class KVPolicyConfig(BaseModel):
     merge_similarity: float = Field(
         0.8, ge=-1.0, le=1.0, description="kvmerger: key cosine joining adjacent evicted tokens into a set"
     )
+    heavy_tokens: int | None = Field(
+        None, ge=0, description="score-driven policies: heavy-hitter tokens kept (default: half the budget)"
+    )
+    score_history: int = Field(
+        32, ge=1, le=MAX_HISTORY, description="scissorhands, corm: queries whose importance is remembered"
+    )
+    score_threshold: float = Field(
+        1.0, gt=0.0, description="scissorhands, corm: important = attention >= threshold / tokens seen"
+    )
     score_mode: Literal["accumulated", "current"] = "accumulated"
     seed: int = Field(0, description="CaM: default seed of the merge draws")
 
     @model_validator(mode="after")
     def _check(self) -> KVPolicyConfig:
-        from cam_vllm.policies import resolve_merge
-
-        resolve_merge(self.policy, self.merge)  # raises on unknown names and contradictions
+        base, _ = resolve_merge(self.policy, self.merge)  # raises on unknown names and contradictions
+        if self.heavy_tokens is not None and not is_score_driven(base):
+            raise ValueError(
+                f"heavy_tokens applies to score-driven policies (h2o, tova, scissorhands, corm), "
+                f"not {self.policy!r}"
+            )
         if self.window_tokens is not None and self.budget is not None:
             raise ValueError("give either window_tokens or budget, not both")
         lo, hi = self.merge_clamp
@@ -57,24 +77,45 @@ class KVPolicyConfig(BaseModel):
     def evicts(self) -> bool:
         return self.policy != "none"
 
+    @property
+    def score_driven(self) -> bool:
+        return is_score_driven(resolve_merge(self.policy, self.merge)[0])
+
     def resolve(self, length: int | None = None) -> KVPolicyConfig:
         """Return a copy with ``window_tokens`` set (from ``budget`` * ``length`` if needed).
 
         The window is rounded down to whole blocks; a budget that leaves less than one block
         (or no more than the sinks) is an error naming the numbers.
         """
-        if not self.evicts or self.window_tokens is not None:
+        if not self.evicts:
+            return self
+        if self.window_tokens is not None:
+            if self.score_driven and self.heavy_tokens is None:
+                return self.model_copy(update={"heavy_tokens": self.window_tokens})
             return self
         if self.budget is None:
             raise ValueError(f"policy {self.policy!r} needs window_tokens or budget")
         if length is None:
             raise ValueError("a fractional budget needs the length it is a fraction of")
         total = int(self.budget * length)
-        window = (total - self.sink_tokens) // self.block_size * self.block_size
-        if window < self.block_size or window <= self.sink_tokens:
+        b = self.block_size
+        if self.score_driven:
+            rest = total - self.sink_tokens
+            heavy = self.heavy_tokens if self.heavy_tokens is not None else max(rest // 2, 0) // b * b
+            window = (rest - heavy) // b * b
+            if window < b or heavy < b:
+                raise ValueError(
+                    f"budget {self.budget} of {length} tokens is {total} tokens, which leaves "
+                    f"{max(rest, 0)} tokens after {self.sink_tokens} sinks for the heavy region "
+                    f"({heavy}) and the window ({max(window, 0)}); each needs at least one block of "
+                    f"{b} tokens. Fix: raise the budget or lower the sinks"
+                )
+            return self.model_copy(update={"window_tokens": window, "heavy_tokens": heavy, "budget": None})
+        window = (total - self.sink_tokens) // b * b
+        if window < b or window <= self.sink_tokens:
             raise ValueError(
                 f"budget {self.budget} of {length} tokens is {total} tokens, which leaves a window of "
                 f"{max(window, 0)} tokens after {self.sink_tokens} sinks; it must exceed the sinks and "
-                f"hold at least one block of {self.block_size} tokens"
+                f"hold at least one block of {b} tokens"
             )
         return self.model_copy(update={"window_tokens": window, "budget": None})

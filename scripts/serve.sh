@@ -6,6 +6,7 @@
 #   PORT=9000 bash scripts/serve.sh --kv-window-tokens 512   # extra args go to `vllm serve`
 #
 # Environment: PORT (8000), KV_POLICY (streaming: the measured choice, docs/results.md), KV_SINK_TOKENS (4), KV_WINDOW_TOKENS (1024),
+# KV_HEAVY_TOKENS (score-driven policies h2o, tova, scissorhands, corm; empty: as many as the window),
 # VLLM_CPU_KVCACHE_SPACE (GiB of KV cache, 2), VLLM_PLUGINS (cam_vllm: also enables cam-vllm's
 # endpoint plugin, GET /v1/kv_policy; endpoint plugins load only when named in VLLM_PLUGINS).
 # Also: HOST (127.0.0.1), MODEL (a checkpoint directory; default: the prepared SmolLM2),
@@ -22,6 +23,8 @@ export VLLM_PLUGINS="${VLLM_PLUGINS-cam_vllm}"
 # the venv's `vllm` (vllm-cpu: our launcher); a --cuda venv sees vLLM's own script outside it
 vllm_cmd=(.venv/bin/vllm)
 [[ -x .venv/bin/vllm ]] || vllm_cmd=(.venv/bin/python -m cam_vllm.vllm_plugin.cli)
+heavy=()
+[[ -n "${KV_HEAVY_TOKENS:-}" ]] && heavy=(--kv-heavy-tokens "$KV_HEAVY_TOKENS")
 exec "${vllm_cmd[@]}" serve "$model" \
     --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" --served-model-name "${SERVED_MODEL_NAME:-smollm2}" \
     --dtype "${DTYPE:-float32}" --max-model-len "${MAX_MODEL_LEN:-8192}" \
@@ -29,4 +32,4 @@ exec "${vllm_cmd[@]}" serve "$model" \
     --kv-policy "${KV_POLICY:-streaming}" \
     --kv-sink-tokens "${KV_SINK_TOKENS:-4}" \
     --kv-window-tokens "${KV_WINDOW_TOKENS:-1024}" \
-    "$@"
+    "${heavy[@]}" "$@"

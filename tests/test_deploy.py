@@ -184,6 +184,7 @@ def test_helm_chart_renders_to_valid_manifests(override, tmp_path):
     assert ("VLLM_API_KEY" in env) == bool(override)
     config = next(d for d in docs if d["kind"] == "ConfigMap")
     assert config["data"]["KV_POLICY"] == "streaming" and config["data"]["KV_WINDOW_TOKENS"] == "1024"
+    assert config["data"]["KV_HEAVY_TOKENS"] == ""  # streaming: no heavy region (serve.sh omits the flag)
     out = tmp_path / "rendered.yaml"
     out.write_text(yaml.safe_dump_all(docs))
     r = _run(_tool("kubernetes-validate"), "--strict", "--quiet", str(out))
@@ -196,7 +197,7 @@ def test_compose_files():
         service = compose["services"]["cam-vllm"]
         assert service["build"] == {"context": "..", "dockerfile": dockerfile}
         assert "8000:8000" in service["ports"]
-        assert {"KV_POLICY", "KV_SINK_TOKENS", "KV_WINDOW_TOKENS", "VLLM_API_KEY"} <= set(
+        assert {"KV_POLICY", "KV_SINK_TOKENS", "KV_WINDOW_TOKENS", "KV_HEAVY_TOKENS", "VLLM_API_KEY"} <= set(
             service["environment"]
         )
         if variant == "gpu":

@@ -24,11 +24,21 @@ NEW_TOKENS = 24
 SMALL_CHUNK = 40  # not a multiple of the block size on purpose
 
 
-def streaming(block: int = BLOCK, window: int = WINDOW, cam: bool = False, rule: str | None = None):
+HEAVY = 64
+
+
+def streaming(
+    block: int = BLOCK,
+    window: int = WINDOW,
+    cam: bool = False,
+    rule: str | None = None,
+    base: str = "streaming",
+):
     rule = rule or ("cam" if cam else None)
-    name = f"{rule}-streaming" if rule else "streaming"
+    name = f"{rule}-{base}" if rule else base
+    heavy = {"heavy_tokens": HEAVY} if base != "streaming" else {}
     return build_policy(
-        KVPolicyConfig(policy=name, sink_tokens=SINKS, window_tokens=window, block_size=block)
+        KVPolicyConfig(policy=name, sink_tokens=SINKS, window_tokens=window, block_size=block, **heavy)
     )
 
 
@@ -187,10 +197,22 @@ def _impl_for(policy, hq, hkv, d, scale, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("rule", "mode"),
-    [("cam", "accumulated"), ("cam", "current"), ("weighted", "accumulated"), ("kvmerger", "accumulated")],
+    ("rule", "mode", "base"),
+    [
+        ("cam", "accumulated", "streaming"),
+        ("cam", "current", "streaming"),
+        ("weighted", "accumulated", "streaming"),
+        ("kvmerger", "accumulated", "streaming"),
+        (None, "accumulated", "h2o"),
+        ("cam", "accumulated", "h2o"),
+        (None, "accumulated", "tova"),
+        ("cam", "accumulated", "scissorhands"),
+        (None, "accumulated", "corm"),
+        ("weighted", "accumulated", "h2o"),
+        ("kvmerger", "accumulated", "corm"),
+    ],
 )
-def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, monkeypatch):
+def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, base, monkeypatch):
     """Kernel on the compacted batch + score/merge plan + impl, step by step, two requests with
     different chunkings, against one reference PolicyCache per request (outputs, values, Abar).
     Freed blocks are poisoned with NaN after every step, as if reused by someone else."""
@@ -205,7 +227,7 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, monke
 
     monkeypatch.setattr(step_plan, "MAX_PAIRS_PER_CALL", 3000)  # exercise query slicing
     torch.manual_seed(0)
-    policy = dataclasses.replace(streaming(rule=rule), score_mode=mode)
+    policy = dataclasses.replace(streaming(rule=rule, base=base), score_mode=mode)
     if rule == "kvmerger":  # random keys are nearly orthogonal: let every adjacent pair form a set
         policy = dataclasses.replace(policy, merge=dataclasses.replace(policy.merge, similarity=-1.0))
     hq, hkv, d, scale = 4, 2, 64, 0.125
@@ -251,10 +273,20 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, monke
             torch.testing.assert_close(impl._paged.gather_v(slot), st.v, atol=1e-6, rtol=1e-6)
             torch.testing.assert_close(impl._paged.gather_k(slot), st.k, atol=1e-6, rtol=1e-6)
             torch.testing.assert_close(impl._abar[slot], st.abar, atol=1e-6, rtol=1e-5)
+            for name, t in st.state.items():  # score-driven: per-head token positions, scores
+                torch.testing.assert_close(impl._state[name][slot], t, atol=1e-6, rtol=1e-5)
             for j in range(widths[r]):  # blocks the scheduler frees now: poison them
                 if not bool(policy.eviction.retained(torch.tensor(j * BLOCK), done[r] + 1)):
                     kv[int(table[r, j])] = float("nan")
-    assert sum(ref.stats.merged for ref in refs) > 0
+    if rule is not None:
+        assert sum(ref.stats.merged for ref in refs) > 0
+    if base != "streaming":  # heavy slots hold tokens from beyond the region, per head differently
+        st = refs[0].layers[3]
+        heavy = (st.positions >= policy.eviction.heavy_start) & (st.positions < policy.eviction.prefix_end)
+        pos = st.state["pos"][heavy]
+        assert (pos >= policy.eviction.prefix_end).any(), "the heavy region never took a later token"
+        if type(policy.score).per_head:
+            assert not torch.equal(pos[:, 0], pos[:, 1]), "KV heads should keep different tokens"
 
 
 # --- real engines -------------------------------------------------------------------------------

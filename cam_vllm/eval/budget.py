@@ -13,6 +13,10 @@ usual 4 sinks would eat all of it. :func:`resolve_budget` therefore shrinks the 
 so a 3-token budget is 1 sink + 2 recent tokens and a 1-token budget is the newest token only.
 With a block size B > 1 the window is rounded down to whole blocks (at least one block) and the
 sinks are capped below it (the block-granular policy keeps the sinks' block as well).
+
+Score-driven policies (h2o, tova, scissorhands, corm) split what the sinks leave in half, as the
+H2O and CaM papers do: ``heavy = (total - sinks) // 2`` (whole blocks), the window the rest. An
+explicit ``heavy_tokens`` is kept.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ class Budget:
     sinks: int
     window: int
     length: int
+    heavy: int = 0
 
     @property
     def total(self) -> int:
-        return self.sinks + self.window
+        return self.sinks + self.heavy + self.window
 
 
 def split_budget(total: int, sink_tokens: int, block_size: int = 1) -> tuple[int, int]:
@@ -54,7 +59,16 @@ def resolve_budget(cfg: KVPolicyConfig, length: int) -> KVPolicyConfig:
     """
     if not cfg.evicts or cfg.budget is None:
         return cfg.resolve(length)
-    sinks, window = split_budget(int(cfg.budget * length), cfg.sink_tokens, cfg.block_size)
+    total = int(cfg.budget * length)
+    if cfg.score_driven:
+        b = cfg.block_size
+        sinks = min(cfg.sink_tokens, max(total - 1, 0) // 2)
+        rest = max(total, 1) - sinks
+        heavy = cfg.heavy_tokens if cfg.heavy_tokens is not None else rest // 2 // b * b
+        window = max(b, (rest - heavy) // b * b)
+        update = {"sink_tokens": sinks, "heavy_tokens": heavy, "window_tokens": window, "budget": None}
+        return cfg.model_copy(update=update)
+    sinks, window = split_budget(total, cfg.sink_tokens, cfg.block_size)
     return cfg.model_copy(update={"sink_tokens": sinks, "window_tokens": window, "budget": None})
 
 
@@ -63,4 +77,4 @@ def budget_of(cfg: KVPolicyConfig, length: int) -> Budget:
     r = resolve_budget(cfg, length)
     if not r.evicts:
         return Budget(0, length, length)
-    return Budget(r.sink_tokens, r.window_tokens or 0, length)
+    return Budget(r.sink_tokens, r.window_tokens or 0, length, r.heavy_tokens or 0)

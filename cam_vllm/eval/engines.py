@@ -167,8 +167,10 @@ class ReferenceBackend:
         n = len(ids)
         eng = self._engine(cfg, seed)
         eng.start(n)
-        merging = merge_rule_of(cfg.policy, cfg.merge) is not None
-        first = first_eviction_step(cfg, n) if merging else n - 1
+        # merging or score-driven: token by token from the first eviction (positional plain
+        # eviction attends the same in one chunk)
+        scoring = merge_rule_of(cfg.policy, cfg.merge) is not None or cfg.score_driven
+        first = first_eviction_step(cfg, n) if scoring else n - 1
         bounds = [(0, min(first + 1, n))]
         bounds += [(s, s + 1) for s in range(bounds[0][1], n)]
         logits = [

@@ -38,7 +38,7 @@ from cam_vllm.config import KVPolicyConfig
 from cam_vllm.core.rng import merge_uniforms, target_choices
 from cam_vllm.eval.budget import resolve_budget
 from cam_vllm.eval.engines import EngineStats, ScoreRequest
-from cam_vllm.policies import KVPolicy, build_policy, resolve_merge
+from cam_vllm.policies import KVPolicy, build_policy, is_score_driven, resolve_merge
 
 ATTN_IMPLEMENTATION = "cam_parallel"
 
@@ -295,9 +295,11 @@ class ParallelBackend:
 
     def _delegate(self, cfg: KVPolicyConfig):
         """The reference engine, for a merge rule this closed form does not compute (only CaM's
-        is linear in the values); None when this engine computes ``cfg`` itself. Both engines
+        is linear in the values) or a score-driven policy (its retained set depends on the
+        scores, not on positions alone); None when this engine computes ``cfg`` itself. Both engines
         have the same token-by-token semantics, so this changes the speed, not the numbers."""
-        if resolve_merge(cfg.policy, cfg.merge)[1] in (None, "cam"):
+        base, rule = resolve_merge(cfg.policy, cfg.merge)
+        if rule in (None, "cam") and not is_score_driven(base):
             return None
         if self._reference is None:
             from cam_vllm.eval.engines import ReferenceBackend

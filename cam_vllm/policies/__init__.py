@@ -6,28 +6,72 @@ CaM merging, ``weighted-streaming`` with the convex weighted merge). The rule ca
 on its own (``KVPolicyConfig.merge``, ``--kv-merge``). Adding a policy is one file with an
 :class:`EvictionPolicy` subclass plus one line in ``_FACTORIES``; adding a merge rule is one line
 in ``MERGE_RULES``; every combination then has a name.
+
+A score-driven policy (H2O, TOVA, Scissorhands, CORM: a :class:`HeavyPolicy` whose heavy region
+is chosen by a score) is one file with a :class:`~cam_vllm.core.scores.TokenScore` subclass plus
+one line in ``SCORES``.
+
+This module never imports ``cam_vllm.config`` (the settings import the registry to validate
+names, not the other way round); ``build_policy`` takes any object with the settings' fields.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from cam_vllm.config import KVPolicyConfig
 from cam_vllm.core.attention import ScoreMode
 from cam_vllm.core.merge import MergeConfig
 from cam_vllm.core.rules import MERGE_RULES
+from cam_vllm.core.scores import TokenScore
 from cam_vllm.policies.base import EvictionPolicy, FullCache
+from cam_vllm.policies.corm import CORMScore
+from cam_vllm.policies.h2o import H2OScore
+from cam_vllm.policies.heavy import HeavyPolicy
+from cam_vllm.policies.scissorhands import ScissorhandsScore
 from cam_vllm.policies.streaming import StreamingPolicy
+from cam_vllm.policies.tova import TOVAScore
+
+if TYPE_CHECKING:
+    from cam_vllm.config import KVPolicyConfig
 
 CAM_PREFIX = "cam-"
 
-_FACTORIES: dict[str, Callable[[KVPolicyConfig], EvictionPolicy]] = {
+# Score-driven policies: name -> score. Each gets a heavy region between sinks and window.
+SCORES: dict[str, type[TokenScore]] = {
+    "h2o": H2OScore,
+    "tova": TOVAScore,
+    "scissorhands": ScissorhandsScore,
+    "corm": CORMScore,
+}
+
+
+def _heavy(name: str) -> Callable[[Any], EvictionPolicy]:
+    def build(c: Any) -> EvictionPolicy:
+        return HeavyPolicy(
+            block_size=c.block_size,
+            sink_tokens=c.sink_tokens,
+            window_tokens=c.window_tokens or 0,
+            heavy_tokens=c.heavy_tokens or 0,
+            score=SCORES[name](history=c.score_history, threshold=c.score_threshold),
+        )
+
+    return build
+
+
+_FACTORIES: dict[str, Callable[[Any], EvictionPolicy]] = {
     "none": lambda c: FullCache(block_size=c.block_size),
     "streaming": lambda c: StreamingPolicy(
         block_size=c.block_size, sink_tokens=c.sink_tokens, window_tokens=c.window_tokens or 0
     ),
+    **{name: _heavy(name) for name in SCORES},
 }
+
+
+def is_score_driven(base: str) -> bool:
+    """Whether the eviction policy ``base`` keeps a score-selected heavy region."""
+    return base in SCORES
 
 
 def policy_names() -> list[str]:
@@ -97,7 +141,14 @@ class KVPolicy:
         """One line for logs and status endpoints: the policy and every setting that matters."""
         ev = self.eviction
         parts = [f"policy {self.name}", f"block size {ev.block_size}"]
-        if isinstance(ev, StreamingPolicy):
+        if isinstance(ev, HeavyPolicy):
+            assert ev.score is not None
+            parts.append(
+                f"sinks {ev.sink_tokens} (kept: {ev.sink_end}), heavy {ev.heavy_tokens} tokens "
+                f"({ev.score.describe()}), window {ev.window_tokens} tokens, "
+                f"at most {ev.max_retained_tokens()} tokens per sequence"
+            )
+        elif isinstance(ev, StreamingPolicy):
             parts.append(
                 f"sinks {ev.sink_tokens} (kept: {ev.sink_end}), window {ev.window_tokens} tokens, "
                 f"at most {ev.max_retained_tokens()} tokens per sequence"
@@ -115,7 +166,12 @@ class KVPolicy:
     @property
     def tracks_scores(self) -> bool:
         """Whether attention probabilities must be computed at all."""
-        return self.merge is not None
+        return self.merge is not None or self.score is not None
+
+    @property
+    def score(self) -> TokenScore | None:
+        """The score choosing the heavy region (None: a positional policy)."""
+        return self.eviction.score if isinstance(self.eviction, HeavyPolicy) else None
 
 
 def build_policy(config: KVPolicyConfig, length: int | None = None) -> KVPolicy:
@@ -138,6 +194,9 @@ def build_policy(config: KVPolicyConfig, length: int | None = None) -> KVPolicy:
 __all__ = [
     "EvictionPolicy",
     "FullCache",
+    "HeavyPolicy",
+    "SCORES",
+    "is_score_driven",
     "KVPolicy",
     "StreamingPolicy",
     "base_policy_name",

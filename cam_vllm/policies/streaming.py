@@ -24,6 +24,14 @@ class StreamingPolicy(EvictionPolicy):
     window_tokens: int = 1024
 
     def __post_init__(self) -> None:
+        self._check_blocks()
+        if self.sink_tokens >= self.window_tokens:
+            raise ValueError(
+                f"sink tokens ({self.sink_tokens}) must be fewer than window tokens "
+                f"({self.window_tokens}); StreamingLLM keeps a few sinks and a larger window"
+            )
+
+    def _check_blocks(self) -> None:
         b = self.block_size
         if b < 1:
             raise ValueError(f"block_size must be >= 1, got {b}")
@@ -39,11 +47,6 @@ class StreamingPolicy(EvictionPolicy):
                 f"window of {self.window_tokens} tokens is not a multiple of the block size {b}; "
                 f"use {self.window_tokens // b * b} or {(self.window_tokens // b + 1) * b}"
             )
-        if self.sink_tokens >= self.window_tokens:
-            raise ValueError(
-                f"sink tokens ({self.sink_tokens}) must be fewer than window tokens "
-                f"({self.window_tokens}); StreamingLLM keeps a few sinks and a larger window"
-            )
 
     @property
     def sink_end(self) -> int:
@@ -51,15 +54,20 @@ class StreamingPolicy(EvictionPolicy):
         b = self.block_size
         return -(-self.sink_tokens // b) * b
 
+    @property
+    def prefix_end(self) -> int:
+        """End of the kept prefix (whole blocks): the sinks here; sinks + heavy region in subclasses."""
+        return self.sink_end
+
     def window_start(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor:
         b = self.block_size
         start = -(-num_tokens // b) * b - self.window_tokens
         if isinstance(start, torch.Tensor):
-            return start.clamp(min=self.sink_end)
-        return max(self.sink_end, start)
+            return start.clamp(min=self.prefix_end)
+        return max(self.prefix_end, start)
 
     def retained(self, positions: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
-        return (positions < self.sink_end) | (positions >= self.window_start(num_tokens))
+        return (positions < self.prefix_end) | (positions >= self.window_start(num_tokens))
 
     def max_retained_tokens(self) -> int:
-        return self.sink_end + self.window_tokens
+        return self.prefix_end + self.window_tokens

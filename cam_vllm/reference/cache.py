@@ -11,6 +11,12 @@ Per layer it holds only the retained tokens (keys, values, positions, accumulate
    tokens that follow it: with one token leaving per step these are the oldest tokens of the next
    query's window (the paper); a leaving block chains.
 
+Score-driven policies (``HeavyPolicy``) hold their cache as vLLM does, in *slots*: a slot has the
+logical position the scheduler sees (``positions``: sinks | heavy region | window), and per KV
+head the token it holds now (``state["pos"]``). Visibility is decided on the slots' positions, as
+vLLM's block table does; when tokens leave the window, ``core.selection.heavy_step`` chooses, per
+head, which of them and of the heavy slots' tokens stay in the heavy slots (and merges the rest).
+
 Steps may be single tokens (decoding, the paper's path) or chunks (vLLM's chunked prefill): a
 chunk attends exactly like its tokens would one by one, and eviction/merging happens at the end
 of the step, as in vLLM where a block is freed only after the step that last read it.
@@ -25,17 +31,32 @@ import torch
 from cam_vllm.core.attention import accumulate_attention, attention_with_probs, reduce_to_kv_heads
 from cam_vllm.core.merge import build_chain
 from cam_vllm.core.rules import merge_leaving, merge_rule
-from cam_vllm.policies import KVPolicy
+from cam_vllm.core.selection import Tokens, heavy_step
+from cam_vllm.policies import HeavyPolicy, KVPolicy
 
 
 @dataclass
 class LayerCache:
-    """Retained tokens of one layer: k, v [N, Hkv, D], positions [N], abar [N, Hkv] float32."""
+    """Retained slots of one layer: k, v [N, Hkv, D], positions [N], abar [N, Hkv] float32,
+    and for score-driven policies the per-head state (``pos`` and the score's fields) [N, Hkv]."""
 
     k: torch.Tensor
     v: torch.Tensor
     positions: torch.Tensor
     abar: torch.Tensor
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def select(self, idx: torch.Tensor) -> None:
+        self.k, self.v, self.positions, self.abar = (
+            self.k[idx],
+            self.v[idx],
+            self.positions[idx],
+            self.abar[idx],
+        )
+        self.state = {name: t[idx] for name, t in self.state.items()}
+
+    def tokens(self, idx: torch.Tensor) -> Tokens:
+        return Tokens(self.k[idx], self.v[idx], self.abar[idx], {n: t[idx] for n, t in self.state.items()})
 
 
 @dataclass
@@ -84,6 +105,9 @@ class PolicyCache:
         if self.policy.tracks_scores:
             probs_kv = reduce_to_kv_heads(probs, st.k.shape[1])
             st.abar = accumulate_attention(st.abar, probs_kv, self.policy.score_mode)
+            score = self.policy.score
+            if score is not None:
+                st.state.update(score.update(st.state, probs_kv, visible))
 
         self.num_tokens[layer] = start + q.shape[0]
         self._evict(layer, st, next_num_tokens=start + q.shape[0] + 1)
@@ -91,15 +115,24 @@ class PolicyCache:
 
     def _append(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> LayerCache:
         zeros = torch.zeros(k.shape[0], k.shape[1], dtype=torch.float32, device=k.device)
+        new_state = {}
+        score = self.policy.score
+        if score is not None:
+            new_state["pos"] = pos[:, None].expand(-1, k.shape[1]).to(torch.int64)
+            for name, dtype in score.fields.items():
+                new_state[name] = torch.zeros(k.shape[0], k.shape[1], dtype=dtype, device=k.device)
         st = self.layers.get(layer)
         if st is None:
-            st = LayerCache(k.clone(), v.clone(), pos.clone(), zeros)
+            st = LayerCache(
+                k.clone(), v.clone(), pos.clone(), zeros, {n: t.clone() for n, t in new_state.items()}
+            )
             self.layers[layer] = st
         else:
             st.k = torch.cat([st.k, k])
             st.v = torch.cat([st.v, v])
             st.positions = torch.cat([st.positions, pos])
             st.abar = torch.cat([st.abar, zeros])
+            st.state = {n: torch.cat([st.state[n], t]) for n, t in new_state.items()}
         return st
 
     def _evict(self, layer: int, st: LayerCache, next_num_tokens: int) -> None:
@@ -110,7 +143,10 @@ class PolicyCache:
         gone = ~keep
         self.stats.evicted_tokens += int(gone.sum())
         merge = self.policy.merge
-        if merge is not None:
+        ev = self.policy.eviction
+        if isinstance(ev, HeavyPolicy):
+            self._choose_heavy(layer, st, gone, next_num_tokens)
+        elif merge is not None:
             window = keep & (st.positions >= self.policy.eviction.window_start(next_num_tokens))
             idx, leaving = build_chain(st.positions, gone, window, merge_rule(merge.rule).reach(merge))
             res = merge_leaving(
@@ -128,4 +164,35 @@ class PolicyCache:
                 st.k[idx] = res.keys
             self.stats.merge_decisions += res.decisions.decisions
             self.stats.merged += res.decisions.merged
-        st.k, st.v, st.positions, st.abar = st.k[keep], st.v[keep], st.positions[keep], st.abar[keep]
+        st.select(keep)
+
+    def _choose_heavy(self, layer: int, st: LayerCache, gone: torch.Tensor, next_num_tokens: int) -> None:
+        """Heavy slots + leaving tokens compete; the winners fill the heavy slots, the rest merge."""
+        ev = self.policy.eviction
+        assert isinstance(ev, HeavyPolicy) and ev.score is not None
+        p = st.positions
+        heavy = torch.nonzero((p >= ev.heavy_start) & (p < ev.prefix_end)).flatten()
+        leaving = torch.nonzero(gone).flatten()
+        cand = torch.cat([heavy, leaving])
+        merge = self.policy.merge
+        receivers = None
+        if merge is not None:
+            window = torch.nonzero(~gone & (p >= ev.window_start(next_num_tokens))).flatten()
+            window = window[torch.argsort(p[window])]
+            reach = merge_rule(merge.rule).reach(merge)
+            receivers = st.tokens(window if reach is None else window[:reach])
+            recv_idx = window if reach is None else window[:reach]
+        res = heavy_step(
+            st.tokens(cand), receivers, heavy.numel(), ev.score, next_num_tokens - 1, merge, layer, self.seed
+        )
+        st.k[heavy], st.v[heavy], st.abar[heavy] = res.heavy.k, res.heavy.v, res.heavy.abar
+        for name, t in res.heavy.state.items():
+            st.state[name][heavy] = t
+        if res.receiver_v is not None:
+            st.v[recv_idx] = res.receiver_v
+            st.abar[recv_idx] = res.receiver_abar
+            if res.receiver_k is not None:
+                st.k[recv_idx] = res.receiver_k
+        for d in res.decisions:
+            self.stats.merge_decisions += d.decisions
+            self.stats.merged += d.merged

@@ -39,7 +39,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from cam_vllm.policies import KVPolicy
 from cam_vllm.vllm_plugin.impl_common import PolicyImplMixin, policy_spec
 from cam_vllm.vllm_plugin.paged import PagedKV, probe_layout
-from cam_vllm.vllm_plugin.scoring import score_and_merge
+from cam_vllm.vllm_plugin.scoring import new_score_state, reset_slots, score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 from cam_vllm.vllm_plugin.step_plan import (
     StepPlan,
@@ -96,7 +96,7 @@ def _unsupported(vllm_config: VllmConfig, policy: KVPolicy, spec: AttentionSpec)
     if getattr(spec, "sliding_window", None) is not None:
         return "the model has sliding-window layers"
     if (
-        policy.merge is not None
+        policy.tracks_scores
         and vllm_config.cache_config.enable_prefix_caching
         and getattr(spec, "prefix_cacheable", True)
     ):
@@ -200,6 +200,8 @@ class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):
         layout = probe_layout(layer.isa, kv_cache.dtype, block_size, self.head_size)
         self._paged = PagedKV(kv_cache, layout)
         self._abar = torch.zeros(num_blocks * block_size, num_kv_heads, dtype=torch.float32)
+        assert self.policy is not None
+        self._state = new_score_state(self.policy, num_blocks * block_size, num_kv_heads)
         self._bind_heads(layer, num_kv_heads)
         self._cache_key = key
 
@@ -207,7 +209,7 @@ class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):
         self._bind(layer, kv_cache)
         paged, abar, policy = self._paged, self._abar, self.policy
         assert paged is not None and abar is not None and policy is not None
-        abar[plan.reset_slots] = 0.0
+        reset_slots(abar, self._state, plan.reset_slots, plan.reset_positions)
         score_and_merge(
             paged=paged,
             abar=abar,
@@ -220,4 +222,6 @@ class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):
             layer_index=self._layer_index,
             heads=self._heads,
             count_tokens=self._counts_tokens,
+            state=self._state,
+            heavy=plan.heavy,
         )

@@ -245,6 +245,11 @@ def engine_config_problems(vllm_config: Any, policy: KVPolicy, spec: AttentionSp
         )
     if getattr(spec, "sliding_window", None) is not None:
         problems.append("sliding-window layers")
+    if policy.score is not None:
+        problems.append(
+            f"score-driven policies ({policy.score.name}) on CUDA: they run on the CPU build only so "
+            "far; use streaming or cam-streaming on CUDA"
+        )
     mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
     if mode is not None and getattr(mode, "name", str(mode)) != "NONE":
         problems.append(f"CUDA graphs (cudagraph_mode={getattr(mode, 'name', mode)}); use --enforce-eager")

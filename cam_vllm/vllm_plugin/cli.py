@@ -4,6 +4,7 @@ Flags (added to every parser vLLM builds with ``EngineArgs.add_cli_args``: ``vll
 ``vllm run-batch``, ``python -m vllm.entrypoints.openai.api_server``, scripts using EngineArgs)::
 
     --kv-policy cam-streaming --kv-sink-tokens 4 --kv-window-tokens 1024
+    --kv-policy h2o --kv-heavy-tokens 512 --kv-window-tokens 512   (score-driven: + heavy region)
     --kv-budget 0.25            (sinks + window as a fraction of max_model_len; instead of a window)
     --kv-merge weighted         (merge rule; the name cam-streaming already says cam)
     --kv-merge-targets 16 --kv-seed 0
@@ -60,6 +61,28 @@ _FLAGS: dict[str, tuple[str, str, Any, str, str]] = {
         "N",
         "recent tokens kept, a multiple of the block size",
     ),
+    "--kv-heavy-tokens": (
+        "cam_kv_heavy_tokens",
+        "heavy_tokens",
+        int,
+        "N",
+        "h2o, tova, scissorhands, corm: heavy tokens kept, a multiple of the block size "
+        "(default: half of the budget, or the window)",
+    ),
+    "--kv-score-history": (
+        "cam_kv_score_history",
+        "score_history",
+        int,
+        "N",
+        "scissorhands, corm: recent queries whose importance counts (1..62, default: 32)",
+    ),
+    "--kv-score-threshold": (
+        "cam_kv_score_threshold",
+        "score_threshold",
+        float,
+        "ALPHA",
+        "scissorhands, corm: important = attention >= ALPHA / tokens the query sees (default: 1)",
+    ),
     "--kv-budget": (
         "cam_kv_budget",
         "budget",
@@ -101,8 +124,9 @@ def add_policy_cli_args(parser: Any) -> Any:
         return parser
     group = parser.add_argument_group(
         title=GROUP_TITLE,
-        description="cam-vllm: KV-cache eviction (StreamingLLM sinks + window) and merging of what is "
-        "evicted (CaM, weighted). Stored in "
+        description="cam-vllm: KV-cache eviction (StreamingLLM sinks + window; H2O, TOVA, Scissorhands, "
+        "CORM: sinks + a score-chosen heavy region + window) and merging of what is evicted (CaM, "
+        "weighted, kvmerger). Stored in "
         f'--additional-config as "{ADDITIONAL_CONFIG_KEY}"; turns prefix caching off.',
     )
     for flag, (dest, _field, typ, metavar, help_text) in _FLAGS.items():

@@ -46,6 +46,9 @@ def policy_report(vllm_config: Any) -> dict[str, Any]:
             "sink_tokens": getattr(eviction, "sink_tokens", None),
             "sink_end": getattr(eviction, "sink_end", None),  # sinks rounded up to whole blocks
             "window_tokens": getattr(eviction, "window_tokens", None),
+            "heavy_tokens": getattr(eviction, "heavy_tokens", None),  # score-driven policies
+            "score": policy.score.name if policy.score is not None else None,
+            "max_retained_tokens": eviction.max_retained_tokens(),
             "merging": policy.merge is not None,
             "name": policy.name,  # canonical: <merge rule>-<policy>
             "merge_rule": policy.merge.rule if policy.merge is not None else None,

@@ -7,6 +7,9 @@ positions is retained for ``n = processed + 1``, where ``processed`` counts the 
 has completed. The next query (position ``processed``) no longer sees the block, and the worker
 merged (CaM) its values at the end of the step that last read it.
 
+Score-driven policies (H2O, ...) look the same from here: their heavy region is part of the kept
+prefix (``sink_end`` = sinks + heavy); which tokens it holds is the workers' business.
+
 For a StreamingLLM policy with block size ``B`` the retained blocks are the sink blocks
 ``[0, sink_end / B)`` plus the last ``W / B`` blocks of ``n`` tokens, so the freed range is
 ``[sink_end / B, window_start(n) / B)``; both ends are block-aligned.
@@ -82,7 +85,9 @@ def max_blocks_per_request(
 class PolicyAttentionSpec(FullAttentionSpec):
     """Full attention whose KV cache keeps only a policy's retained blocks (sinks + window).
 
-    ``sink_end`` and ``window_tokens`` are in tokens and multiples of ``block_size``.
+    ``sink_end`` and ``window_tokens`` are in tokens and multiples of ``block_size``. ``sink_end``
+    is the end of the kept prefix: the sink blocks, plus the heavy region of a score-driven
+    policy (whose contents the workers choose; to the scheduler it is just kept).
     ``step_tokens`` bounds the tokens a request can add before its old blocks are freed
     (vLLM's ``max_in_flight_tokens``: one ``max_num_batched_tokens`` chunk per in-flight batch);
     it sizes the per-request admission cap, which must agree with :meth:`max_memory_usage_bytes`.
@@ -184,7 +189,7 @@ def policy_kv_spec(spec: Any, policy: Any, vllm_config: Any = None) -> Any:
             f"KV policy {name!r} was resolved for block size {eviction.block_size} but the layer "
             f"uses {spec.block_size}; build the policy with policy_from_vllm_config()"
         )
-    sink_end = getattr(eviction, "sink_end", None)
+    sink_end = getattr(eviction, "prefix_end", None)  # sinks (+ the heavy region): never freed
     window_tokens = getattr(eviction, "window_tokens", None)
     if sink_end is None or window_tokens is None:
         from cam_vllm.vllm_plugin.startup import KVPolicyStartupError

@@ -14,6 +14,7 @@ import torch
 
 from cam_vllm.core.attention import accumulate_attention, attention_with_probs, reduce_to_kv_heads
 from cam_vllm.core.rules import merge_leaving, merge_rule
+from cam_vllm.core.selection import Tokens, heavy_step
 from cam_vllm.policies import KVPolicy
 from cam_vllm.vllm_plugin.metrics import record_merge
 
@@ -35,6 +36,30 @@ def global_kv_heads(num_local: int, total: int | None, device: torch.device | st
     return heads.to(device)
 
 
+def new_score_state(
+    policy: KVPolicy, num_slots: int, num_kv_heads: int, device: Any = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Per-slot state of a score-driven policy (``pos`` and the score's fields); {} otherwise."""
+    score = policy.score
+    if score is None:
+        return {}
+    fields = {"pos": torch.int64, **score.fields}
+    return {n: torch.zeros(num_slots, num_kv_heads, dtype=dt, device=device) for n, dt in fields.items()}
+
+
+def reset_slots(
+    abar: torch.Tensor, state: dict[str, torch.Tensor], slots: torch.Tensor, positions: torch.Tensor | None
+) -> None:
+    """Slots written this step hold new tokens: no score yet, and (per head) their own position."""
+    abar[slots] = 0.0
+    for name, t in state.items():
+        if name == "pos":
+            assert positions is not None
+            t[slots] = positions.to(t.dtype)[:, None]
+        else:
+            t[slots] = 0
+
+
 def score_and_merge(
     *,
     paged: Any,
@@ -48,8 +73,13 @@ def score_and_merge(
     layer_index: int,
     heads: torch.Tensor,
     count_tokens: bool,
+    state: dict[str, torch.Tensor] | None = None,
+    heavy: Iterable[Any] = (),
 ) -> None:
-    """Accumulate this step's attention into ``abar`` (per slot), then merge each leaving chain."""
+    """Accumulate this step's attention into ``abar`` (and the score state, per slot), then merge
+    each leaving chain, or choose each heavy region (score-driven policies)."""
+    score = policy.score
+    state = state or {}
     for pack in packs:
         k = paged.gather_k(pack.kv_slots)
         # only the probabilities are used (the output is the kernel's), so the values passed
@@ -58,6 +88,14 @@ def score_and_merge(
         _, probs = attention_with_probs(query[pack.q_rows], k, v, pack.visible, scale)
         probs_kv = reduce_to_kv_heads(probs, num_kv_heads)
         abar[pack.kv_slots] = accumulate_attention(abar[pack.kv_slots], probs_kv, policy.score_mode)
+        if score is not None and score.fields:
+            got = {n: state[n][pack.kv_slots] for n in score.fields}
+            for n, t in score.update(got, probs_kv, pack.visible).items():
+                state[n][pack.kv_slots] = t
+    if score is not None:
+        for event in heavy:
+            _choose_heavy(paged, abar, state, event, policy, layer_index, heads, count_tokens)
+        return
     if policy.merge is None:
         return
     rule = merge_rule(policy.merge.rule)
@@ -81,5 +119,60 @@ def score_and_merge(
             num_tokens=int((res.decisions.num_targets > 0).sum()),
             decisions=res.decisions.decisions,
             accepted=res.decisions.merged,
+            count_tokens=count_tokens,
+        )
+
+
+def _tokens(paged: Any, abar: torch.Tensor, state: dict[str, torch.Tensor], slots: torch.Tensor) -> Tokens:
+    return Tokens(
+        paged.gather_k(slots), paged.gather_v(slots), abar[slots], {n: t[slots] for n, t in state.items()}
+    )
+
+
+def _choose_heavy(
+    paged: Any,
+    abar: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    event: Any,
+    policy: KVPolicy,
+    layer_index: int,
+    heads: torch.Tensor,
+    count_tokens: bool,
+) -> None:
+    """One request's heavy region: candidates compete, winners are copied into the heavy slots
+    (per KV head), the evicted are merged into the receivers (``core.selection.heavy_step``)."""
+    score = policy.score
+    assert score is not None
+    cand = torch.cat([event.heavy_slots, event.leaving_slots])
+    receivers = None
+    if policy.merge is not None and event.receivers.numel():
+        receivers = _tokens(paged, abar, state, event.receivers)
+    res = heavy_step(
+        _tokens(paged, abar, state, cand),
+        receivers,
+        int(event.heavy_slots.numel()),
+        score,
+        event.num_tokens,
+        policy.merge,
+        layer_index,
+        heads=heads,
+    )
+    hs = event.heavy_slots
+    paged.scatter_k(hs, res.heavy.k)
+    paged.scatter_v(hs, res.heavy.v)
+    abar[hs] = res.heavy.abar
+    for name, t in res.heavy.state.items():
+        state[name][hs] = t
+    if res.receiver_v is not None:
+        paged.scatter_v(event.receivers, res.receiver_v)
+        assert res.receiver_abar is not None
+        abar[event.receivers] = res.receiver_abar.to(abar.dtype)
+        if res.receiver_k is not None:
+            paged.scatter_k(event.receivers, res.receiver_k)
+    for d in res.decisions:
+        record_merge(
+            num_tokens=int((d.num_targets > 0).sum()),
+            decisions=d.decisions,
+            accepted=d.merged,
             count_tokens=count_tokens,
         )

@@ -174,6 +174,32 @@ def engine_problems(vllm_config: Any) -> list[str]:
     return problems
 
 
+def score_problems(vllm_config: Any, policy: Any) -> list[str]:
+    """Tensor-parallel set-ups a score-driven policy cannot serve (empty: none).
+
+    Each rank chooses the heavy region of its own KV heads from its own query heads. A KV head
+    replicated over ranks (tp > KV heads) would be chosen differently on each replica; a per-layer
+    score (TOVA: the heads' mean) would see only the rank's heads.
+    """
+    score = getattr(policy, "score", None)
+    tp = getattr(vllm_config.parallel_config, "tensor_parallel_size", 1)
+    if score is None or tp <= 1:
+        return []
+    problems = []
+    kv_heads = vllm_config.model_config.get_total_num_kv_heads()
+    if tp > kv_heads:
+        problems.append(
+            f"tensor parallelism {tp} replicates the model's {kv_heads} KV heads over ranks, and each "
+            f"replica would keep different heavy tokens. Fix: --tensor-parallel-size <= {kv_heads}"
+        )
+    if not type(score).per_head:
+        problems.append(
+            f"{score.name} chooses one set of tokens per layer from all heads, which tensor "
+            "parallelism splits over ranks. Fix: --tensor-parallel-size 1, or a per-head policy (h2o)"
+        )
+    return problems
+
+
 def validate_vllm_config(vllm_config: Any) -> Any:
     """Every start-up check that needs only the engine config. Returns the policy (or None)."""
     policy = policy_or_error(vllm_config)
@@ -193,7 +219,7 @@ def validate_vllm_config(vllm_config: Any) -> Any:
             + ". "
             + _MODEL_FIX
         )
-    problems = engine_problems(vllm_config)
+    problems = engine_problems(vllm_config) + score_problems(vllm_config, policy)
     if problems:
         raise KVPolicyStartupError(f"KV policy {policy.name!r}: " + "; ".join(problems) + ".")
     return policy
@@ -223,7 +249,7 @@ def check_spec_against_config(spec: Any, vllm_config: Any) -> None:
     eviction = policy.eviction
     expected = (
         eviction.block_size,
-        getattr(eviction, "sink_end", None),
+        getattr(eviction, "prefix_end", None),
         getattr(eviction, "window_tokens", None),
     )
     got = (spec.block_size, spec.sink_end, spec.window_tokens)

@@ -23,6 +23,7 @@ Decisions are block-granular: the policy's ``block_size`` must equal the kernel 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ import torch
 
 from cam_vllm.core.merge import build_chain
 from cam_vllm.core.rules import merge_rule
-from cam_vllm.policies import KVPolicy
+from cam_vllm.policies import HeavyPolicy, KVPolicy
 
 Retained = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -165,12 +166,29 @@ class MergeEvent:
 
 
 @dataclass(frozen=True)
-class StepPlan:
-    """What a merging policy does in every layer this step (layer-independent)."""
+class HeavyEvent:
+    """One request's heavy-region choice at the end of this step (``core.selection.heavy_step``).
 
-    reset_slots: torch.Tensor  # slots written this step: their Abar starts at 0
+    The candidates are ``heavy_slots`` (the heavy region, in position order) then
+    ``leaving_slots`` (the tokens leaving the window now); ``receivers`` are the retained window
+    slots after them, in position order, as far as the merge rule reaches (empty: no merging).
+    """
+
+    heavy_slots: torch.Tensor  # [capacity]
+    leaving_slots: torch.Tensor  # [L]
+    receivers: torch.Tensor  # [R]
+    num_tokens: int  # the request's length at the end of the step
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What a scoring policy does in every layer this step (layer-independent)."""
+
+    reset_slots: torch.Tensor  # slots written this step: their Abar (and score state) starts at 0
     packs: list[ScorePack]
     merges: list[MergeEvent]
+    reset_positions: torch.Tensor | None = None  # positions of the tokens in reset_slots
+    heavy: list[HeavyEvent] = dataclasses.field(default_factory=list)
 
 
 def _cached_tokens(
@@ -206,8 +224,9 @@ def plan_scores(
     """Score packs and merge events of one step of a merging policy."""
     ev = policy.eviction
     num_tokens = tokens.token_pos.numel()
-    reset = slot_mapping[:num_tokens].to(torch.int64)
-    reset = reset[reset >= 0]
+    written = slot_mapping[:num_tokens].to(torch.int64)
+    reset = written[written >= 0]
+    reset_pos = tokens.token_pos[: written.numel()][written >= 0]
     kv_req, kv_pos, kv_slot = _cached_tokens(ev.retained, tokens, block_table, block_size)
 
     num_reqs = tokens.seq_lens.numel()
@@ -238,6 +257,9 @@ def plan_scores(
         first = last + 1
 
     merges: list[MergeEvent] = []
+    if isinstance(ev, HeavyPolicy):
+        heavy = _plan_heavy(policy, ev, tokens, kv_req, kv_pos, kv_slot, kv_start)
+        return StepPlan(reset, packs, merges, reset_pos, heavy)
     if policy.merge is not None and kv_req.numel():
         next_n = tokens.seq_lens[kv_req] + 1  # the next query's length, per cached token
         evicted = ~ev.retained(kv_pos, next_n)
@@ -248,4 +270,40 @@ def plan_scores(
             pos = kv_pos[k0:k1]
             idx, leaving = build_chain(pos, evicted[k0:k1], target[k0:k1], reach)
             merges.append(MergeEvent(kv_slot[k0:k1][idx], pos[idx], leaving))
-    return StepPlan(reset, packs, merges)
+    return StepPlan(reset, packs, merges, reset_pos)
+
+
+def _plan_heavy(
+    policy: KVPolicy,
+    ev: HeavyPolicy,
+    tokens: StepTokens,
+    kv_req: torch.Tensor,
+    kv_pos: torch.Tensor,
+    kv_slot: torch.Tensor,
+    kv_start: torch.Tensor,
+) -> list[HeavyEvent]:
+    """The heavy-region events of the requests whose window loses tokens at the end of the step."""
+    if not kv_req.numel():
+        return []
+    next_n = tokens.seq_lens[kv_req] + 1
+    evicted = ~ev.retained(kv_pos, next_n)
+    reach = None
+    if policy.merge is not None:
+        reach = merge_rule(policy.merge.rule).reach(policy.merge)
+    events = []
+    for r in torch.unique(kv_req[evicted]).tolist():
+        k0, k1 = int(kv_start[r]), int(kv_start[r + 1])
+        pos, slot, gone = kv_pos[k0:k1], kv_slot[k0:k1], evicted[k0:k1]
+        heavy = (pos >= ev.heavy_start) & (pos < ev.prefix_end)
+        n = int(tokens.seq_lens[r])
+        receivers = slot[:0]
+        if policy.merge is not None:
+            window = ~gone & (pos >= ev.window_start(n + 1))
+            receivers = slot[window][torch.argsort(pos[window])]
+            receivers = receivers if reach is None else receivers[:reach]
+        events.append(
+            HeavyEvent(
+                slot[heavy][torch.argsort(pos[heavy])], slot[gone][torch.argsort(pos[gone])], receivers, n
+            )
+        )
+    return events

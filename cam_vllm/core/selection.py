@@ -1,0 +1,129 @@
+"""The heavy-region choice of the score-driven policies, and the merge of what it evicts.
+
+Both engines call :func:`heavy_step` with the same thing, gathered from their own storage: the
+*candidates* (the heavy region's tokens followed by the tokens leaving the window now) and the
+*receivers* (the retained window tokens after them, in position order, as many as the merge rule
+reaches). Per KV head (per layer when the score is not per-head) the best ``capacity`` candidates
+by the score's rank stay, in position order; the others are evicted and, with a merge rule,
+merged into the receivers by ``core.rules.merge_leaving`` on a per-head chain (the head's evicted
+tokens in position order, then the receivers), exactly as a leaving block is merged under
+StreamingLLM. Ties in rank keep the newer token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cam_vllm.core.merge import MergeConfig, MergeDecisions
+from cam_vllm.core.rules import merge_leaving
+from cam_vllm.core.scores import State, TokenScore
+
+
+@dataclass
+class Tokens:
+    """Some tokens of one sequence and layer: k, v [N, H, D], abar [N, H], state (incl. ``pos``) [N, H]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    abar: torch.Tensor
+    state: State
+
+    @property
+    def pos(self) -> torch.Tensor:
+        return self.state["pos"]
+
+    def take(self, idx: torch.Tensor) -> Tokens:
+        """Per-head gather: idx [M, H] -> tokens [M, H, ...] (head h takes rows idx[:, h])."""
+        d = idx[:, :, None]
+        return Tokens(
+            self.k.gather(0, d.expand(-1, -1, self.k.shape[2])),
+            self.v.gather(0, d.expand(-1, -1, self.v.shape[2])),
+            self.abar.gather(0, idx),
+            {name: t.gather(0, idx) for name, t in self.state.items()},
+        )
+
+
+@dataclass(frozen=True)
+class HeavyResult:
+    """What to write back: the heavy region's new tokens and the receivers' new values."""
+
+    heavy: Tokens  # [capacity, H, ...], position order per head
+    receiver_v: torch.Tensor | None  # [R, H, D] (None: nothing merged)
+    receiver_k: torch.Tensor | None  # [R, H, D] when the rule merges keys
+    receiver_abar: torch.Tensor | None
+    decisions: list[MergeDecisions]
+    evicted: torch.Tensor  # [C - capacity, H] candidate indices evicted per head
+
+
+def select_heavy(rank: torch.Tensor, pos: torch.Tensor, capacity: int, per_head: bool) -> torch.Tensor:
+    """[C, H] ranks -> [C, H] candidate indices per head: the kept ``capacity`` first (by position),
+    then the evicted (by position). Ties keep the newer token. ``per_head`` False: one choice from
+    the heads' mean rank (and head 0's positions), the same for every head."""
+    if not per_head:
+        rank = rank.mean(dim=1, keepdim=True).expand_as(rank)
+    by_new = torch.argsort(pos, dim=0, descending=True, stable=True)
+    order = torch.argsort(rank.gather(0, by_new), dim=0, descending=True, stable=True)
+    best = by_new.gather(0, order)  # [C, H] best first
+    kept, gone = best[:capacity], best[capacity:]
+    kept = kept.gather(0, torch.argsort(pos.gather(0, kept), dim=0, stable=True))
+    gone = gone.gather(0, torch.argsort(pos.gather(0, gone), dim=0, stable=True))
+    return torch.cat([kept, gone])
+
+
+def heavy_step(
+    candidates: Tokens,
+    receivers: Tokens | None,
+    capacity: int,
+    score: TokenScore,
+    num_tokens: int,
+    merge: MergeConfig | None,
+    layer: int,
+    seed: int | None = None,
+    heads: torch.Tensor | None = None,
+) -> HeavyResult:
+    """Choose the heavy region among ``candidates`` and merge the evicted into ``receivers``.
+
+    ``num_tokens``: the sequence length at the end of this step (a token at position p has been
+    seen by ``num_tokens - p`` queries). ``heads``: global KV-head indices (the CaM draws' keys).
+    """
+    num_heads = candidates.k.shape[1]
+    seen = num_tokens - candidates.pos
+    rank = score.rank(candidates.state, candidates.abar, seen)
+    order = select_heavy(rank, candidates.pos, capacity, type(score).per_head)
+    heavy = candidates.take(order[:capacity])
+    evicted = order[capacity:]
+    if merge is None or receivers is None or evicted.shape[0] == 0 or receivers.k.shape[0] == 0:
+        return HeavyResult(heavy, None, None, None, [], evicted)
+
+    gone = candidates.take(evicted)
+    head_ids = heads if heads is not None else torch.arange(num_heads, device=candidates.k.device)
+    new_v, new_a = receivers.v.clone(), receivers.abar.clone()
+    new_k = None
+    decisions: list[MergeDecisions] = []
+    e = evicted.shape[0]
+    leaving = torch.cat(
+        [torch.ones(e, dtype=torch.bool), torch.zeros(receivers.k.shape[0], dtype=torch.bool)]
+    ).to(candidates.k.device)
+    for h in range(num_heads):
+        hs = slice(h, h + 1)
+        res = merge_leaving(
+            values=torch.cat([gone.v[:, hs], receivers.v[:, hs]]),
+            keys=torch.cat([gone.k[:, hs], receivers.k[:, hs]]),
+            abar=torch.cat([gone.abar[:, hs], receivers.abar[:, hs]]),
+            leaving=leaving,
+            positions=torch.cat([gone.pos[:, h], receivers.pos[:, h]]),
+            layer=layer,
+            config=merge,
+            seed=seed,
+            heads=head_ids[hs],
+        )
+        new_v[:, hs] = res.values[e:]
+        new_a[:, hs] = res.abar[e:].to(new_a.dtype)
+        if res.keys is not None:
+            if new_k is None:
+                new_k = receivers.k.clone()
+            new_k[:, hs] = res.keys[e:]
+        decisions.append(res.decisions)
+    return HeavyResult(heavy, new_v, new_k, new_a, decisions, evicted)

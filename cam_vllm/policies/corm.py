@@ -1,0 +1,31 @@
+"""CORM (seed 003): a key goes once none of the last ``history`` queries found it important.
+
+CORM's budget is adaptive; here the heavy region caps it. Per KV head the rank is how recently
+the token was last important (attention of at least ``threshold`` times the uniform share):
+tokens unimportant for the whole history go first, as CORM evicts them, and when more (or
+fewer) must go than CORM would evict, the longest-unimportant go first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from cam_vllm.core.scores import State, TokenScore, importance, push_history, trailing_zeros
+
+
+@dataclass(frozen=True)
+class CORMScore(TokenScore):
+    name: ClassVar[str] = "corm"
+    summary: ClassVar[str] = "CORM: evict keys no recent query found important, per KV head"
+    fields: ClassVar[dict[str, torch.dtype]] = {"hist": torch.int64}
+
+    def update(self, state: State, probs_kv: torch.Tensor, visible: torch.Tensor) -> State:
+        imp = importance(probs_kv, visible, self.threshold)
+        return {"hist": push_history(state["hist"], imp, visible, self.history)}
+
+    def rank(self, state: State, abar: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        since = torch.minimum(trailing_zeros(state["hist"], self.history), seen)
+        return -since.float()

@@ -1,0 +1,152 @@
+"""Score-driven policies: the score state, the heavy-region choice, and the published per-token
+algorithms (block size 1) against a plain re-statement of each, written here token by token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cam_vllm.config import KVPolicyConfig
+from cam_vllm.core.scores import last_visible_attention, popcount, push_history, trailing_zeros
+from cam_vllm.core.selection import select_heavy
+from cam_vllm.policies import SCORES, build_policy
+from cam_vllm.reference.cache import PolicyCache
+
+
+@settings(max_examples=60, deadline=None)
+@given(nq=st.integers(1, 12), nk=st.integers(1, 10), history=st.integers(1, 62), seed=st.integers(0, 99))
+def test_history_of_a_chunk_equals_its_queries_one_by_one(nq, nk, history, seed):
+    g = torch.Generator().manual_seed(seed)
+    important = torch.rand(nq, 2, nk, generator=g) < 0.5
+    # keys become visible from some query on and stop at some later query (a contiguous run)
+    start = torch.randint(0, nq, (nk,), generator=g)
+    stop = start + torch.randint(0, nq + 1, (nk,), generator=g)
+    rows = torch.arange(nq)[:, None]
+    visible = (rows >= start) & (rows < stop)
+    old = torch.randint(0, 1 << history, (nk, 2), generator=g)
+    one_by_one = old.clone()
+    for i in range(nq):
+        one_by_one = push_history(one_by_one, important[i : i + 1], visible[i : i + 1], history)
+    assert torch.equal(push_history(old, important, visible, history), one_by_one)
+    probs = torch.rand(nq, 2, nk, generator=g)
+    last = torch.zeros(nk, 2)
+    for i in range(nq):
+        last = last_visible_attention(last, probs[i : i + 1], visible[i : i + 1])
+    assert torch.equal(last_visible_attention(torch.zeros(nk, 2), probs, visible), last)
+
+
+def test_bit_counts():
+    bits = torch.tensor([0, 1, 0b1011000, (1 << 62) - 1])
+    assert popcount(bits).tolist() == [0, 1, 3, 62]
+    assert trailing_zeros(bits, 62).tolist() == [62, 0, 3, 0]
+
+
+def test_selection_keeps_the_best_per_head_ties_to_the_newer():
+    rank = torch.tensor([[3.0, 0.0], [1.0, 5.0], [1.0, 2.0], [0.0, 9.0]])
+    pos = torch.tensor([[10, 10], [20, 20], [30, 30], [40, 40]])
+    order = select_heavy(rank, pos, 2, per_head=True)
+    assert order[:2, 0].tolist() == [0, 2]  # rank 3, then the newer of the two 1.0s
+    assert order[:2, 1].tolist() == [1, 3]
+    shared = select_heavy(rank, pos, 2, per_head=False)  # means 1.5, 3, 1.5, 4.5
+    assert shared[:2, 0].tolist() == shared[:2, 1].tolist() == [1, 3]
+
+
+def _naive(name, q, k, v, sinks, heavy, window, history=8, threshold=1.0):
+    """The published per-token algorithm, restated: per KV head a list of cached positions; each
+    step appends the new token, attends, updates the token's score, and, when more than
+    ``heavy`` tokens lie between the sinks and the recent window, drops the worst of them."""
+    n_steps, hq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    cached = [[] for _ in range(hkv)]
+    abar = [{} for _ in range(hkv)]
+    last = [{} for _ in range(hkv)]
+    bits = [{} for _ in range(hkv)]  # position -> importance of every query that saw it
+    outs = []
+    for t in range(n_steps):
+        out = torch.zeros(hq, d)
+        for h in range(hkv):
+            cached[h].append(t)
+            keys, vals = k[cached[h], h], v[cached[h], h]
+            probs = torch.softmax((q[t, h * group : (h + 1) * group] @ keys.T) * d**-0.5, dim=-1)
+            out[h * group : (h + 1) * group] = probs @ vals
+            p = probs.mean(dim=0)
+            for i, pos in enumerate(cached[h]):
+                abar[h][pos] = abar[h].get(pos, 0.0) + float(p[i])
+                last[h][pos] = float(p[i])
+                bits[h].setdefault(pos, []).append(float(p[i]) >= threshold / len(cached[h]))
+        outs.append(out)
+        n = t + 1  # the next query sees sinks, the heavy tokens and positions >= n + 1 - window
+        middle = [[pos for pos in cached[h] if sinks <= pos < n + 1 - window] for h in range(hkv)]
+        if len(middle[0]) <= heavy:
+            continue
+
+        def rank(h, pos):
+            b = bits[h][pos][-history:]
+            if name == "h2o":
+                return abar[h][pos]
+            if name == "tova":
+                return sum(last[x][pos] for x in range(hkv)) / hkv
+            if name == "scissorhands":
+                return -(len(b) - sum(b))
+            since = next((i for i, imp in enumerate(reversed(b)) if imp), len(b))
+            return -min(since, history)  # corm
+
+        for h in range(hkv):
+            worst = min(middle[h], key=lambda pos, h=h: (rank(h, pos), pos))
+            cached[h].remove(worst)
+    return torch.stack(outs), cached
+
+
+@pytest.mark.parametrize("name", list(SCORES))
+def test_per_token_policy_is_the_published_algorithm(name):
+    torch.manual_seed(1)
+    sinks, heavy, window, steps = 2, 5, 6, 60
+    hq, hkv, d = 4, 2, 16
+    q, k, v = torch.randn(steps, hq, d), torch.randn(steps, hkv, d), torch.randn(steps, hkv, d)
+    q[:, :, :4] *= 3.0  # peaky attention: scores differ clearly (no near-ties)
+    policy = build_policy(
+        KVPolicyConfig(
+            policy=name, sink_tokens=sinks, heavy_tokens=heavy, window_tokens=window, score_history=8
+        )
+    )
+    cache = PolicyCache(policy)
+    got = torch.cat(
+        [cache.attend(0, q[t : t + 1], k[t : t + 1], v[t : t + 1], d**-0.5) for t in range(steps)]
+    )
+    want, cached = _naive(name, q, k, v, sinks, heavy, window)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    pos = cache.layers[0].state["pos"]
+    for h in range(hkv):
+        assert sorted(pos[:, h].tolist()) == cached[h]
+    if name != "tova":
+        assert pos[:, 0].tolist() != pos[:, 1].tolist(), "per-head selection keeps different tokens"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"policy": "h2o", "window_tokens": 64, "heavy_tokens": 48, "block_size": 32},
+            "multiple of the block",
+        ),
+        ({"policy": "streaming", "window_tokens": 64, "heavy_tokens": 64}, "heavy_tokens applies to"),
+        ({"policy": "corm", "window_tokens": 64, "score_history": 63}, "less than or equal to 62"),
+        ({"policy": "scissorhands", "window_tokens": 64, "score_threshold": 0}, "greater than 0"),
+        ({"policy": "cam-h2o", "budget": 0.05, "block_size": 32}, "each needs at least one block"),
+    ],
+)
+def test_bad_score_settings_are_refused_naming_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_policy(KVPolicyConfig(**kwargs), length=1024)
+
+
+def test_budget_split_is_half_heavy_half_recent():
+    pol = build_policy(KVPolicyConfig(policy="h2o", budget=0.25, block_size=32), length=1024)
+    ev = pol.eviction  # 256 tokens: 4 sinks, heavy 126 -> 96, window 156 -> 128
+    assert (ev.heavy_tokens, ev.window_tokens, ev.prefix_end) == (96, 128, 128)
+    assert pol.tracks_scores and pol.merge is None
+    explicit = build_policy(KVPolicyConfig(policy="cam-tova", window_tokens=64, block_size=32))
+    assert explicit.eviction.heavy_tokens == 64 and explicit.merge.rule == "cam"
