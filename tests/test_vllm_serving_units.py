@@ -130,6 +130,9 @@ def test_policy_report():
         "sink_tokens": 4,
         "sink_end": 32,
         "window_tokens": 256,
+        "heavy_tokens": None,
+        "score": None,
+        "max_retained_tokens": 288,
         "merging": True,
         "name": "cam-streaming",
         "merge_rule": "cam",
@@ -143,3 +146,8 @@ def test_policy_report():
     assert (
         report["resolved"]["name"] == "weighted-streaming" and report["resolved"]["merge_rule"] == "weighted"
     )
+    # a score-driven policy: its heavy region and score, the budget split half and half
+    config.additional_config = {"kv_policy": {"policy": "cam-h2o", "budget": 0.25}}
+    resolved = policy_report(config)["resolved"]
+    assert (resolved["score"], resolved["heavy_tokens"], resolved["window_tokens"]) == ("h2o", 480, 512)
+    assert resolved["max_retained_tokens"] == 32 + 480 + 512 and resolved["name"] == "cam-h2o"

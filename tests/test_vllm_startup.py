@@ -93,7 +93,37 @@ def test_engine_core_refuses_layers_without_the_policy_spec() -> None:
 # ------------------------------------------------------------------------------ vllm.LLM
 
 BAD_SETTINGS = [
-    ({"policy": "h2o"}, {}, ["unknown KV policy 'h2o'", "choose one of", "Fix:"]),
+    ({"policy": "h3o"}, {}, ["unknown KV policy 'h3o'", "choose one of", "cam-h2o", "Fix:"]),
+    (
+        {"policy": "h2o", "heavy_tokens": 48, "window_tokens": 64},
+        {},
+        ["heavy tokens (48) must be a non-negative multiple of the block size 32; use 32 or 64", "Fix:"],
+    ),
+    (
+        {"policy": "cam-h2o", "budget": 0.05},
+        {"max_model_len": 1024},
+        ["budget 0.05 of 1024 tokens", "each needs at least one block of 32 tokens", "Fix: raise the budget"],
+    ),
+    (
+        {"policy": "corm", "window_tokens": 64, "score_history": 100},
+        {},
+        ["score_history", "less than or equal to 62", "Fix:"],
+    ),
+    (
+        {"policy": "streaming", "window_tokens": 64, "heavy_tokens": 64},
+        {},
+        ["heavy_tokens applies to score-driven policies", "Fix:"],
+    ),
+    (
+        {"policy": "tova", "window_tokens": 64},
+        {"tensor_parallel_size": 2},
+        ["tova chooses one set of tokens per layer", "Fix: --tensor-parallel-size 1"],
+    ),
+    (
+        {"policy": "h2o", "window_tokens": 64},
+        {"tensor_parallel_size": 4},
+        ["replicates the model's 2 KV heads", "Fix: --tensor-parallel-size <= 2"],
+    ),
     (
         {"policy": "streaming", "sink_tokens": 64, "window_tokens": 64},
         {},

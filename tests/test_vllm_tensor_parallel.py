@@ -11,12 +11,16 @@ pytest.importorskip("vllm")
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
-POLICY = {"policy": "cam-streaming", "sink_tokens": 4, "window_tokens": 64, "seed": 3}
+POLICIES = {
+    "cam-streaming": {"policy": "cam-streaming", "sink_tokens": 4, "window_tokens": 64, "seed": 3},
+    # score-driven: each rank chooses the heavy region of its own KV head
+    "cam-h2o": {"policy": "cam-h2o", "sink_tokens": 4, "heavy_tokens": 64, "window_tokens": 64, "seed": 3},
+}
 PROMPT_LENS = (300, 600)
 NEW_TOKENS = 24
 
 
-def _run(model, tp: int, prompts):
+def _run(model, tp: int, prompts, policy: dict):
     from vllm import SamplingParams
     from vllm_helpers import make_llm
 
@@ -30,7 +34,7 @@ def _run(model, tp: int, prompts):
         enable_prefix_caching=False,
         disable_log_stats=True,
         tensor_parallel_size=tp,
-        additional_config={"kv_policy": POLICY},
+        additional_config={"kv_policy": policy},
     )
     try:
         params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
@@ -48,7 +52,8 @@ def _run(model, tp: int, prompts):
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="TP 2 on the CPU build needs 2 cores (one per rank)")
-def test_tensor_parallel_2_equals_1_with_cam(tmp_path):
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_tensor_parallel_2_equals_1_with_cam(tmp_path, name):
     from vllm_helpers import make_peaky_model, token_prompts
 
     # 4 query heads, 2 KV heads: one KV head per rank at TP 2
@@ -56,8 +61,8 @@ def test_tensor_parallel_2_equals_1_with_cam(tmp_path):
         tmp_path / "model", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
     )
     prompts = [token_prompts(1, n, seed=n)[0] for n in PROMPT_LENS]
-    one = _run(model, 1, prompts)
-    two = _run(model, 2, prompts)
+    one = _run(model, 1, prompts, POLICIES[name])
+    two = _run(model, 2, prompts, POLICIES[name])
     for (tokens1, lps1), (tokens2, lps2) in zip(one, two, strict=True):
         assert tokens2 == tokens1
         assert max(abs(a - b) for a, b in zip(lps1, lps2, strict=True)) < 1e-3

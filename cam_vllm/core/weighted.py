@@ -50,12 +50,18 @@ def weighted_merge(
     w = w_src * mask
     v_src = values[src].to(acc).permute(1, 0, 2)  # [H, E, D]
     v_dst = values[dst].to(acc).permute(1, 0, 2)  # [H, T, D]
-    num = torch.zeros_like(v_dst).scatter_add_(1, best[..., None].expand_as(v_src), w[..., None] * v_src)
-    got = torch.zeros_like(v_dst[..., 0]).scatter_add_(1, best, w)  # [H, T]
     a_dst = abar[dst].to(acc).T  # [H, T]
+    # weights are scaled per head to a maximum of 1 before they multiply values: tiny (subnormal)
+    # weights would otherwise underflow in the products and break convexity
+    scale = torch.maximum(w.amax(dim=1, keepdim=True), a_dst.amax(dim=1, keepdim=True))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    ws, a_s = w / scale, a_dst / scale
+    num = torch.zeros_like(v_dst).scatter_add_(1, best[..., None].expand_as(v_src), ws[..., None] * v_src)
+    got_s = torch.zeros_like(v_dst[..., 0]).scatter_add_(1, best, ws)  # [H, T]
+    got = torch.zeros_like(v_dst[..., 0]).scatter_add_(1, best, w)
     total = a_dst + got
     received = got > 0
-    merged = (a_dst[..., None] * v_dst + num) / torch.where(received, total, 1.0)[..., None]
+    merged = (a_s[..., None] * v_dst + num) / torch.where(received, a_s + got_s, 1.0)[..., None]
     v_new = torch.where(received[..., None], merged, v_dst)
 
     out_v = values.clone()
