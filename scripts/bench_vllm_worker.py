@@ -1,9 +1,11 @@
-"""Decode throughput of the vLLM CPU worker path: none vs streaming vs cam-streaming, one run.
+"""Decode throughput of the vLLM CPU worker path: none vs streaming vs cam-streaming (vs h2o...), one run.
 
     python scripts/bench_vllm_worker.py                      # tiny random Llama (made on the fly)
     python scripts/bench_vllm_worker.py --model PATH         # e.g. the prepared SmolLM2
 
 Each policy gets its own engine (same settings, float32, block size 32, prefix caching off).
+Score-driven policies (h2o, tova, scissorhands, corm and their cam- forms) get the same memory as
+streaming: --window split into a heavy region and a window of half each.
 Decode time is isolated as t(max_tokens = 1 + N) - t(max_tokens = 1) for the same prompts, so
 prefill cost cancels; decode tokens/s = batch * N / that difference. All engines run at once
 and are measured round robin, best of --repeats.
@@ -49,9 +51,14 @@ def main() -> None:
     prompts = token_prompts(args.batch, args.prompt_len, seed=0)
     names = args.policies.split(",")
     engines = {}
+    from cam_vllm.policies import is_score_driven, split_policy_name
+
     for name in names:
         policy = {"policy": name}
-        if name != "none":
+        if is_score_driven(split_policy_name(name)[0]):
+            half = args.window // 2
+            policy.update(sink_tokens=args.sinks, heavy_tokens=half, window_tokens=args.window - half)
+        elif name != "none":
             policy.update(sink_tokens=args.sinks, window_tokens=args.window)
         engines[name] = make_llm(
             model,

@@ -95,3 +95,63 @@ def test_setup_names_where_the_cpu_torch_comes_from(tmp_path):
     wheels.mkdir()
     _fake_wheel(wheels, "torch", "2.13.0+cpu")
     assert "found in the configured package sources" in source(PIP_FIND_LINKS=str(wheels))
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Our modules -> the modules of ours they import, at module level or inside functions
+    (not under ``if TYPE_CHECKING:``, which never runs)."""
+    import ast
+
+    def nodes(tree):  # noqa: ANN001, ANN202
+        for node in ast.iter_child_nodes(tree):
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+                continue
+            yield node
+            yield from nodes(node)
+
+    root = Path(__file__).resolve().parents[1] / "cam_vllm"
+    mods = {
+        ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in root.rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        for node in nodes(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            graph[mod] |= {n for n in names if n in mods and n != mod}
+    return graph
+
+
+# The plugin's entry point imports every part of it to register them; paths through it are not
+# dependencies of one part on another.
+_REGISTRAR = "cam_vllm.vllm_plugin"
+
+
+def _reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
+    seen, todo = {_REGISTRAR}, [start]
+    while todo:
+        m = todo.pop()
+        if m == goal:
+            return True
+        if m not in seen:
+            seen.add(m)
+            todo.extend(graph[m])
+    return False
+
+
+@pytest.mark.parametrize(
+    ("user", "used"),
+    [
+        ("cam_vllm.config", "cam_vllm.policies"),
+        ("cam_vllm.vllm_plugin.kv_manager", "cam_vllm.vllm_plugin.startup"),
+    ],
+)
+def test_no_import_cycle_between_settings_and_registry_or_manager_and_checks(user, used):
+    """One direction only, counting imports inside functions too (they hid the cycles before)."""
+    graph = _import_graph()
+    assert _reaches(graph, user, used)
+    assert not _reaches(graph, used, user), f"{used} imports {user} (directly or through others)"

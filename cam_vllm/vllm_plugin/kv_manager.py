@@ -33,6 +33,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, replace_as
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from cam_vllm.vllm_plugin import metrics
+from cam_vllm.vllm_plugin.startup import KVPolicyStartupError, check_spec_against_config
 
 # --------------------------------------------------------------------------------------------
 # Block arithmetic (pure, shared by the manager, the memory bound and the tests)
@@ -134,8 +135,6 @@ class PolicyAttentionSpec(FullAttentionSpec):
     def max_memory_usage_bytes(self, vllm_config: Any) -> int:
         # Called in the engine core by the start-up capacity check, before the scheduler
         # exists: the first place there that sees both this spec and the whole config.
-        from cam_vllm.vllm_plugin.startup import check_spec_against_config
-
         check_spec_against_config(self, vllm_config)
         blocks = self.max_blocks(
             vllm_config.model_config.max_model_len,
@@ -174,8 +173,6 @@ def policy_kv_spec(spec: Any, policy: Any, vllm_config: Any = None) -> Any:
     eviction = policy.eviction
     name = getattr(policy, "name", type(eviction).__name__)
     if type(spec) is not FullAttentionSpec or spec.sliding_window or spec.attention_chunk_size:
-        from cam_vllm.vllm_plugin.startup import KVPolicyStartupError
-
         raise KVPolicyStartupError(
             f"KV policy {name!r} needs every attention layer to be plain full attention, but a "
             f"layer has a {type(spec).__name__} (sliding_window={getattr(spec, 'sliding_window', None)}). "
@@ -183,8 +180,6 @@ def policy_kv_spec(spec: Any, policy: Any, vllm_config: Any = None) -> Any:
             "window) or drop --kv-policy."
         )
     if eviction.block_size != spec.block_size:
-        from cam_vllm.vllm_plugin.startup import KVPolicyStartupError
-
         raise KVPolicyStartupError(
             f"KV policy {name!r} was resolved for block size {eviction.block_size} but the layer "
             f"uses {spec.block_size}; build the policy with policy_from_vllm_config()"
@@ -192,8 +187,6 @@ def policy_kv_spec(spec: Any, policy: Any, vllm_config: Any = None) -> Any:
     sink_end = getattr(eviction, "prefix_end", None)  # sinks (+ the heavy region): never freed
     window_tokens = getattr(eviction, "window_tokens", None)
     if sink_end is None or window_tokens is None:
-        from cam_vllm.vllm_plugin.startup import KVPolicyStartupError
-
         raise KVPolicyStartupError(
             f"KV policy {name!r} ({type(eviction).__name__}) is not a sinks + window policy; the "
             "vLLM block manager supports sinks + window policies only"

@@ -11,7 +11,8 @@ Runs twice, from the same functions:
     fallback. Errors there end the engine core; vLLM logs them with an ``(EngineCore pid=...)``
     prefix on stderr and the front end fails with "Engine core initialization failed".
 
-No vLLM import at module level.
+No vLLM import at module level, and no import of ``kv_manager`` (which imports this module):
+the policy spec is recognised by its ``policy_fields`` (:func:`is_policy_spec`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ class KVPolicyStartupError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(f"cam-vllm: {message}")
+
+
+def is_policy_spec(spec: Any) -> bool:
+    """Whether ``spec`` is ``kv_manager.PolicyAttentionSpec`` (without importing it)."""
+    return isinstance(getattr(type(spec), "policy_fields", None), property)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,18 +273,16 @@ def check_kv_cache_config(vllm_config: Any, kv_cache_config: Any) -> None:
     A group on any other spec means some layer would silently run full attention (or another
     scheme) and keep every block; that is refused with the layer names.
     """
-    from cam_vllm.vllm_plugin.kv_manager import PolicyAttentionSpec
-
     policy = policy_or_error(vllm_config)
     groups = list(getattr(kv_cache_config, "kv_cache_groups", []) or [])
-    ours = [g for g in groups if isinstance(g.kv_cache_spec, PolicyAttentionSpec)]
+    ours = [g for g in groups if is_policy_spec(g.kv_cache_spec)]
     if policy is None:
         if ours:
             raise KVPolicyStartupError(
                 "layers report a KV policy spec but no KV policy is configured in the engine core"
             )
         return
-    others = [g for g in groups if not isinstance(g.kv_cache_spec, PolicyAttentionSpec)]
+    others = [g for g in groups if not is_policy_spec(g.kv_cache_spec)]
     if not groups or others:
         detail = (
             "; ".join(
@@ -306,12 +310,10 @@ def set_step_tokens(vllm_config: Any, kv_cache_config: Any) -> None:
     """
     from dataclasses import replace
 
-    from cam_vllm.vllm_plugin.kv_manager import PolicyAttentionSpec
-
     step = vllm_config.max_in_flight_tokens
     for group in getattr(kv_cache_config, "kv_cache_groups", []) or []:
         spec = group.kv_cache_spec
-        if isinstance(spec, PolicyAttentionSpec) and spec.step_tokens != step:
+        if is_policy_spec(spec) and spec.step_tokens != step:
             group.kv_cache_spec = replace(spec, step_tokens=step)
 
 
