@@ -336,6 +336,35 @@ def test_vllm_rows_get_their_own_plots_and_stay_out_of_the_reference_ones(tmp_pa
     assert "| vllm-chunk16 |" in (tmp_path / "results.md").read_text()
 
 
+def test_score_policies_get_their_table_and_plot_against_baselines_of_the_same_engine(tmp_path):
+    from cam_vllm.eval.results import merge_rule_ratios, score_policy_table
+
+    def ppl(engine, policy, budget, value):
+        return {
+            **_row(policy, budget, [value]),
+            "task": "ppl",
+            "data": "essays-1024",
+            "engine": engine,
+            "metrics": {"ppl": aggregate([value])},
+        }
+
+    rows = [
+        ppl("vllm-chunk16", "none", None, 25.0),
+        ppl("vllm-chunk16", "streaming", 0.1, 30.0),
+        ppl("vllm-chunk16", "streaming", 0.5, 26.0),  # no score row at 50%: no column
+        ppl("vllm-chunk48", "streaming", 0.1, 99.0),  # another engine: not a baseline here
+        ppl("vllm-chunk16", "h2o", 0.1, 29.0),
+        ppl("vllm-chunk16", "cam-h2o", 0.1, 29.5),
+    ]
+    write_json(tmp_path / "a.json", {}, rows)
+    table = score_policy_table(load_rows(tmp_path))
+    assert table.splitlines()[0] == "| policy | ppl essays-1024 10% |"
+    assert "| streaming | 30.00 |" in table and "| h2o | 29.00 |" in table and "99" not in table
+    assert "| none | 25.00 |" in table and table.index("| h2o |") < table.index("| cam-h2o |")
+    assert merge_rule_ratios(load_rows(tmp_path)) == {}  # cam-h2o vs h2o: in the score plot, not here
+    assert "vllm-score-policies.png" in {p.name for p in write_report(tmp_path)}
+
+
 def test_more_seeds_from_a_later_file_are_pooled(tmp_path):
     import os
 

@@ -20,9 +20,13 @@ import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from cam_vllm.policies import merge_rule_of
+from cam_vllm.policies import SCORES, is_score_driven, merge_rule_of, split_policy_name
 
-POLICY_ORDER = {"none": 0, "streaming": 1, "cam-streaming": 2}
+POLICY_ORDER = {"none": 0, "streaming": 1, "cam-streaming": 2} | {
+    name: 3 + 2 * i + j for i, s in enumerate(SCORES) for j, name in enumerate((s, f"cam-{s}"))
+}
+SCORE_COLORS = {"streaming": "tab:blue", "h2o": "tab:red", "tova": "tab:green", "scissorhands": "tab:purple"}
+SCORE_COLORS |= {"corm": "tab:brown"}
 MC_TASK_NAMES = ("copa", "piqa", "winogrande", "openbookqa", "rte")
 
 
@@ -372,7 +376,7 @@ def merge_rule_ratios(rows: Sequence[dict]) -> dict[str, dict[str, list[tuple[fl
     for r in vllm:
         rule = merge_rule_of(r["policy"])
         key = (r["engine"], r.get("data", ""), r["policy"].removeprefix(f"{rule}-"), r["budget"])
-        if rule is None or key not in plain:
+        if rule is None or key not in plain or key[2] != "streaming":  # score policies: own plot
             continue
         ppl, base = r["metrics"]["ppl"], plain[key]
         out.setdefault(r.get("data", ""), {}).setdefault(f"{r['policy']} [{r['engine']}]", []).append(
@@ -414,6 +418,102 @@ def is_vllm(row: dict) -> bool:
     return str(row.get("engine", "")).startswith("vllm")
 
 
+def _base(policy: str) -> str:
+    try:
+        return split_policy_name(policy)[0]
+    except ValueError:
+        return policy
+
+
+def score_policy_rows(rows: Sequence[dict]) -> list[dict]:
+    """vLLM perplexity and retrieval rows of the score-driven policies and their baselines
+    (full cache, streaming, cam-streaming) on the same data, no variants."""
+    vllm = [r for r in rows if is_vllm(r) and r["task"] in ("ppl", "needle") and not r.get("variant")]
+    datas = {(r["task"], r.get("data", ""), r["engine"]) for r in vllm if is_score_driven(_base(r["policy"]))}
+    base = {"none", "streaming", "cam-streaming"}
+    return [
+        r
+        for r in vllm
+        if (r["task"], r.get("data", ""), r["engine"]) in datas
+        and (is_score_driven(_base(r["policy"])) or r["policy"] in base)
+    ]
+
+
+def score_policy_table(rows: Sequence[dict]) -> str:
+    """Policy x (task, data, budget): vLLM perplexity, or retrieval accuracy in %."""
+    sel = score_policy_rows(rows)
+    if not sel:
+        return ""
+    cols = sorted(
+        {
+            (r["task"], r.get("data", ""), r["budget"])
+            for r in sel
+            if r.get("budget") is not None and is_score_driven(_base(r["policy"]))
+        }
+    )
+    cells: dict[str, dict[tuple, str]] = {}
+    for r in sel:
+        m = r["metrics"]["ppl" if r["task"] == "ppl" else "acc"]
+        text = _fmt_metric(m, percent=r["task"] != "ppl")
+        if r.get("budget") is None:
+            for c in cols:
+                if c[:2] == (r["task"], r.get("data", "")):
+                    cells.setdefault(r["policy"], {})[c] = text
+        else:
+            cells.setdefault(r["policy"], {})[(r["task"], r.get("data", ""), r["budget"])] = text
+    head = "| policy | " + " | ".join(f"{t} {d} {b:.0%}" for t, d, b in cols) + " |"
+    lines = [head, "|---" * (len(cols) + 1) + "|"]
+    for pol in sorted(cells, key=lambda p: POLICY_ORDER.get(p, 99)):
+        lines.append(f"| {pol} | " + " | ".join(cells[pol].get(c, "") for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_score_policies(rows: Sequence[dict], path: Path) -> Path | None:
+    """vLLM perplexity (per text) and retrieval against the budget: a colour per eviction
+    policy, solid plain, dashed with CaM; the full cache as a black dashed line."""
+    sel = score_policy_rows(rows)
+    if not sel:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["task"], r.get("data", "")) for r in sel})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.6), squeeze=False)
+    for ax, (task, data) in zip(axes[0], panels, strict=True):
+        metric = "ppl" if task == "ppl" else "acc"
+        scale = 1.0 if task == "ppl" else 100.0
+        grp = [r for r in sel if (r["task"], r.get("data", "")) == (task, data)]
+        for r in grp:
+            if r.get("budget") is None:
+                ax.axhline(r["metrics"][metric]["mean"] * scale, color="k", ls="--", lw=1, label="full cache")
+        for pol in sorted(
+            {r["policy"] for r in grp if r.get("budget") is not None}, key=lambda p: POLICY_ORDER.get(p, 99)
+        ):
+            pts = sorted(
+                (r for r in grp if r["policy"] == pol and r.get("budget") is not None),
+                key=lambda r: r["budget"],
+            )
+            ax.errorbar(
+                [r["budget"] * 100 for r in pts],
+                [r["metrics"][metric]["mean"] * scale for r in pts],
+                yerr=[r["metrics"][metric]["std"] * scale for r in pts],
+                marker="o",
+                ms=3,
+                capsize=2,
+                color=SCORE_COLORS.get(_base(pol), "tab:gray"),
+                ls="--" if merge_rule_of(pol) else "-",
+                label=pol,
+            )
+        ax.set_title(f"vLLM {task} {data}")
+        ax.set_xlabel("KV budget (% of sequence)")
+        ax.set_ylabel("perplexity" if task == "ppl" else "retrieval accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
 def vllm_comparison(rows: Sequence[dict], task: str) -> list[dict]:
     """``task`` rows of the vLLM engine next to the reference rows of the same data, each labelled
     by its engine in the variant (for one plot): full cache, StreamingLLM and CaM, with the
@@ -447,6 +547,8 @@ def write_report(folder: Path, title: str = "cam-vllm evaluation", img_dir: Path
         {r["budget"] for r in rows if r["task"] in MC_TASK_NAMES and r.get("budget") is not None}
     ):
         md += [f"## Zero-shot accuracy at {b:.0%} budget (acc %, items)\n", paper_table(rows, b)]
+    if table := score_policy_table(all_rows):
+        md += ["## Score-driven policies in vLLM (perplexity; retrieval acc %)\n", table]
     md += ["## All rows\n", markdown_table(all_rows)]
     written = []
     groups = {
@@ -472,7 +574,15 @@ def write_report(folder: Path, title: str = "cam-vllm evaluation", img_dir: Path
     if vllm_ppl:
         written.append(plot_budget_curves(vllm_ppl, img_dir / "vllm-ppl.png", metric="ppl", log=True))
     written.append(plot_merge_rules(all_rows, img_dir / "vllm-merge-rules.png"))
-    vllm_needle = [r for r in all_rows if r["task"] == "needle" and is_vllm(r) and not r.get("variant")]
+    written.append(plot_score_policies(all_rows, img_dir / "vllm-score-policies.png"))
+    vllm_needle = [
+        r
+        for r in all_rows
+        if r["task"] == "needle"
+        and is_vllm(r)
+        and not r.get("variant")
+        and r.get("data") == "haystack-512"  # the section 8 runs; score policies: their own plot
+    ]
     written.append(plot_needle_depths(vllm_needle, img_dir / "vllm-needle-depth.png"))
     written = [p for p in written if p is not None]
     for p in written:
