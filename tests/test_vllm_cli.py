@@ -71,6 +71,19 @@ def test_flags_land_in_additional_config(serve_parser) -> None:
         "256",
     )
     assert ea.additional_config == {"other": 1, "kv_policy": {"policy": "streaming", "window_tokens": 256}}
+    # score-driven policies and their flags
+    ea = _engine_args(
+        serve_parser,
+        *("--kv-policy", "cam-scissorhands", "--kv-heavy-tokens", "512", "--kv-window-tokens", "256"),
+        *("--kv-score-history", "16", "--kv-score-threshold", "0.5"),
+    )
+    assert ea.additional_config["kv_policy"] == {
+        "policy": "cam-scissorhands",
+        "heavy_tokens": 512,
+        "window_tokens": 256,
+        "score_history": 16,
+        "score_threshold": 0.5,
+    }
     # no flag: nothing changes
     assert "kv_policy" not in (_engine_args(serve_parser).additional_config or {})
 
@@ -88,6 +101,9 @@ def test_flags_appear_in_help(serve_parser) -> None:
         "--kv-merge",
         "--kv-merge-targets",
         "--kv-seed",
+        "--kv-heavy-tokens",
+        "--kv-score-history",
+        "--kv-score-threshold",
     } <= flags
 
 
@@ -134,8 +150,8 @@ def test_bad_flag_combinations(serve_parser, argv: list[str], message: str) -> N
 
 def test_unknown_policy_is_an_argparse_error(serve_parser, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        serve_parser.parse_args(["serve", "m", "--kv-policy", "h2o"])
-    assert "invalid choice: 'h2o'" in capsys.readouterr().err
+        serve_parser.parse_args(["serve", "m", "--kv-policy", "h3o"])
+    assert "invalid choice: 'h3o'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         serve_parser.parse_args(["serve", "m", "--kv-policy", "streaming", "--kv-merge", "mean"])
     assert "invalid choice: 'mean'" in capsys.readouterr().err

@@ -311,7 +311,11 @@ def install_collector(vllm_config: Any) -> CamCollector | None:
         config = policy_config_from_additional(getattr(vllm_config, "additional_config", None))
     except ValueError:
         config = None
-    policy = config.policy if config is not None else "none"
+    policy = "none"
+    if config is not None:  # the canonical name: <merge rule>-<policy> (h2o + --kv-merge cam: cam-h2o)
+        from cam_vllm.policies import canonical_name, resolve_merge
+
+        policy = canonical_name(*resolve_merge(config.policy, config.merge))
     model_name = getattr(vllm_config.model_config, "served_model_name", None) or "unknown"
     if isinstance(model_name, list | tuple):
         model_name = model_name[0]
