@@ -150,3 +150,28 @@ def test_budget_split_is_half_heavy_half_recent():
     assert pol.tracks_scores and pol.merge is None
     explicit = build_policy(KVPolicyConfig(policy="cam-tova", window_tokens=64, block_size=32))
     assert explicit.eviction.heavy_tokens == 64 and explicit.merge.rule == "cam"
+
+
+@pytest.mark.parametrize("name", ["h2o", "cam-tova", "scissorhands", "weighted-corm"])
+def test_chunking_does_not_change_a_score_policy(name):
+    """Chunks run in waves (the heavy region chosen whenever a block leaves the window), so any
+    split of the sequence gives what token-by-token decoding gives."""
+    torch.manual_seed(2)
+    steps, hq, hkv, d = 150, 4, 2, 16
+    q, k, v = torch.randn(steps, hq, d), torch.randn(steps, hkv, d), torch.randn(steps, hkv, d)
+    q[:, :, :4] *= 3.0
+    cfg = KVPolicyConfig(policy=name, sink_tokens=2, heavy_tokens=16, window_tokens=16, block_size=8)
+    policy = build_policy(cfg)
+
+    def run(sizes):
+        cache, outs, a = PolicyCache(policy), [], 0
+        for n in sizes:
+            outs.append(cache.attend(0, q[a : a + n], k[a : a + n], v[a : a + n], d**-0.5))
+            a += n
+        return torch.cat(outs), cache.layers[0].state["pos"]
+
+    one_by_one, pos = run([1] * steps)
+    for sizes in ([150], [37, 1, 1, 60, 51], [64, 64, 22]):
+        got, got_pos = run(sizes)
+        torch.testing.assert_close(got, one_by_one, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got_pos, pos)

@@ -196,3 +196,46 @@ def test_vllm_serve_with_a_score_policy(model, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def test_continuous_batching_and_aborts_do_not_change_a_request(model):
+    """cam-h2o, 8 requests of mixed lengths in flight (chunked prefill of 256 tokens), one aborted
+    midway: every finished request equals its run alone, and the pool empties."""
+    from vllm_helpers import blocks_in_use
+
+    pool = 64
+    llm = make_llm(
+        model,
+        block_size=BLOCK,
+        max_model_len=2048,
+        enable_prefix_caching=False,
+        max_num_seqs=8,
+        max_num_batched_tokens=256,
+        num_gpu_blocks_override=pool,
+        additional_config={"kv_policy": {**settings("cam-h2o"), "seed": 5}},
+    )
+    try:
+        lengths = (900, 700, 500, 1000, 300, 800, 600, 400)
+        prompts = [token_prompts(1, n, seed=n)[0] for n in lengths]
+        engine = llm.llm_engine
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", {"prompt_token_ids": p}, _params(40 + 10 * i))
+        out, step = {}, 0
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    out[o.request_id] = list(o.outputs[0].token_ids)
+            step += 1
+            if step == 30:
+                engine.abort_request(["r3"])
+        assert "r3" not in out or len(out["r3"]) < 70 and set(out) >= {f"r{i}" for i in range(8) if i != 3}
+        assert blocks_in_use(llm, pool) == 0
+        for i in (0, 4, 7):
+            alone = llm.generate([{"prompt_token_ids": prompts[i]}], _params(40 + 10 * i), use_tqdm=False)
+            assert list(alone[0].outputs[0].token_ids) == out[f"r{i}"], f"r{i} changed beside others"
+    finally:
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm

@@ -223,7 +223,7 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, base,
     from cam_vllm.reference.cache import PolicyCache
     from cam_vllm.vllm_plugin import step_plan
     from cam_vllm.vllm_plugin.paged import _write
-    from cam_vllm.vllm_plugin.step_plan import StepTokens, compact_for_kernel, plan_scores
+    from cam_vllm.vllm_plugin.step_plan import StepTokens, compact_for_kernel, plan_scores, split_waves
 
     monkeypatch.setattr(step_plan, "MAX_PAIRS_PER_CALL", 3000)  # exercise query slicing
     torch.manual_seed(0)
@@ -243,6 +243,7 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, base,
     layer = SimpleNamespace(isa="vec", layer_name="model.layers.3.self_attn.attn")
     refs = [PolicyCache(policy) for _ in chunks]
     done = [0, 0]
+    waves_seen: list[int] = []
     for step in range(len(chunks[0])):
         qs, slots, expected = [], [], []
         for r in range(2):
@@ -257,15 +258,22 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, base,
             done[r] += n
         qsl = torch.tensor([0, chunks[0][step], chunks[0][step] + chunks[1][step]], dtype=torch.int32)
         tokens = StepTokens.from_batch(qsl, torch.tensor(done, dtype=torch.int32), 2)
-        batch = compact_for_kernel(policy.eviction.retained, tokens, table, BLOCK)
-        if batch is None:
-            batch = SimpleNamespace(
-                query_start_loc=qsl, seq_lens=torch.tensor(done, dtype=torch.int32), block_table=table
-            )
-        q_all = torch.cat(qs)
-        out = _kernel(q_all, kv, batch, scale)
-        plan = plan_scores(policy, tokens, table, torch.cat(slots), BLOCK)
-        impl._score_and_merge(layer, q_all, kv, plan)
+        q_all, slot_all = torch.cat(qs), torch.cat(slots)
+        out = torch.empty_like(q_all)
+        waves = split_waves(policy, tokens)  # score-driven chunks crossing window blocks: several
+        waves_seen.append(len(waves))
+        for wave in waves:  # as PolicyImplMixin.forward runs them
+            t, rows, bt = wave.tokens, wave.rows, table[wave.requests]
+            batch = compact_for_kernel(policy.eviction.retained, t, bt, BLOCK)
+            if batch is None:
+                batch = SimpleNamespace(
+                    query_start_loc=t.query_start_loc.to(torch.int32),
+                    seq_lens=t.seq_lens.to(torch.int32),
+                    block_table=bt,
+                )
+            out[rows] = _kernel(q_all[rows].contiguous(), kv, batch, scale)
+            plan = plan_scores(policy, t, bt, slot_all[rows], BLOCK)
+            impl._score_and_merge(layer, q_all[rows], kv, plan)
         torch.testing.assert_close(out, torch.cat(expected), atol=2e-5, rtol=1e-5)
         for r in range(2):
             st = refs[r].layers[3]
@@ -280,6 +288,7 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, base,
                     kv[int(table[r, j])] = float("nan")
     if rule is not None:
         assert sum(ref.stats.merged for ref in refs) > 0
+    assert (max(waves_seen) > 1) == (base != "streaming"), "long chunks of score policies run in waves"
     if base != "streaming":  # heavy slots hold tokens from beyond the region, per head differently
         st = refs[0].layers[3]
         heavy = (st.positions >= policy.eviction.heavy_start) & (st.positions < policy.eviction.prefix_end)

@@ -93,8 +93,25 @@ class PolicyCache:
     ) -> torch.Tensor:
         """One step of ``layer``: q [C, Hq, D], k/v [C, Hkv, D] for the next C positions.
 
-        Returns the attention output [C, Hq, D].
+        Returns the attention output [C, Hq, D]. A score-driven policy's chunk runs in waves
+        (``HeavyPolicy.waves``): the heavy region is chosen whenever a block leaves the window.
         """
+        ev = self.policy.eviction
+        if isinstance(ev, HeavyPolicy) and q.shape[0] > 1:
+            start = self.num_tokens.get(layer, 0)
+            wave = ev.waves(torch.arange(start, start + q.shape[0]))
+            if int(wave[-1]) > 0:
+                outs = []
+                for w in range(int(wave[-1]) + 1):
+                    rows = torch.nonzero(wave == w).flatten()
+                    a, b = int(rows[0]), int(rows[-1]) + 1
+                    outs.append(self._attend_step(layer, q[a:b], k[a:b], v[a:b], scale))
+                return torch.cat(outs)
+        return self._attend_step(layer, q, k, v, scale)
+
+    def _attend_step(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         start = self.num_tokens.get(layer, 0)
         positions = torch.arange(start, start + q.shape[0], device=q.device)
         st = self._append(layer, k, v, positions)

@@ -44,8 +44,10 @@ from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 from cam_vllm.vllm_plugin.step_plan import (
     StepPlan,
     StepTokens,
+    Wave,
     compact_for_kernel,
     plan_scores,
+    split_waves,
 )
 
 logger = init_logger(__name__)
@@ -82,11 +84,22 @@ class PolicyCPUAttentionBackend(CPUAttentionBackend):
         return policy_spec(super().customize_spec(spec))
 
 
+@dataclass(frozen=True)
+class WavePart:
+    """One wave of a step: its rows of the step's tensors, stock metadata and score plan."""
+
+    rows: torch.Tensor
+    meta: CPUAttentionMetadata
+    plan: StepPlan | None
+
+
 @dataclass
 class PolicyCPUAttentionMetadata(CPUAttentionMetadata):
-    """Stock metadata (built from the compacted batch) plus this step's score/merge plan."""
+    """Stock metadata (built from the compacted batch) plus this step's score/merge plan, and for
+    a score-driven policy whose chunk crosses a window block the step's waves (run one by one)."""
 
     cam_plan: StepPlan | None = None
+    cam_waves: list[WavePart] | None = None
 
 
 def _unsupported(vllm_config: VllmConfig, policy: KVPolicy, spec: AttentionSpec) -> str | None:
@@ -139,9 +152,24 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         if isinstance(cm.causal, torch.Tensor) or not cm.causal or cm.mm_req_doc_ranges:
             raise NotImplementedError("KV policies support causal decoder attention only")
         tokens = StepTokens.from_batch(cm.query_start_loc, cm.seq_lens, cm.num_reqs)
-        retained = self.policy.eviction.retained
+        meta, plan = self._build_one(common_prefix_len, cm, tokens, fast_build)
+        fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
+        waves = split_waves(self.policy, tokens)
+        parts = None
+        if len(waves) > 1:  # a score-driven policy's chunk: the heavy region is chosen between waves
+            parts = [
+                WavePart(w.rows, *self._build_one(common_prefix_len, _wave_cm(cm, w), w.tokens, fast_build))
+                for w in waves
+            ]
+        return PolicyCPUAttentionMetadata(**fields, cam_plan=plan, cam_waves=parts)
+
+    def _build_one(
+        self, common_prefix_len: int, cm: CommonAttentionMetadata, tokens: StepTokens, fast_build: bool
+    ) -> tuple[CPUAttentionMetadata, StepPlan | None]:
+        """Stock metadata of the batch compacted to the retained blocks, and the score plan."""
+        assert self.policy is not None
         block_table = cm.block_table_tensor
-        kernel = compact_for_kernel(retained, tokens, block_table, self.block_size)
+        kernel = compact_for_kernel(self.policy.eviction.retained, tokens, block_table, self.block_size)
         kernel_cm = cm
         if kernel is not None:
             g = kernel.request
@@ -156,20 +184,50 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 block_table_tensor=kernel.block_table,
                 is_prefilling=None if cm.is_prefilling is None else cm.is_prefilling[g],
                 positions=cm.positions,
-                req_idx=None,
-                dcp_local_seq_lens=None,
-                dcp_local_seq_lens_cpu_upper_bound=None,
-                rswa_prefix_lens=None,
-                replayssm_decode_base_cpu=None,
-                _num_computed_tokens_cache=None,
-                _token_to_req_indices_cache=None,
+                **_NO_BATCH_CACHES,
             )
         meta = super().build(common_prefix_len, kernel_cm, fast_build)
         plan = None
         if self.policy.tracks_scores:
             plan = plan_scores(self.policy, tokens, block_table, cm.slot_mapping, self.block_size)
-        fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
-        return PolicyCPUAttentionMetadata(**fields, cam_plan=plan)
+        return meta, plan
+
+
+# per-request fields of the common metadata that no longer match a rewritten batch
+_NO_BATCH_CACHES = dict(
+    req_idx=None,
+    dcp_local_seq_lens=None,
+    dcp_local_seq_lens_cpu_upper_bound=None,
+    rswa_prefix_lens=None,
+    replayssm_decode_base_cpu=None,
+    _num_computed_tokens_cache=None,
+    _token_to_req_indices_cache=None,
+)
+
+
+def _wave_cm(cm: CommonAttentionMetadata, wave: Wave) -> CommonAttentionMetadata:
+    """The common metadata of one wave: its queries, requests and slots only."""
+    t, rows, reqs = wave.tokens, wave.rows, wave.requests
+    n = int(cm.query_start_loc[cm.num_reqs])
+    qlens = t.query_start_loc[1:] - t.query_start_loc[:-1]
+    return cm.replace(
+        query_start_loc=t.query_start_loc.to(torch.int32),
+        query_start_loc_cpu=t.query_start_loc.to(torch.int32),
+        seq_lens=t.seq_lens.to(torch.int32),
+        seq_lens_cpu_upper_bound=t.seq_lens.to(torch.int32),
+        num_reqs=int(reqs.numel()),
+        num_actual_tokens=int(rows.numel()),
+        max_query_len=int(qlens.max()),
+        max_seq_len=int(t.seq_lens.max()),
+        block_table_tensor=cm.block_table_tensor[reqs],
+        slot_mapping=cm.slot_mapping[:n][rows],
+        is_prefilling=None if cm.is_prefilling is None else cm.is_prefilling[reqs],
+        positions=None if cm.positions is None else cm.positions[:n][rows],
+        logits_indices_padded=None,
+        num_logits_indices=None,
+        max_logits_per_req=None,
+        **_NO_BATCH_CACHES,
+    )
 
 
 class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):

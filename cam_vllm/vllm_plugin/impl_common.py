@@ -101,6 +101,20 @@ class PolicyImplMixin(ABC):
         self._counts_tokens = self._layer_index == 0 and int(self._heads[0]) == 0
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):  # noqa: ANN001
+        waves = getattr(attn_metadata, "cam_waves", None)
+        if waves and self.policy is not None:
+            # a score-driven policy's chunk crossing window blocks: attend wave by wave, choosing the
+            # heavy region in between (each wave writes its own tokens' KV, then attends)
+            for part in waves:
+                rows = part.rows
+                out = output.new_empty((rows.numel(), *output.shape[1:]))
+                out = super().forward(  # type: ignore[misc]
+                    layer, query[rows], key[rows], value[rows], kv_cache, part.meta, out, *args, **kwargs
+                )
+                output[rows] = out
+                if part.plan is not None:
+                    self._score_and_merge(layer, query[rows], kv_cache, part.plan)
+            return output
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)  # type: ignore[misc]
         plan = getattr(attn_metadata, "cam_plan", None)
         if plan is not None and self.policy is not None:

@@ -74,6 +74,39 @@ class StepTokens:
 
 
 @dataclass(frozen=True)
+class Wave:
+    """Some queries of a step that attend together (score-driven policies: ``HeavyPolicy.waves``)."""
+
+    rows: torch.Tensor  # [Tw] rows of the step's query / key / value tensors, in order
+    requests: torch.Tensor  # [Rw] the step's request index of each of the wave's requests
+    tokens: StepTokens  # the wave's queries as a step of their own (requests renumbered 0..Rw-1)
+
+
+def split_waves(policy: KVPolicy, tokens: StepTokens) -> list[Wave]:
+    """The waves of a step: one (every query) unless a score-driven policy's chunk crosses a point
+    where a block leaves the window; then the heavy region is chosen between the waves."""
+    ev = policy.eviction
+    one = [Wave(torch.arange(tokens.token_pos.numel()), torch.arange(tokens.seq_lens.numel()), tokens)]
+    if not isinstance(ev, HeavyPolicy) or tokens.token_pos.numel() < 2:
+        return one
+    wave = ev.waves(tokens.token_pos, tokens.token_req)
+    if int(wave.max()) == 0:
+        return one
+    out = []
+    for w in range(int(wave.max()) + 1):
+        rows = torch.nonzero(wave == w).flatten()
+        req, pos = tokens.token_req[rows], tokens.token_pos[rows]
+        reqs, counts = torch.unique_consecutive(req, return_counts=True)
+        qsl = torch.zeros(reqs.numel() + 1, dtype=torch.int64)
+        qsl[1:] = counts.cumsum(0)
+        last = pos[qsl[1:] - 1]
+        local = torch.repeat_interleave(torch.arange(reqs.numel()), counts)
+        step = StepTokens(qsl, last + 1, pos[qsl[:-1]], local, pos)
+        out.append(Wave(rows, reqs, step))
+    return out
+
+
+@dataclass(frozen=True)
 class KernelBatch:
     """The compacted batch handed to the fused kernel (pseudo-requests, in token order)."""
 
