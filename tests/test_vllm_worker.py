@@ -68,6 +68,14 @@ def test_layout_probe_reads_what_the_backend_writes(isa, head, dtype):
     from cam_vllm.vllm_plugin.paged import probe_layout
 
     layout = probe_layout(isa, dtype, BLOCK, head)  # raises LayoutError unless it round-trips
+    from cam_vllm.vllm_plugin.paged import PagedKV
+
+    kv = torch.randn(6, 2, BLOCK, 2 * head).to(dtype)
+    paged = PagedKV(kv, layout)
+    blocks = torch.tensor([[3, 1, 0], [5, 5, 2]])  # whole blocks, as the decode scoring reads them
+    slots = (blocks[:, :, None] * BLOCK + torch.arange(BLOCK)).flatten(1)
+    want = torch.stack([paged.gather_k(s) for s in slots]).permute(0, 2, 3, 1)  # [R, H, D, N]
+    assert torch.equal(paged.gather_block_kt(blocks), want)
     if isa in ("vec", "vec16"):  # the fact the notes warn about: K transposed, V token-major
         t, d = torch.meshgrid(torch.arange(BLOCK), torch.arange(head), indexing="ij")
         assert torch.equal(layout.k_offsets, d * BLOCK + t)

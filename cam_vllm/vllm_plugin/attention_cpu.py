@@ -282,4 +282,5 @@ class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):
             count_tokens=self._counts_tokens,
             state=self._state,
             heavy=plan.heavy,
+            decode=plan.decode,
         )

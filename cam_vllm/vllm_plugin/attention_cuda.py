@@ -182,7 +182,7 @@ def plan_device_scores(
     table = cm.block_table_tensor
     device, width, b = table.device, table.shape[1], block_size
     virtual = torch.arange(n, dtype=torch.int64)[:, None] * width + torch.arange(width)[None, :]
-    host = plan_scores(policy, tokens, virtual, torch.empty(0, dtype=torch.int64), b)
+    host = plan_scores(policy, tokens, virtual, torch.empty(0, dtype=torch.int64), b, batch_decodes=False)
 
     pieces = [p.kv_slots for p in host.packs]
     for m in host.merges:

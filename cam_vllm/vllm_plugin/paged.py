@@ -148,6 +148,7 @@ class PagedKV:
         self.layout = layout
         self._heads = torch.arange(h).view(1, h, 1)
         self._k_view = self._strided(layout.k_offsets)
+        self._k_transposed = _affine(layout.k_offsets) == (0, 1, b)  # vec / vec16: gather_block_kt
         self._v_view = self._strided(layout.v_offsets)
 
     def _strided(self, offsets: torch.Tensor) -> torch.Tensor | None:
@@ -177,6 +178,26 @@ class PagedKV:
     def gather_k(self, slots: torch.Tensor) -> torch.Tensor:
         """Keys of ``slots`` [N] as [N, H, D] (a copy)."""
         return self._gather(slots, self._k_view, self.layout.k_offsets)
+
+    def gather_block_kt(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Transposed keys of whole blocks: ``blocks`` [R, nb] -> [R, H, D, nb * block_size].
+
+        The decode scoring path reads every retained block of a request anyway. Where a block's
+        keys are stored transposed (``vec``/``vec16``: element ``d * B + t``) this is one
+        ``index_select`` of whole (block, head) rows, ready for ``q @ K^T``; elsewhere slot by slot.
+        """
+        r, nb = blocks.shape
+        b, d = self.block_size, self.layout.head_size
+        if self._k_transposed:
+            rows = self.flat[:, :, : b * d].index_select(0, blocks.flatten().to(torch.int64))
+            return (
+                rows.view(r, nb, self.num_heads, d, b)
+                .permute(0, 2, 3, 1, 4)
+                .reshape(r, self.num_heads, d, nb * b)
+            )
+        slots = (blocks.to(torch.int64)[:, :, None] * b + torch.arange(b)).flatten()
+        k = self.gather_k(slots).view(r, nb * b, self.num_heads, d)
+        return k.permute(0, 2, 3, 1)
 
     def gather_v(self, slots: torch.Tensor) -> torch.Tensor:
         """Values of ``slots`` [N] as [N, H, D] (a copy)."""

@@ -75,11 +75,14 @@ def score_and_merge(
     count_tokens: bool,
     state: dict[str, torch.Tensor] | None = None,
     heavy: Iterable[Any] = (),
+    decode: Any = None,
 ) -> None:
     """Accumulate this step's attention into ``abar`` (and the score state, per slot), then merge
     each leaving chain, or choose each heavy region (score-driven policies)."""
     score = policy.score
     state = state or {}
+    if decode is not None:
+        _score_decodes(paged, abar, state, query, decode, score, scale, num_kv_heads)
     for pack in packs:
         k = paged.gather_k(pack.kv_slots)
         # only the probabilities are used (the output is the kernel's), so the values passed
@@ -121,6 +124,38 @@ def score_and_merge(
             accepted=res.decisions.merged,
             count_tokens=count_tokens,
         )
+
+
+def _score_decodes(
+    paged: Any,
+    abar: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    query: torch.Tensor,
+    decode: Any,
+    score: Any,
+    scale: float,
+    num_kv_heads: int,
+) -> None:
+    """Accumulated attention of the step's decoding queries, batched over their requests
+    (``step_plan.DecodeBatch``): the same probabilities as ``attention_with_probs`` over each
+    query's retained tokens, with padding masked out."""
+    kt = paged.gather_block_kt(decode.blocks).float()  # [R, H, D, N]
+    r, h, d, n = kt.shape
+    q = query[decode.q_rows].float().view(r, h, -1, d)  # [R, H, G, D]
+    logits = torch.matmul(q, kt) * scale  # [R, H, G, N]
+    logits.masked_fill_(~decode.valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).mean(dim=2)  # [R, H, N]: mean over each KV head's queries
+    slots = decode.slots.flatten()
+    # padding reads the null block's slots and adds 0 there: duplicates write the same value
+    abar[slots] = abar[slots] + probs.transpose(1, 2).reshape(r * n, h)
+    if score is not None and score.fields:
+        # the scores' updates take one call's queries against its keys: block-diagonal here
+        eye = torch.eye(r, dtype=torch.bool)
+        visible = (eye[:, :, None] & decode.valid[None, :, :]).reshape(r, r * n)
+        probs_kv = (eye[:, None, :, None].to(probs.dtype) * probs.transpose(0, 1)[None]).reshape(r, h, r * n)
+        got = {name: state[name][slots] for name in score.fields}
+        for name, t in score.update(got, probs_kv, visible).items():
+            state[name][slots] = t
 
 
 def _tokens(paged: Any, abar: torch.Tensor, state: dict[str, torch.Tensor], slots: torch.Tensor) -> Tokens:

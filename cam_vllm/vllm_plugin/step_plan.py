@@ -190,6 +190,44 @@ class ScorePack:
 
 
 @dataclass(frozen=True)
+class DecodeBatch:
+    """The decode requests of a step, scored in one batched call over their retained blocks.
+
+    A decoding query sees whole retained blocks (the newest possibly partial), so its keys are
+    read block by block (``PagedKV.gather_block_kt``, transposed: ``[R, H, D, nb * B]``); ``valid`` masks
+    the padding, unwritten tails and anything the query may not see. No query is scored against
+    another request's keys (the packs' block-diagonal waste)."""
+
+    q_rows: torch.Tensor  # [R] rows of the step's query tensor
+    blocks: torch.Tensor  # [R, nb] retained blocks, oldest first, padded with the null block 0
+    valid: torch.Tensor  # [R, nb * B] bool
+    slots: torch.Tensor  # [R, nb * B] physical slots (padding: the null block's)
+
+
+def plan_decodes(
+    retained: Retained, tokens: StepTokens, block_table: torch.Tensor, block_size: int, reqs: torch.Tensor
+) -> DecodeBatch:
+    """The :class:`DecodeBatch` of requests ``reqs`` (one query each, the newest token)."""
+    b = block_size
+    lens = tokens.seq_lens[reqs]
+    nblk = (lens + b - 1) // b
+    j = torch.arange(int(nblk.max()))
+    vis = retained(j[None, :] * b, lens[:, None]) & (j[None, :] < nblk[:, None])
+    count = vis.sum(dim=1)
+    order = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)[:, : int(count.max())]
+    width = order.shape[1]
+    kept = torch.arange(width)[None, :] < count[:, None]
+    rows = block_table[reqs, : j.numel()].to(torch.int64)
+    blocks = torch.where(kept, torch.gather(rows, 1, order), torch.zeros_like(order))
+    offs = torch.arange(b)
+    pos = (order * b)[:, :, None] + offs  # [R, width, B]
+    valid = kept[:, :, None] & (pos < lens[:, None, None]) & retained(pos, lens[:, None, None])
+    slots = blocks[:, :, None] * b + offs
+    q_rows = tokens.query_start_loc[reqs]
+    return DecodeBatch(q_rows, blocks, valid.flatten(1), slots.flatten(1))
+
+
+@dataclass(frozen=True)
 class MergeEvent:
     """One request's merge chain at the end of this step (``core.merge.build_chain``)."""
 
@@ -222,6 +260,7 @@ class StepPlan:
     merges: list[MergeEvent]
     reset_positions: torch.Tensor | None = None  # positions of the tokens in reset_slots
     heavy: list[HeavyEvent] = dataclasses.field(default_factory=list)
+    decode: DecodeBatch | None = None  # decode requests scored apart from the packs
 
 
 def _cached_tokens(
@@ -253,8 +292,12 @@ def plan_scores(
     slot_mapping: torch.Tensor,
     block_size: int,
     pack_elements: int = DEFAULT_PACK_ELEMENTS,
+    batch_decodes: bool = True,
 ) -> StepPlan:
-    """Score packs and merge events of one step of a merging policy."""
+    """Score packs and merge events of one step of a merging policy.
+
+    ``batch_decodes``: score the decoding requests in one :class:`DecodeBatch` (the CPU worker);
+    False puts every request in the packs (the CUDA device plan translates packs only)."""
     ev = policy.eviction
     num_tokens = tokens.token_pos.numel()
     written = slot_mapping[:num_tokens].to(torch.int64)
@@ -270,11 +313,18 @@ def plan_scores(
 
     packs: list[ScorePack] = []
     one_per_pack = policy.score_mode != "accumulated"  # "current" keeps each request's last query
-    nq_l, nk_l = nq.tolist(), nk.tolist()
+    decoding = (nq == 1) & (not one_per_pack) & batch_decodes
+    decode = None
+    if bool(decoding.any()):
+        decode = plan_decodes(ev.retained, tokens, block_table, block_size, torch.nonzero(decoding).flatten())
+    nq_l, nk_l, dec_l = nq.tolist(), nk.tolist(), decoding.tolist()
     first = 0
     while first < num_reqs:
+        if dec_l[first]:
+            first += 1
+            continue
         last, sq, sk = first, nq_l[first], nk_l[first]
-        while not one_per_pack and last + 1 < num_reqs:
+        while not one_per_pack and last + 1 < num_reqs and not dec_l[last + 1]:
             q2, k2 = sq + nq_l[last + 1], sk + nk_l[last + 1]
             if q2 * k2 > pack_elements:
                 break
@@ -292,7 +342,7 @@ def plan_scores(
     merges: list[MergeEvent] = []
     if isinstance(ev, HeavyPolicy):
         heavy = _plan_heavy(policy, ev, tokens, kv_req, kv_pos, kv_slot, kv_start)
-        return StepPlan(reset, packs, merges, reset_pos, heavy)
+        return StepPlan(reset, packs, merges, reset_pos, heavy, decode)
     if policy.merge is not None and kv_req.numel():
         next_n = tokens.seq_lens[kv_req] + 1  # the next query's length, per cached token
         evicted = ~ev.retained(kv_pos, next_n)
@@ -303,7 +353,7 @@ def plan_scores(
             pos = kv_pos[k0:k1]
             idx, leaving = build_chain(pos, evicted[k0:k1], target[k0:k1], reach)
             merges.append(MergeEvent(kv_slot[k0:k1][idx], pos[idx], leaving))
-    return StepPlan(reset, packs, merges, reset_pos)
+    return StepPlan(reset, packs, merges, reset_pos, decode=decode)
 
 
 def _plan_heavy(
