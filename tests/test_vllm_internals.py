@@ -15,6 +15,7 @@ from cam_vllm.vllm_plugin import internals  # noqa: E402
 PLUGIN_DIR = Path(internals.__file__).parent
 # Modules of the scheduler side (the worker side lists its own internals when it adds entries).
 SCHEDULER_SIDE = ["__init__.py", "cli.py", "kv_manager.py", "startup.py", "internals.py"]
+WORKER_SIDE = ["attention_cpu.py", "paged.py", "impl_common.py", "scoring.py", "step_plan.py", "settings.py"]
 
 
 def test_installed_vllm_matches() -> None:
@@ -58,7 +59,7 @@ def test_every_vllm_import_is_listed() -> None:
         t.split(".")[0] if ":" not in t else t.split(":")[0] + ":" + t.split(":")[1].split(".")[0]
         for t in listed
     }
-    for name in SCHEDULER_SIDE:
+    for name in SCHEDULER_SIDE + WORKER_SIDE:
         for used in _vllm_names_used(PLUGIN_DIR / name):
             assert used in listed or used in listed_prefixes, (
                 f"{name} imports {used}: add it to internals.INTERNALS"

@@ -67,6 +67,17 @@ class TokenScore(ABC):
         return self.summary
 
 
+@dataclass(frozen=True)
+class ImportanceScore(TokenScore):
+    """A score kept as the importance bits of the last ``history`` queries (Scissorhands, CORM)."""
+
+    fields: ClassVar[dict[str, torch.dtype]] = {"hist": torch.int64}
+
+    def update(self, state: State, probs_kv: torch.Tensor, visible: torch.Tensor) -> State:
+        imp = importance(probs_kv, visible, self.threshold)
+        return {"hist": push_history(state["hist"], imp, visible, self.history)}
+
+
 # --------------------------------------------------------------------------------------------
 # State updates shared by the scores
 # --------------------------------------------------------------------------------------------

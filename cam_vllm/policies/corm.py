@@ -13,18 +13,13 @@ from typing import ClassVar
 
 import torch
 
-from cam_vllm.core.scores import State, TokenScore, importance, push_history, trailing_zeros
+from cam_vllm.core.scores import ImportanceScore, State, trailing_zeros
 
 
 @dataclass(frozen=True)
-class CORMScore(TokenScore):
+class CORMScore(ImportanceScore):
     name: ClassVar[str] = "corm"
     summary: ClassVar[str] = "CORM: evict keys no recent query found important, per KV head"
-    fields: ClassVar[dict[str, torch.dtype]] = {"hist": torch.int64}
-
-    def update(self, state: State, probs_kv: torch.Tensor, visible: torch.Tensor) -> State:
-        imp = importance(probs_kv, visible, self.threshold)
-        return {"hist": push_history(state["hist"], imp, visible, self.history)}
 
     def rank(self, state: State, abar: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         since = torch.minimum(trailing_zeros(state["hist"], self.history), seen)

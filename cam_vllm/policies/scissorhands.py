@@ -12,18 +12,13 @@ from typing import ClassVar
 
 import torch
 
-from cam_vllm.core.scores import State, TokenScore, importance, popcount, push_history
+from cam_vllm.core.scores import ImportanceScore, State, popcount
 
 
 @dataclass(frozen=True)
-class ScissorhandsScore(TokenScore):
+class ScissorhandsScore(ImportanceScore):
     name: ClassVar[str] = "scissorhands"
     summary: ClassVar[str] = "Scissorhands: fewest unimportant queries in a history window, per KV head"
-    fields: ClassVar[dict[str, torch.dtype]] = {"hist": torch.int64}
-
-    def update(self, state: State, probs_kv: torch.Tensor, visible: torch.Tensor) -> State:
-        imp = importance(probs_kv, visible, self.threshold)
-        return {"hist": push_history(state["hist"], imp, visible, self.history)}
 
     def rank(self, state: State, abar: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         window = seen.clamp(max=self.history)

@@ -37,7 +37,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from cam_vllm.policies import KVPolicy
-from cam_vllm.vllm_plugin.impl_common import PolicyImplMixin, policy_spec
+from cam_vllm.vllm_plugin.impl_common import NO_BATCH_CACHES, PolicyImplMixin, policy_spec
 from cam_vllm.vllm_plugin.paged import PagedKV, probe_layout
 from cam_vllm.vllm_plugin.scoring import new_score_state, reset_slots, score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
@@ -184,25 +184,13 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 block_table_tensor=kernel.block_table,
                 is_prefilling=None if cm.is_prefilling is None else cm.is_prefilling[g],
                 positions=cm.positions,
-                **_NO_BATCH_CACHES,
+                **NO_BATCH_CACHES,
             )
         meta = super().build(common_prefix_len, kernel_cm, fast_build)
         plan = None
         if self.policy.tracks_scores:
             plan = plan_scores(self.policy, tokens, block_table, cm.slot_mapping, self.block_size)
         return meta, plan
-
-
-# per-request fields of the common metadata that no longer match a rewritten batch
-_NO_BATCH_CACHES = dict(
-    req_idx=None,
-    dcp_local_seq_lens=None,
-    dcp_local_seq_lens_cpu_upper_bound=None,
-    rswa_prefix_lens=None,
-    replayssm_decode_base_cpu=None,
-    _num_computed_tokens_cache=None,
-    _token_to_req_indices_cache=None,
-)
 
 
 def _wave_cm(cm: CommonAttentionMetadata, wave: Wave) -> CommonAttentionMetadata:
@@ -226,7 +214,7 @@ def _wave_cm(cm: CommonAttentionMetadata, wave: Wave) -> CommonAttentionMetadata
         logits_indices_padded=None,
         num_logits_indices=None,
         max_logits_per_req=None,
-        **_NO_BATCH_CACHES,
+        **NO_BATCH_CACHES,
     )
 
 

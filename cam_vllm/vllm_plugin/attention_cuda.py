@@ -48,7 +48,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from cam_vllm.policies import KVPolicy
 from cam_vllm.vllm_plugin.cuda_startup import BACKEND_NAME, platform_is_cuda
-from cam_vllm.vllm_plugin.impl_common import PolicyImplMixin, policy_spec
+from cam_vllm.vllm_plugin.impl_common import NO_BATCH_CACHES, PolicyImplMixin, policy_spec
 from cam_vllm.vllm_plugin.paged import NHDPagedKV
 from cam_vllm.vllm_plugin.scoring import score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
@@ -146,13 +146,7 @@ def compact_common_metadata(
         max_seq_len=kb.max_seq_len,
         block_table_tensor=phys,
         is_prefilling=is_prefilling,
-        req_idx=None,
-        dcp_local_seq_lens=None,
-        dcp_local_seq_lens_cpu_upper_bound=None,
-        rswa_prefix_lens=None,
-        replayssm_decode_base_cpu=None,
-        _num_computed_tokens_cache=None,
-        _token_to_req_indices_cache=None,
+        **NO_BATCH_CACHES,
     )
 
 

