@@ -175,8 +175,9 @@ def cam_merge(
 
     The chain is one sequence's tokens in position order: every token that leaves this step and
     the retained tokens after them that may receive merges (the oldest ``m`` of the recent
-    window are enough). values: [N, H, D]; abar: [N, H]; leaving: [N] bool; positions: [N]
-    (the draws of a leaving token are keyed by its position). A leaving token at chain index
+    window are enough). values: [N, H, D]; abar: [N, H]; leaving: [N] bool; positions: [N], or
+    [N, H] when each head's chain holds other tokens (the draws of a leaving token are keyed by
+    its position). A leaving token at chain index
     ``i`` merges into entries ``i+1 .. i+c`` with ``c = min(m, N-1-i)``, after receiving from
     the leaving tokens before it. Returns (new values [N, H, D] in ``values``' dtype, decisions).
     Draws are keyed by (seed, layer, position, KV head); pass ``heads`` (global KV-head indices)

@@ -36,10 +36,14 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _key(seed: int, layer: int, positions: torch.Tensor, heads: torch.Tensor, salt: int) -> torch.Tensor:
-    """Hash of (seed, layer, position, head, salt) for every (position, head) pair: [E, H] int64."""
+    """Hash of (seed, layer, position, head, salt) for every (position, head) pair: [E, H] int64.
+
+    ``positions`` [E] is shared by the heads; [E, H] gives each head its own (score-driven
+    policies evict different tokens per KV head)."""
     base = hash32(torch.tensor((seed & _MASK32) ^ salt, dtype=torch.int64))
     base = hash32(base ^ ((layer * _LAYER_SALT) & _MASK32))
-    pos = positions.to(torch.int64).reshape(-1, 1)
+    pos = positions.to(torch.int64)
+    pos = pos if pos.dim() == 2 else pos.reshape(-1, 1)
     head = heads.to(device=pos.device, dtype=torch.int64).reshape(1, -1)
     h = hash32(base.to(pos.device) ^ hash32(pos))
     return hash32(h ^ hash32((head * _HEAD_SALT) & _MASK32))

@@ -6,8 +6,8 @@ Both engines call :func:`heavy_step` with the same thing, gathered from their ow
 reaches). Per KV head (per layer when the score is not per-head) the best ``capacity`` candidates
 by the score's rank stay, in position order; the others are evicted and, with a merge rule,
 merged into the receivers by ``core.rules.merge_leaving`` on a per-head chain (the head's evicted
-tokens in position order, then the receivers), exactly as a leaving block is merged under
-StreamingLLM. Ties in rank keep the newer token.
+tokens in position order, then the receivers; one call for all heads, positions per head),
+exactly as a leaving block is merged under StreamingLLM. Ties in rank keep the newer token.
 """
 
 from __future__ import annotations
@@ -99,31 +99,22 @@ def heavy_step(
 
     gone = candidates.take(evicted)
     head_ids = heads if heads is not None else torch.arange(num_heads, device=candidates.k.device)
-    new_v, new_a = receivers.v.clone(), receivers.abar.clone()
-    new_k = None
-    decisions: list[MergeDecisions] = []
-    e = evicted.shape[0]
-    leaving = torch.cat(
-        [torch.ones(e, dtype=torch.bool), torch.zeros(receivers.k.shape[0], dtype=torch.bool)]
-    ).to(candidates.k.device)
-    for h in range(num_heads):
-        hs = slice(h, h + 1)
-        res = merge_leaving(
-            values=torch.cat([gone.v[:, hs], receivers.v[:, hs]]),
-            keys=torch.cat([gone.k[:, hs], receivers.k[:, hs]]),
-            abar=torch.cat([gone.abar[:, hs], receivers.abar[:, hs]]),
-            leaving=leaving,
-            positions=torch.cat([gone.pos[:, h], receivers.pos[:, h]]),
-            layer=layer,
-            config=merge,
-            seed=seed,
-            heads=head_ids[hs],
-        )
-        new_v[:, hs] = res.values[e:]
-        new_a[:, hs] = res.abar[e:].to(new_a.dtype)
-        if res.keys is not None:
-            if new_k is None:
-                new_k = receivers.k.clone()
-            new_k[:, hs] = res.keys[e:]
-        decisions.append(res.decisions)
-    return HeavyResult(heavy, new_v, new_k, new_a, decisions, evicted)
+    e, r = evicted.shape[0], receivers.k.shape[0]
+    # every head's chain has the same shape (its e evicted tokens in position order, then the
+    # receivers), so one call merges all heads; positions are per head
+    leaving = torch.cat([torch.ones(e, dtype=torch.bool), torch.zeros(r, dtype=torch.bool)])
+    res = merge_leaving(
+        values=torch.cat([gone.v, receivers.v]),
+        keys=torch.cat([gone.k, receivers.k]),
+        abar=torch.cat([gone.abar, receivers.abar]),
+        leaving=leaving.to(candidates.k.device),
+        positions=torch.cat([gone.pos, receivers.pos]),
+        layer=layer,
+        config=merge,
+        seed=seed,
+        heads=head_ids,
+    )
+    new_k = None if res.keys is None else res.keys[e:]
+    return HeavyResult(
+        heavy, res.values[e:], new_k, res.abar[e:].to(receivers.abar.dtype), [res.decisions], evicted
+    )
