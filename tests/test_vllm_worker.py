@@ -477,3 +477,48 @@ def test_cam_with_small_prefill_chunks_matches_reference(tiny_model, prompts):
         got = generate(llm, prompts)
     for prompt, tokens in zip(prompts, got, strict=True):
         assert tokens == reference(tiny_model, streaming(cam=True), prompt, chunk=SMALL_CHUNK)[0]
+
+
+@pytest.mark.parametrize("name", ["cam-h2o", "cam-tova", "weighted-scissorhands", "corm"])
+def test_heavy_events_of_a_step_run_side_by_side_as_they_would_one_by_one(name):
+    """The worker runs a step's heavy-region events with equal shapes as one call (events side by
+    side on the head axis): the same cache, Abar and state as one event at a time."""
+    pytest.importorskip("vllm")
+    from cam_vllm.vllm_plugin.paged import PagedKV, probe_layout
+    from cam_vllm.vllm_plugin.scoring import _choose_heavy, new_score_state
+    from cam_vllm.vllm_plugin.step_plan import HeavyEvent
+
+    torch.manual_seed(3)
+    policy = streaming(rule=name.split("-")[0] if "-" in name else None, base=name.split("-")[-1])
+    hkv, d, nb = 2, 64, 40
+    layout = probe_layout("vec", torch.float32, BLOCK, d)
+    kv = torch.randn(nb, hkv, BLOCK, 2 * d)
+    state = new_score_state(policy, nb * BLOCK, hkv)
+    for t in state.values():
+        t.copy_(
+            torch.randint(0, 1 << 20, t.shape).to(t.dtype) if t.dtype == torch.int64 else torch.rand(t.shape)
+        )
+    state["pos"].copy_(torch.randperm(nb * BLOCK)[:, None].expand(-1, hkv))  # distinct token positions
+    abar = torch.rand(nb * BLOCK, hkv)
+    perm = torch.randperm(nb - 1) + 1
+
+    def slots(blocks):
+        return (blocks[:, None] * BLOCK + torch.arange(BLOCK)).flatten()
+
+    events = [
+        HeavyEvent(
+            slots(perm[6 * i : 6 * i + 2]),
+            slots(perm[6 * i + 2 : 6 * i + 3]),
+            slots(perm[6 * i + 3 : 6 * i + 4])[:16],
+            300 + i,
+        )
+        for i in range(3)
+    ]
+    heads = torch.arange(hkv)
+    together = (kv.clone(), abar.clone(), {n: t.clone() for n, t in state.items()})
+    _choose_heavy(PagedKV(together[0], layout), together[1], together[2], events, policy, 2, heads, False)
+    for e in events:
+        _choose_heavy(PagedKV(kv, layout), abar, state, [e], policy, 2, heads, False)
+    assert torch.equal(together[0], kv) and torch.equal(together[1], abar)
+    for n, t in state.items():
+        assert torch.equal(together[2][n], t), n

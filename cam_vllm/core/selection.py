@@ -57,12 +57,19 @@ class HeavyResult:
     evicted: torch.Tensor  # [C - capacity, H] candidate indices evicted per head
 
 
-def select_heavy(rank: torch.Tensor, pos: torch.Tensor, capacity: int, per_head: bool) -> torch.Tensor:
+def select_heavy(
+    rank: torch.Tensor, pos: torch.Tensor, capacity: int, per_head: bool, group: int | None = None
+) -> torch.Tensor:
     """[C, H] ranks -> [C, H] candidate indices per head: the kept ``capacity`` first (by position),
-    then the evicted (by position). Ties keep the newer token. ``per_head`` False: one choice from
-    the heads' mean rank (and head 0's positions), the same for every head."""
+    then the evicted (by position). Ties keep the newer token. ``per_head`` False: one choice per
+    layer from the mean rank of each ``group`` of consecutive heads (default: all), and that
+    group's first head's positions."""
     if not per_head:
-        rank = rank.mean(dim=1, keepdim=True).expand_as(rank)
+        c, h = rank.shape
+        g = group or h
+        mean = rank.view(c, h // g, g).mean(dim=2, keepdim=True)
+        rank = mean.expand(c, h // g, g).reshape(c, h)
+        pos = pos.view(c, h // g, g)[:, :, :1].expand(c, h // g, g).reshape(c, h)
     by_new = torch.argsort(pos, dim=0, descending=True, stable=True)
     order = torch.argsort(rank.gather(0, by_new), dim=0, descending=True, stable=True)
     best = by_new.gather(0, order)  # [C, H] best first
@@ -77,21 +84,26 @@ def heavy_step(
     receivers: Tokens | None,
     capacity: int,
     score: TokenScore,
-    num_tokens: int,
+    num_tokens: int | torch.Tensor,
     merge: MergeConfig | None,
     layer: int,
     seed: int | None = None,
     heads: torch.Tensor | None = None,
+    group: int | None = None,
 ) -> HeavyResult:
     """Choose the heavy region among ``candidates`` and merge the evicted into ``receivers``.
 
     ``num_tokens``: the sequence length at the end of this step (a token at position p has been
     seen by ``num_tokens - p`` queries). ``heads``: global KV-head indices (the CaM draws' keys).
+
+    Several sequences' events can run as one: their heads side by side on the head axis
+    (``group`` heads per sequence, ``num_tokens`` [H] per column, ``heads`` repeated), when they
+    have the same numbers of candidates and receivers.
     """
     num_heads = candidates.k.shape[1]
     seen = num_tokens - candidates.pos
     rank = score.rank(candidates.state, candidates.abar, seen)
-    order = select_heavy(rank, candidates.pos, capacity, type(score).per_head)
+    order = select_heavy(rank, candidates.pos, capacity, type(score).per_head, group)
     heavy = candidates.take(order[:capacity])
     evicted = order[capacity:]
     if merge is None or receivers is None or evicted.shape[0] == 0 or receivers.k.shape[0] == 0:

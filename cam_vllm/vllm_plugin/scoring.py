@@ -96,8 +96,9 @@ def score_and_merge(
             for n, t in score.update(got, probs_kv, pack.visible).items():
                 state[n][pack.kv_slots] = t
     if score is not None:
-        for event in heavy:
-            _choose_heavy(paged, abar, state, event, policy, layer_index, heads, count_tokens)
+        events = list(heavy)
+        if events:
+            _choose_heavy(paged, abar, state, events, policy, layer_index, heads, count_tokens)
         return
     if policy.merge is None:
         return
@@ -158,9 +159,30 @@ def _score_decodes(
             state[name][slots] = t
 
 
-def _tokens(paged: Any, abar: torch.Tensor, state: dict[str, torch.Tensor], slots: torch.Tensor) -> Tokens:
+def _side_by_side(t: torch.Tensor, events: int) -> torch.Tensor:
+    """[Ev * C, H, ...] gathered by event -> [C, Ev * H, ...]: events side by side on the head axis."""
+    c = t.shape[0] // events
+    t = t.view(events, c, *t.shape[1:]).transpose(0, 1)
+    return t.reshape(c, events * t.shape[2], *t.shape[3:])
+
+
+def _per_event(t: torch.Tensor, events: int) -> torch.Tensor:
+    """The inverse: [C, Ev * H, ...] -> [Ev * C, H, ...] (rows in event order)."""
+    c, eh = t.shape[:2]
+    t = t.view(c, events, eh // events, *t.shape[2:]).transpose(0, 1)
+    return t.reshape(events * c, eh // events, *t.shape[3:])
+
+
+def _gather_side_by_side(
+    paged: Any, abar: torch.Tensor, state: dict[str, torch.Tensor], slots: torch.Tensor
+) -> Tokens:
+    """Tokens of ``slots`` [Ev, C] with the events side by side on the head axis."""
+    ev, flat = slots.shape[0], slots.flatten()
     return Tokens(
-        paged.gather_k(slots), paged.gather_v(slots), abar[slots], {n: t[slots] for n, t in state.items()}
+        _side_by_side(paged.gather_k(flat), ev),
+        _side_by_side(paged.gather_v(flat), ev),
+        _side_by_side(abar[flat], ev),
+        {n: _side_by_side(t[flat], ev) for n, t in state.items()},
     )
 
 
@@ -168,46 +190,60 @@ def _choose_heavy(
     paged: Any,
     abar: torch.Tensor,
     state: dict[str, torch.Tensor],
-    event: Any,
+    events: list[Any],
     policy: KVPolicy,
     layer_index: int,
     heads: torch.Tensor,
     count_tokens: bool,
 ) -> None:
-    """One request's heavy region: candidates compete, winners are copied into the heavy slots
-    (per KV head), the evicted are merged into the receivers (``core.selection.heavy_step``)."""
+    """The step's heavy-region choices: candidates compete, winners are copied into the heavy
+    slots (per KV head), the evicted are merged into the receivers (``core.selection.heavy_step``).
+    Events with the same numbers of candidates and receivers run as one call (side by side)."""
     score = policy.score
     assert score is not None
-    cand = torch.cat([event.heavy_slots, event.leaving_slots])
-    receivers = None
-    if policy.merge is not None and event.receivers.numel():
-        receivers = _tokens(paged, abar, state, event.receivers)
-    res = heavy_step(
-        _tokens(paged, abar, state, cand),
-        receivers,
-        int(event.heavy_slots.numel()),
-        score,
-        event.num_tokens,
-        policy.merge,
-        layer_index,
-        heads=heads,
-    )
-    hs = event.heavy_slots
-    paged.scatter_k(hs, res.heavy.k)
-    paged.scatter_v(hs, res.heavy.v)
-    abar[hs] = res.heavy.abar
-    for name, t in res.heavy.state.items():
-        state[name][hs] = t
-    if res.receiver_v is not None:
-        paged.scatter_v(event.receivers, res.receiver_v)
-        assert res.receiver_abar is not None
-        abar[event.receivers] = res.receiver_abar.to(abar.dtype)
-        if res.receiver_k is not None:
-            paged.scatter_k(event.receivers, res.receiver_k)
-    for d in res.decisions:
-        record_merge(
-            num_tokens=int((d.num_targets > 0).sum()),
-            decisions=d.decisions,
-            accepted=d.merged,
-            count_tokens=count_tokens,
+    merging = policy.merge is not None
+    shapes: dict[tuple[int, int, int], list[Any]] = {}
+    for e in events:
+        key = (e.heavy_slots.numel(), e.leaving_slots.numel(), e.receivers.numel() if merging else 0)
+        shapes.setdefault(key, []).append(e)
+    num_heads = abar.shape[1]
+    for (capacity, _, num_recv), group in shapes.items():
+        ev = len(group)
+        heavy_slots = torch.stack([e.heavy_slots for e in group])  # [Ev, capacity]
+        cand = torch.cat([heavy_slots, torch.stack([e.leaving_slots for e in group])], dim=1)
+        receivers = None
+        if num_recv:
+            recv_slots = torch.stack([e.receivers for e in group])
+            receivers = _gather_side_by_side(paged, abar, state, recv_slots)
+        num_tokens = torch.tensor([e.num_tokens for e in group]).repeat_interleave(num_heads)
+        res = heavy_step(
+            _gather_side_by_side(paged, abar, state, cand),
+            receivers,
+            capacity,
+            score,
+            num_tokens,
+            policy.merge,
+            layer_index,
+            heads=heads.repeat(ev),
+            group=num_heads,
         )
+        hs = heavy_slots.flatten()
+        paged.scatter_k(hs, _per_event(res.heavy.k, ev))
+        paged.scatter_v(hs, _per_event(res.heavy.v, ev))
+        abar[hs] = _per_event(res.heavy.abar, ev)
+        for name, t in res.heavy.state.items():
+            state[name][hs] = _per_event(t, ev)
+        if res.receiver_v is not None:
+            rs = recv_slots.flatten()
+            paged.scatter_v(rs, _per_event(res.receiver_v, ev))
+            assert res.receiver_abar is not None
+            abar[rs] = _per_event(res.receiver_abar, ev).to(abar.dtype)
+            if res.receiver_k is not None:
+                paged.scatter_k(rs, _per_event(res.receiver_k, ev))
+        for d in res.decisions:
+            record_merge(
+                num_tokens=int((d.num_targets > 0).sum()) * ev,
+                decisions=d.decisions,
+                accepted=d.merged,
+                count_tokens=count_tokens,
+            )
