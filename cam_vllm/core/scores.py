@@ -7,7 +7,7 @@ cache, the vLLM worker) gathers the state of the tokens it scores into these sha
 :meth:`TokenScore.update`, and scatters the result back, so both engines run this code.
 
 State shared by every score-driven policy (the selection and the merge rules need it):
-  * ``pos`` (int64): the token's position. In vLLM a heavy slot holds, per KV head, a token
+  * ``pos`` (int32): the token's position. In vLLM a heavy slot holds, per KV head, a token
     copied from elsewhere, so the slot's own position says nothing about its token.
 Accumulated attention (``Abar``, H2O's score and CaM's weight) is kept by the engines as before.
 

@@ -135,7 +135,7 @@ class PolicyCache:
         new_state = {}
         score = self.policy.score
         if score is not None:
-            new_state["pos"] = pos[:, None].expand(-1, k.shape[1]).to(torch.int64)
+            new_state["pos"] = pos[:, None].expand(-1, k.shape[1]).to(torch.int32)
             for name, dtype in score.fields.items():
                 new_state[name] = torch.zeros(k.shape[0], k.shape[1], dtype=dtype, device=k.device)
         st = self.layers.get(layer)

@@ -43,7 +43,7 @@ def new_score_state(
     score = policy.score
     if score is None:
         return {}
-    fields = {"pos": torch.int64, **score.fields}
+    fields = {"pos": torch.int32, **score.fields}
     return {n: torch.zeros(num_slots, num_kv_heads, dtype=dt, device=device) for n, dt in fields.items()}
 
 
