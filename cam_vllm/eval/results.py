@@ -488,6 +488,10 @@ def plot_score_policies(rows: Sequence[dict], path: Path) -> Path | None:
         for r in grp:
             if r.get("budget") is None:
                 ax.axhline(r["metrics"][metric]["mean"] * scale, color="k", ls="--", lw=1, label="full cache")
+        scored = {
+            r["budget"] for r in grp if is_score_driven(_base(r["policy"])) and r.get("budget") is not None
+        }
+        grp = [r for r in grp if r.get("budget") is None or r["budget"] in scored]
         for pol in sorted(
             {r["policy"] for r in grp if r.get("budget") is not None}, key=lambda p: POLICY_ORDER.get(p, 99)
         ):
@@ -503,12 +507,14 @@ def plot_score_policies(rows: Sequence[dict], path: Path) -> Path | None:
                 ms=3,
                 capsize=2,
                 color=SCORE_COLORS.get(_base(pol), "tab:gray"),
-                ls="--" if merge_rule_of(pol) else "-",
+                ls={None: "-", "cam": "--"}.get(merge_rule_of(pol), ":"),
                 label=pol,
             )
         ax.set_title(f"vLLM {task} {data}")
         ax.set_xlabel("KV budget (% of sequence)")
-        ax.set_ylabel("perplexity" if task == "ppl" else "retrieval accuracy (%)")
+        ax.set_ylabel("perplexity (log)" if task == "ppl" else "retrieval accuracy (%)")
+        if task == "ppl":
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     return _save(fig, path)
