@@ -15,6 +15,14 @@ from cam_vllm.core.scores import MAX_HISTORY
 from cam_vllm.policies import is_score_driven, resolve_merge
 
 
+def split_heavy(rest: int, block_size: int, heavy_tokens: int | None = None) -> tuple[int, int]:
+    """(heavy, window) tokens of what the sinks leave of a budget: half each, whole blocks (an
+    explicit ``heavy_tokens`` is kept; the window gets the rest, rounded down)."""
+    b = block_size
+    heavy = heavy_tokens if heavy_tokens is not None else max(rest, 0) // 2 // b * b
+    return heavy, (rest - heavy) // b * b
+
+
 class KVPolicyConfig(BaseModel):
     """A KV policy and its budget.
 
@@ -101,8 +109,7 @@ class KVPolicyConfig(BaseModel):
         b = self.block_size
         if self.score_driven:
             rest = total - self.sink_tokens
-            heavy = self.heavy_tokens if self.heavy_tokens is not None else max(rest // 2, 0) // b * b
-            window = (rest - heavy) // b * b
+            heavy, window = split_heavy(rest, b, self.heavy_tokens)
             if window < b or heavy < b:
                 raise ValueError(
                     f"budget {self.budget} of {length} tokens is {total} tokens, which leaves "

@@ -295,27 +295,29 @@ def test_results_json_markdown_and_plots(tmp_path):
     )
 
 
+def _ppl_row(engine, policy, budget, value, variant=""):
+    """A perplexity row of the essays for the report tests."""
+    return {
+        **_row(policy, budget, [value], variant),
+        "task": "ppl",
+        "data": "essays-1024",
+        "engine": engine,
+        "metrics": {"ppl": aggregate([value])},
+    }
+
+
 def test_vllm_rows_get_their_own_plots_and_stay_out_of_the_reference_ones(tmp_path):
     from cam_vllm.eval.results import merge_rule_ratios, vllm_comparison
 
-    def ppl(engine, policy, budget, value, variant=""):
-        return {
-            **_row(policy, budget, [value], variant),
-            "task": "ppl",
-            "data": "essays-1024",
-            "engine": engine,
-            "metrics": {"ppl": aggregate([value])},
-        }
-
     rows = [
-        ppl("parallel", "none", None, 25.0),
-        ppl("parallel", "streaming", 0.2, 28.0),
-        ppl("parallel", "streaming", 0.2, 28.1, "block32"),
-        ppl("parallel", "cam-streaming", 0.2, 29.0, "block16"),  # not what vLLM on CPU runs
-        *(ppl("vllm-chunk16", "streaming", b, 28.1 - b) for b in (0.2, 0.5, 0.9)),
-        ppl("vllm-chunk48", "streaming", 0.2, 28.1),  # a single point: the table only
-        *(ppl("vllm-chunk16", "weighted-streaming", b, (28.1 - b) * 0.9) for b in (0.2, 0.5)),
-        ppl("vllm-chunk48", "weighted-streaming", 0.2, 30.0),  # compared with chunk48's own streaming
+        _ppl_row("parallel", "none", None, 25.0),
+        _ppl_row("parallel", "streaming", 0.2, 28.0),
+        _ppl_row("parallel", "streaming", 0.2, 28.1, "block32"),
+        _ppl_row("parallel", "cam-streaming", 0.2, 29.0, "block16"),  # not what vLLM on CPU runs
+        *(_ppl_row("vllm-chunk16", "streaming", b, 28.1 - b) for b in (0.2, 0.5, 0.9)),
+        _ppl_row("vllm-chunk48", "streaming", 0.2, 28.1),  # a single point: the table only
+        *(_ppl_row("vllm-chunk16", "weighted-streaming", b, (28.1 - b) * 0.9) for b in (0.2, 0.5)),
+        _ppl_row("vllm-chunk48", "weighted-streaming", 0.2, 30.0),  # compared with chunk48's own streaming
     ]
     write_json(tmp_path / "a.json", {}, rows)
     labels = sorted((r["engine"], r["variant"]) for r in vllm_comparison(load_rows(tmp_path), "ppl"))
@@ -339,22 +341,13 @@ def test_vllm_rows_get_their_own_plots_and_stay_out_of_the_reference_ones(tmp_pa
 def test_score_policies_get_their_table_and_plot_against_baselines_of_the_same_engine(tmp_path):
     from cam_vllm.eval.results import merge_rule_ratios, score_policy_table
 
-    def ppl(engine, policy, budget, value):
-        return {
-            **_row(policy, budget, [value]),
-            "task": "ppl",
-            "data": "essays-1024",
-            "engine": engine,
-            "metrics": {"ppl": aggregate([value])},
-        }
-
     rows = [
-        ppl("vllm-chunk16", "none", None, 25.0),
-        ppl("vllm-chunk16", "streaming", 0.1, 30.0),
-        ppl("vllm-chunk16", "streaming", 0.5, 26.0),  # no score row at 50%: no column
-        ppl("vllm-chunk48", "streaming", 0.1, 99.0),  # another engine: not a baseline here
-        ppl("vllm-chunk16", "h2o", 0.1, 29.0),
-        ppl("vllm-chunk16", "cam-h2o", 0.1, 29.5),
+        _ppl_row("vllm-chunk16", "none", None, 25.0),
+        _ppl_row("vllm-chunk16", "streaming", 0.1, 30.0),
+        _ppl_row("vllm-chunk16", "streaming", 0.5, 26.0),  # no score row at 50%: no column
+        _ppl_row("vllm-chunk48", "streaming", 0.1, 99.0),  # another engine: not a baseline here
+        _ppl_row("vllm-chunk16", "h2o", 0.1, 29.0),
+        _ppl_row("vllm-chunk16", "cam-h2o", 0.1, 29.5),
     ]
     write_json(tmp_path / "a.json", {}, rows)
     table = score_policy_table(load_rows(tmp_path))

@@ -46,32 +46,12 @@ def prompts():
     return [token_prompts(1, n, seed=i)[0] for i, n in enumerate((300, 77, 190))]
 
 
-_HF: dict = {}
-
-
 def reference(model_path, name: str, prompt: list[int], max_tokens: int = NEW_TOKENS):
-    """Greedy tokens and logprobs of the reference engine, prompt fed in STEP-token chunks."""
-    from transformers import AutoModelForCausalLM
+    """Greedy tokens, logprobs and cache of the reference engine, prompt fed in STEP-token chunks."""
+    from vllm_helpers import reference_greedy
 
-    from cam_vllm.reference.engine import ReferenceEngine
-
-    if str(model_path) not in _HF:
-        _HF[str(model_path)] = AutoModelForCausalLM.from_pretrained(
-            str(model_path), dtype=torch.float32
-        ).eval()
     policy = build_policy(KVPolicyConfig(**settings(name), block_size=BLOCK))
-    eng = ReferenceEngine(_HF[str(model_path)], policy)
-    eng.start(len(prompt))
-    for s in range(0, len(prompt), STEP):
-        logits = eng.feed(prompt[s : s + STEP])
-    tokens, lps = [], []
-    while True:
-        logp = torch.log_softmax(logits[-1], dim=-1)
-        tokens.append(int(logp.argmax()))
-        lps.append(float(logp[tokens[-1]]))
-        if len(tokens) == max_tokens:
-            return tokens, lps, eng.cache
-        logits = eng.feed(tokens[-1:])
+    return reference_greedy(model_path, policy, prompt, max_tokens, chunk=STEP)
 
 
 def _params(n: int, logprobs: bool = False):

@@ -363,29 +363,9 @@ def generate(llm, prompts, max_tokens=NEW_TOKENS, logprobs=False):
 
 def reference(model_path, policy, prompt, max_tokens=NEW_TOKENS, chunk=None):
     """Greedy tokens and their logprobs from the reference engine (transformers, float32)."""
-    from transformers import AutoModelForCausalLM
+    from vllm_helpers import reference_greedy
 
-    from cam_vllm.reference.engine import ReferenceEngine
-
-    key = str(model_path)
-    if key not in _HF_MODELS:
-        _HF_MODELS[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
-    eng = ReferenceEngine(_HF_MODELS[key], policy)
-    eng.start(len(prompt))
-    chunk = chunk or len(prompt)
-    for s in range(0, len(prompt), chunk):
-        logits = eng.feed(prompt[s : s + chunk])
-    tokens, lps = [], []
-    while True:
-        logp = torch.log_softmax(logits[-1], dim=-1)
-        tokens.append(int(logp.argmax()))
-        lps.append(float(logp[tokens[-1]]))
-        if len(tokens) == max_tokens:
-            return tokens, lps
-        logits = eng.feed(tokens[-1:])
-
-
-_HF_MODELS: dict = {}
+    return reference_greedy(model_path, policy, prompt, max_tokens, chunk)[:2]
 
 
 @pytest.fixture(scope="module")

@@ -188,3 +188,32 @@ def run_sampled(llm, prompts: list[list[int]], params, num_blocks: int, on_step=
 def token_prompts(n: int, length: int, vocab: int = 800, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+
+
+_HF_MODELS: dict = {}
+
+
+def reference_greedy(model_path, policy, prompt: list[int], max_tokens: int, chunk: int | None = None):
+    """Greedy tokens, their logprobs and the final cache of the reference engine (transformers,
+    float32; the model loaded once per path), the prompt fed in ``chunk``-token steps (None: one)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cam_vllm.reference.engine import ReferenceEngine
+
+    key = str(model_path)
+    if key not in _HF_MODELS:
+        _HF_MODELS[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+    eng = ReferenceEngine(_HF_MODELS[key], policy)
+    eng.start(len(prompt))
+    chunk = chunk or len(prompt)
+    for s in range(0, len(prompt), chunk):
+        logits = eng.feed(prompt[s : s + chunk])
+    tokens, lps = [], []
+    while True:
+        logp = torch.log_softmax(logits[-1], dim=-1)
+        tokens.append(int(logp.argmax()))
+        lps.append(float(logp[tokens[-1]]))
+        if len(tokens) == max_tokens:
+            return tokens, lps, eng.cache
+        logits = eng.feed(tokens[-1:])

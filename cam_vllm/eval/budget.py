@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cam_vllm.config import KVPolicyConfig
+from cam_vllm.config import KVPolicyConfig, split_heavy
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,8 @@ def resolve_budget(cfg: KVPolicyConfig, length: int) -> KVPolicyConfig:
     if cfg.score_driven:
         b = cfg.block_size
         sinks = min(cfg.sink_tokens, max(total - 1, 0) // 2)
-        rest = max(total, 1) - sinks
-        heavy = cfg.heavy_tokens if cfg.heavy_tokens is not None else rest // 2 // b * b
-        window = max(b, (rest - heavy) // b * b)
+        heavy, window = split_heavy(max(total, 1) - sinks, b, cfg.heavy_tokens)
+        window = max(b, window)
         update = {"sink_tokens": sinks, "heavy_tokens": heavy, "window_tokens": window, "budget": None}
         return cfg.model_copy(update=update)
     sinks, window = split_budget(total, cfg.sink_tokens, cfg.block_size)

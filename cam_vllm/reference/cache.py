@@ -197,8 +197,8 @@ class PolicyCache:
             window = torch.nonzero(~gone & (p >= ev.window_start(next_num_tokens))).flatten()
             window = window[torch.argsort(p[window])]
             reach = merge_rule(merge.rule).reach(merge)
-            receivers = st.tokens(window if reach is None else window[:reach])
             recv_idx = window if reach is None else window[:reach]
+            receivers = st.tokens(recv_idx)
         res = heavy_step(
             st.tokens(cand), receivers, heavy.numel(), ev.score, next_num_tokens - 1, merge, layer, self.seed
         )

@@ -41,6 +41,21 @@ class Internal:
     value: object = None
 
 
+# The leading parameters of vLLM's attention impls' constructors (CPU and FlashAttention alike).
+_IMPL_INIT_PARAMS = (
+    "num_heads",
+    "head_size",
+    "scale",
+    "num_kv_heads",
+    "alibi_slopes",
+    "sliding_window",
+    "kv_cache_dtype",
+    "logits_soft_cap",
+    "attn_type",
+    "kv_sharing_target_layer_name",
+    "sinks",
+)
+
 INTERNALS: list[Internal] = [
     # --- plugin loading ------------------------------------------------------------------------
     Internal(
@@ -351,19 +366,7 @@ CPU_INTERNALS: list[Internal] = [
         "method",
         "subclassed; we read alibi_slopes, sliding_window (-1: none), logits_soft_cap, sinks, "
         "is_fp8_kv_cache, attn_type, kv_sharing_target_layer_name",
-        params=(
-            "num_heads",
-            "head_size",
-            "scale",
-            "num_kv_heads",
-            "alibi_slopes",
-            "sliding_window",
-            "kv_cache_dtype",
-            "logits_soft_cap",
-            "attn_type",
-            "kv_sharing_target_layer_name",
-            "sinks",
-        ),
+        params=_IMPL_INIT_PARAMS,
     ),
     Internal(
         "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
@@ -465,19 +468,7 @@ CUDA_INTERNALS: list[Internal] = [
         "vllm.v1.attention.backends.flash_attn:FlashAttentionImpl.__init__",
         "method",
         "subclassed; we read alibi_slopes, sliding_window (tuple), logits_soft_cap, sinks, kv_cache_dtype",
-        params=(
-            "num_heads",
-            "head_size",
-            "scale",
-            "num_kv_heads",
-            "alibi_slopes",
-            "sliding_window",
-            "kv_cache_dtype",
-            "logits_soft_cap",
-            "attn_type",
-            "kv_sharing_target_layer_name",
-            "sinks",
-        ),
+        params=_IMPL_INIT_PARAMS,
     ),
     Internal(
         "vllm.v1.attention.backends.flash_attn:FlashAttentionImpl.forward",

@@ -127,6 +127,11 @@ def score_and_merge(
         )
 
 
+# Decoding requests whose score fields are updated in one block-diagonal call (TOVA, Scissorhands,
+# CORM); Abar needs no such expansion.
+DECODE_UPDATE_GROUP = 16
+
+
 def _score_decodes(
     paged: Any,
     abar: torch.Tensor,
@@ -150,13 +155,19 @@ def _score_decodes(
     # padding reads the null block's slots and adds 0 there: duplicates write the same value
     abar[slots] = abar[slots] + probs.transpose(1, 2).reshape(r * n, h)
     if score is not None and score.fields:
-        # the scores' updates take one call's queries against its keys: block-diagonal here
-        eye = torch.eye(r, dtype=torch.bool)
-        visible = (eye[:, :, None] & decode.valid[None, :, :]).reshape(r, r * n)
-        probs_kv = (eye[:, None, :, None].to(probs.dtype) * probs.transpose(0, 1)[None]).reshape(r, h, r * n)
-        got = {name: state[name][slots] for name in score.fields}
-        for name, t in score.update(got, probs_kv, visible).items():
-            state[name][slots] = t
+        # the scores' updates take one call's queries against its keys: block-diagonal, in groups
+        # of requests so the expansion stays small (size ~ group * R * N, not R * R * N)
+        for a in range(0, r, DECODE_UPDATE_GROUP):
+            b = min(a + DECODE_UPDATE_GROUP, r)
+            g = b - a
+            eye = torch.eye(g, dtype=torch.bool)
+            visible = (eye[:, :, None] & decode.valid[None, a:b, :]).reshape(g, g * n)
+            p = probs[a:b].transpose(0, 1)[None]  # [1, H, g, N]
+            probs_kv = (eye[:, None, :, None].to(probs.dtype) * p).reshape(g, h, g * n)
+            sl = decode.slots[a:b].flatten()
+            got = {name: state[name][sl] for name in score.fields}
+            for name, t in score.update(got, probs_kv, visible).items():
+                state[name][sl] = t
 
 
 def _side_by_side(t: torch.Tensor, events: int) -> torch.Tensor:

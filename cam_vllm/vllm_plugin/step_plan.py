@@ -86,12 +86,11 @@ def split_waves(policy: KVPolicy, tokens: StepTokens) -> list[Wave]:
     """The waves of a step: one (every query) unless a score-driven policy's chunk crosses a point
     where a block leaves the window; then the heavy region is chosen between the waves."""
     ev = policy.eviction
-    one = [Wave(torch.arange(tokens.token_pos.numel()), torch.arange(tokens.seq_lens.numel()), tokens)]
-    if not isinstance(ev, HeavyPolicy) or tokens.token_pos.numel() < 2:
-        return one
-    wave = ev.waves(tokens.token_pos, tokens.token_req)
-    if int(wave.max()) == 0:
-        return one
+    wave = None
+    if isinstance(ev, HeavyPolicy) and tokens.token_pos.numel() > 1:
+        wave = ev.waves(tokens.token_pos, tokens.token_req)
+    if wave is None or int(wave.max()) == 0:
+        return [Wave(torch.arange(tokens.token_pos.numel()), torch.arange(tokens.seq_lens.numel()), tokens)]
     out = []
     for w in range(int(wave.max()) + 1):
         rows = torch.nonzero(wave == w).flatten()
