@@ -181,6 +181,47 @@ def test_greedy_runs_and_is_deterministic(tiny_llama, ids):
     assert out1 == out2 and len(out1) == 20
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        KVPolicyConfig(policy="cam-streaming", sink_tokens=4, window_tokens=16, merge_clamp=(0.0, 0.5)),
+        KVPolicyConfig(policy="cam-h2o", sink_tokens=4, heavy_tokens=8, window_tokens=8),
+        KVPolicyConfig(policy="scissorhands", sink_tokens=4, heavy_tokens=16, window_tokens=16, block_size=4),
+    ],
+    ids=["cam-streaming", "cam-h2o", "scissorhands-block4"],
+)
+def test_steps_in_one_forward_equal_one_call_per_step(tiny_llama, ids, cfg):
+    """``feed(..., steps=)`` runs each layer's steps before the next layer: same outputs, same
+    merges and the same final cache as one ``feed`` per step (the eval's fast per-token path)."""
+    steps = [20] + [1] * 30 + [7, 5] + [1] * 34
+    one, _ = run(tiny_llama, cfg, ids, seed=3)
+    eng_a = ReferenceEngine(tiny_llama, cfg, seed=3)
+    eng_a.start(len(ids))
+    a, starts = 0, []
+    for n in steps:
+        starts.append(eng_a.feed(ids[a : a + n]))
+        a += n
+    per_step = torch.cat(starts)
+    eng_b = ReferenceEngine(tiny_llama, cfg, seed=3)
+    eng_b.start(len(ids))
+    cut = sum(steps[:33])
+    layer_major = torch.cat([eng_b.feed(ids[:cut], steps=steps[:33]), eng_b.feed(ids[cut:], steps=steps[33:])])
+    torch.testing.assert_close(layer_major, per_step, atol=1e-4, rtol=1e-4)
+    assert eng_a.cache.stats == eng_b.cache.stats and eng_b.cache.stats.evicted_tokens > 0
+    if cfg.policy.startswith("cam"):
+        assert eng_b.cache.stats.merged > 0
+    for layer, st in eng_a.cache.layers.items():
+        other = eng_b.cache.layers[layer]
+        assert torch.equal(st.positions, other.positions)
+        for name, t in st.state.items():
+            assert torch.equal(t, other.state[name]), name
+        torch.testing.assert_close(st.v, other.v, atol=1e-4, rtol=1e-4)
+    if not cfg.policy.startswith("cam"):
+        torch.testing.assert_close(one[: len(per_step)], per_step, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="do not split"):
+        eng_b.feed(ids[:3], steps=[1, 1])
+
+
 def test_batch_larger_than_one_is_refused(tiny_llama):
     eng = ReferenceEngine(tiny_llama)
     eng.start()

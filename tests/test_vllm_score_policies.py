@@ -219,3 +219,48 @@ def test_continuous_batching_and_aborts_do_not_change_a_request(model):
         with contextlib.suppress(Exception):
             llm.llm_engine.engine_core.shutdown()
         del llm
+
+
+@pytest.mark.parametrize("name", ["h2o", "cam-h2o"])
+def test_preempted_requests_equal_their_runs_alone(model, name):
+    """Preemption by recompute: admission checks only the first chunk (scheduler_reserve_full_isl
+    off) and the pool holds ~2 requests at their bound, so vLLM preempts running requests and
+    recomputes them by prefill of prompt + generated tokens. The recompute is chunked differently
+    from the first run; waves make the heavy region independent of chunking (and CaM's merges are
+    keyed by position), so every request's greedy output equals its run alone."""
+    from vllm_helpers import blocks_in_use, metric_values
+
+    pool = 16
+    llm = make_llm(
+        model,
+        block_size=BLOCK,
+        max_model_len=2048,
+        enable_prefix_caching=False,
+        max_num_seqs=6,
+        max_num_batched_tokens=64,
+        num_gpu_blocks_override=pool,
+        scheduler_reserve_full_isl=False,
+        additional_config={"kv_policy": {**settings(name), "seed": 3}},
+    )
+    try:
+        lengths = (420, 610, 350, 700, 500, 290)
+        prompts = [token_prompts(1, n, seed=n + 1)[0] for n in lengths]
+        engine = llm.llm_engine
+        for i, p in enumerate(prompts):
+            engine.add_request(f"p{i}", {"prompt_token_ids": p}, _params(48))
+        out = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    out[o.request_id] = list(o.outputs[0].token_ids)
+        assert metric_values(llm).get("vllm:num_preemptions", 0) > 0, "the pool did not force a preemption"
+        assert blocks_in_use(llm, pool) == 0
+        for i, p in enumerate(prompts):
+            alone = llm.generate([{"prompt_token_ids": p}], _params(48), use_tqdm=False)
+            assert list(alone[0].outputs[0].token_ids) == out[f"p{i}"], f"p{i} changed by preemption"
+    finally:
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm

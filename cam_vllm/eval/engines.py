@@ -150,6 +150,7 @@ class ReferenceBackend:
     """The evaluation protocol on :class:`~cam_vllm.reference.engine.ReferenceEngine` (batch 1)."""
 
     name = "reference"
+    piece_steps = 256  # steps per forward: bounds the activations, keeps a progress bar moving
 
     def __init__(self, model):
         self.model = model
@@ -171,12 +172,15 @@ class ReferenceBackend:
         # eviction attends the same in one chunk)
         scoring = merge_rule_of(cfg.policy, cfg.merge) is not None or cfg.score_driven
         first = first_eviction_step(cfg, n) if scoring else n - 1
-        bounds = [(0, min(first + 1, n))]
-        bounds += [(s, s + 1) for s in range(bounds[0][1], n)]
-        logits = [
-            eng.feed(list(ids[a:b]))
-            for a, b in tqdm(bounds, disable=not progress, desc=f"ref {cfg.policy}", leave=False)
-        ]
+        head = min(first + 1, n)
+        steps = [head] + [1] * (n - head)
+        # layer-major (ReferenceEngine.feed with steps): the same steps, one forward per piece
+        pieces = [steps[i : i + self.piece_steps] for i in range(0, len(steps), self.piece_steps)]
+        logits, a = [], 0
+        for piece in tqdm(pieces, disable=not progress, desc=f"ref {cfg.policy}", leave=False):
+            b = a + sum(piece)
+            logits.append(eng.feed(list(ids[a:b]), steps=piece))
+            a = b
         st = eng.cache.stats
         self.stats.sequences += 1
         self.stats.tokens += n

@@ -22,6 +22,7 @@ from cam_vllm.reference.cache import PolicyCache
 
 ATTN_IMPLEMENTATION = "cam_reference"
 _ACTIVE: ContextVar[PolicyCache | None] = ContextVar("cam_reference_cache", default=None)
+_STEPS: ContextVar[tuple[int, ...] | None] = ContextVar("cam_reference_steps", default=None)
 
 
 def _policy_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -34,10 +35,13 @@ def _policy_attention(module, query, key, value, attention_mask, scaling=None, d
     if query.shape[0] != 1:
         raise ValueError(f"the reference engine runs one sequence at a time, got batch {query.shape[0]}")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = cache.attend(
-        module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), scale
-    )
-    return out.unsqueeze(0), None  # [1, L, Hq, D], as transformers expects
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    steps = _STEPS.get() or (q.shape[0],)
+    outs, a = [], 0
+    for n in steps:  # this layer's steps in order; the cache's state is per layer
+        outs.append(cache.attend(module.layer_idx, q[a : a + n], k[a : a + n], v[a : a + n], scale))
+        a += n
+    return torch.cat(outs).unsqueeze(0), None  # [1, L, Hq, D], as transformers expects
 
 
 def _register() -> None:
@@ -82,13 +86,27 @@ class ReferenceEngine:
             _ACTIVE.reset(token)
 
     @torch.inference_mode()
-    def feed(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Process the next tokens of the sequence as one step; returns their logits [C, V]."""
+    def feed(self, token_ids: Sequence[int] | torch.Tensor, steps: Sequence[int] | None = None) -> torch.Tensor:
+        """Process the next tokens of the sequence; returns their logits [C, V].
+
+        By default the tokens are one engine step. ``steps`` (lengths summing to C) splits them
+        into consecutive steps, run in one forward *layer by layer*: each layer runs all its steps
+        before the next layer starts. Every piece of the cache's state is per layer and a layer's
+        step reads only that layer's state and the step's own inputs, so this equals feeding the
+        steps one call each, while the weights are read once instead of once per step (feeding
+        token by token is bound by reading the weights: ~4x slower on SmolLM2).
+        """
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.model.device).reshape(1, -1)
+        if steps is not None and (sum(steps) != ids.shape[1] or min(steps, default=1) < 1):
+            raise ValueError(f"steps {list(steps)} do not split {ids.shape[1]} tokens")
         with self._active() as cache:
             start = cache.num_tokens.get(0, 0)
             pos = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
-            out = self.model(input_ids=ids, position_ids=pos, use_cache=False)
+            token = _STEPS.set(tuple(steps) if steps is not None else None)
+            try:
+                out = self.model(input_ids=ids, position_ids=pos, use_cache=False)
+            finally:
+                _STEPS.reset(token)
         return out.logits[0].float()
 
     def token_nlls(
