@@ -205,7 +205,9 @@ def test_steps_in_one_forward_equal_one_call_per_step(tiny_llama, ids, cfg):
     eng_b = ReferenceEngine(tiny_llama, cfg, seed=3)
     eng_b.start(len(ids))
     cut = sum(steps[:33])
-    layer_major = torch.cat([eng_b.feed(ids[:cut], steps=steps[:33]), eng_b.feed(ids[cut:], steps=steps[33:])])
+    layer_major = torch.cat(
+        [eng_b.feed(ids[:cut], steps=steps[:33]), eng_b.feed(ids[cut:], steps=steps[33:])]
+    )
     torch.testing.assert_close(layer_major, per_step, atol=1e-4, rtol=1e-4)
     assert eng_a.cache.stats == eng_b.cache.stats and eng_b.cache.stats.evicted_tokens > 0
     if cfg.policy.startswith("cam"):

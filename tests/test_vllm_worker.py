@@ -74,7 +74,8 @@ def test_layout_probe_reads_what_the_backend_writes(isa, head, dtype):
     paged = PagedKV(kv, layout)
     blocks = torch.tensor([[3, 1, 0], [5, 5, 2]])  # whole blocks, as the decode scoring reads them
     slots = (blocks[:, :, None] * BLOCK + torch.arange(BLOCK)).flatten(1)
-    want = torch.stack([paged.gather_k(s) for s in slots]).permute(0, 2, 3, 1)  # [R, H, D, N]
+    want = torch.stack([paged.gather_k(s) for s in slots])  # [R, N, H, D]
+    want = want.view(2, 3, BLOCK, 2, head).permute(0, 1, 3, 4, 2)  # [R, nb, H, D, B]
     assert torch.equal(paged.gather_block_kt(blocks), want)
     if isa in ("vec", "vec16"):  # the fact the notes warn about: K transposed, V token-major
         t, d = torch.meshgrid(torch.arange(BLOCK), torch.arange(head), indexing="ij")

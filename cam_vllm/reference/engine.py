@@ -86,7 +86,9 @@ class ReferenceEngine:
             _ACTIVE.reset(token)
 
     @torch.inference_mode()
-    def feed(self, token_ids: Sequence[int] | torch.Tensor, steps: Sequence[int] | None = None) -> torch.Tensor:
+    def feed(
+        self, token_ids: Sequence[int] | torch.Tensor, steps: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """Process the next tokens of the sequence; returns their logits [C, V].
 
         By default the tokens are one engine step. ``steps`` (lengths summing to C) splits them

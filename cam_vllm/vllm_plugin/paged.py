@@ -150,6 +150,7 @@ class PagedKV:
         self._k_view = self._strided(layout.k_offsets)
         self._k_transposed = _affine(layout.k_offsets) == (0, 1, b)  # vec / vec16: gather_block_kt
         self._v_view = self._strided(layout.v_offsets)
+        self._v_token_major = _affine(layout.v_offsets) == (b * layout.head_size, layout.head_size, 1)
 
     def _strided(self, offsets: torch.Tensor) -> torch.Tensor | None:
         aff = _affine(offsets)
@@ -180,24 +181,32 @@ class PagedKV:
         return self._gather(slots, self._k_view, self.layout.k_offsets)
 
     def gather_block_kt(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Transposed keys of whole blocks: ``blocks`` [R, nb] -> [R, H, D, nb * block_size].
+        """Transposed keys of whole blocks: ``blocks`` [R, nb] -> [R, nb, H, D, block_size].
 
         The decode scoring path reads every retained block of a request anyway. Where a block's
         keys are stored transposed (``vec``/``vec16``: element ``d * B + t``) this is one
-        ``index_select`` of whole (block, head) rows, ready for ``q @ K^T``; elsewhere slot by slot.
+        ``index_select`` of whole (block, head) rows, already laid out for ``q @ K^T`` block by
+        block (no second copy into one [H, D, N] matrix); elsewhere slot by slot.
         """
         r, nb = blocks.shape
         b, d = self.block_size, self.layout.head_size
         if self._k_transposed:
             rows = self.flat[:, :, : b * d].index_select(0, blocks.flatten().to(torch.int64))
-            return (
-                rows.view(r, nb, self.num_heads, d, b)
-                .permute(0, 2, 3, 1, 4)
-                .reshape(r, self.num_heads, d, nb * b)
-            )
+            return rows.view(r, nb, self.num_heads, d, b)
         slots = (blocks.to(torch.int64)[:, :, None] * b + torch.arange(b)).flatten()
-        k = self.gather_k(slots).view(r, nb * b, self.num_heads, d)
-        return k.permute(0, 2, 3, 1)
+        k = self.gather_k(slots).view(r, nb, b, self.num_heads, d)
+        return k.permute(0, 1, 3, 4, 2)
+
+    def gather_block_v(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Values of whole blocks: ``blocks`` [R, nb] -> [R, nb, H, block_size, D] (token-major
+        layouts, ``vec``/``vec16``: one ``index_select`` of (block, head) rows; elsewhere slot by slot)."""
+        r, nb = blocks.shape
+        b, d = self.block_size, self.layout.head_size
+        if self._v_token_major:
+            rows = self.flat[:, :, b * d :].index_select(0, blocks.flatten().to(torch.int64))
+            return rows.view(r, nb, self.num_heads, b, d)
+        slots = (blocks.to(torch.int64)[:, :, None] * b + torch.arange(b)).flatten()
+        return self.gather_v(slots).view(r, nb, b, self.num_heads, d).transpose(2, 3)
 
     def gather_v(self, slots: torch.Tensor) -> torch.Tensor:
         """Values of ``slots`` [N] as [N, H, D] (a copy)."""

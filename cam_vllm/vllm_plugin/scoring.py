@@ -76,13 +76,15 @@ def score_and_merge(
     state: dict[str, torch.Tensor] | None = None,
     heavy: Iterable[Any] = (),
     decode: Any = None,
+    output: torch.Tensor | None = None,
 ) -> None:
     """Accumulate this step's attention into ``abar`` (and the score state, per slot), then merge
-    each leaving chain, or choose each heavy region (score-driven policies)."""
+    each leaving chain, or choose each heavy region (score-driven policies). With ``output``, the
+    step is decodes only and its attention output is written here too (see ``_score_decodes``)."""
     score = policy.score
     state = state or {}
     if decode is not None:
-        _score_decodes(paged, abar, state, query, decode, score, scale, num_kv_heads)
+        _score_decodes(paged, abar, state, query, decode, score, scale, num_kv_heads, output)
     for pack in packs:
         k = paged.gather_k(pack.kv_slots)
         # only the probabilities are used (the output is the kernel's), so the values passed
@@ -141,30 +143,44 @@ def _score_decodes(
     score: Any,
     scale: float,
     num_kv_heads: int,
+    output: torch.Tensor | None = None,
 ) -> None:
     """Accumulated attention of the step's decoding queries, batched over their requests
     (``step_plan.DecodeBatch``): the same probabilities as ``attention_with_probs`` over each
-    query's retained tokens, with padding masked out."""
-    kt = paged.gather_block_kt(decode.blocks).float()  # [R, H, D, N]
-    r, h, d, n = kt.shape
-    q = query[decode.q_rows].float().view(r, h, -1, d)  # [R, H, G, D]
-    logits = torch.matmul(q, kt) * scale  # [R, H, G, N]
-    logits.masked_fill_(~decode.valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).mean(dim=2)  # [R, H, N]: mean over each KV head's queries
-    slots = decode.slots.flatten()
-    # padding reads the null block's slots and adds 0 there: duplicates write the same value
-    abar[slots] = abar[slots] + probs.transpose(1, 2).reshape(r * n, h)
+    query's retained tokens, with padding masked out.
+
+    With ``output`` (a step of decodes only), this is also the step's attention: the output rows
+    of the decoding queries are written from the same probabilities, so the keys are read and
+    multiplied once instead of once by the stock kernel and once here."""
+    kt = paged.gather_block_kt(decode.blocks).float()  # [R, nb, H, D, B]
+    r, nb, h, d, bs = kt.shape
+    n = nb * bs
+    q = query[decode.q_rows].float().view(r, 1, h, -1, d)  # [R, 1, H, G, D]
+    g = q.shape[3]
+    # block by block (the gathered keys stay as stored), then one [R, H, G, N] row per query;
+    # bias + scale * logits is the masked scaled logits exactly (0 + x == x, -inf stays -inf)
+    logits = torch.matmul(q.expand(r, nb, h, g, d), kt)  # [R, nb, H, G, B]
+    logits = torch.add(decode.bias, logits.permute(0, 2, 3, 1, 4).reshape(r, h, g, n), alpha=scale)
+    probs_q = torch.softmax(logits, dim=-1)  # [R, H, G, N]
+    if output is not None:
+        v = paged.gather_block_v(decode.blocks).float()  # [R, nb, H, B, D]
+        p = probs_q.view(r, h, g, nb, bs).permute(0, 3, 1, 2, 4)  # [R, nb, H, G, B]
+        out = torch.matmul(p, v).sum(dim=1)  # [R, H, G, D]
+        output[decode.q_rows] = out.reshape(r, *output.shape[1:]).to(output.dtype)
+    probs = probs_q.mean(dim=2)  # [R, H, N]: mean over each KV head's queries
+    # padding reads the null block's slots and adds 0 there (accumulate: duplicates are summed)
+    abar.index_put_((decode.slots.flatten(),), probs.transpose(1, 2).reshape(r * n, h), accumulate=True)
     if score is not None and score.fields:
         # the scores' updates take one call's queries against its keys: block-diagonal, in groups
         # of requests so the expansion stays small (size ~ group * R * N, not R * R * N)
         for a in range(0, r, DECODE_UPDATE_GROUP):
-            b = min(a + DECODE_UPDATE_GROUP, r)
-            g = b - a
-            eye = torch.eye(g, dtype=torch.bool)
-            visible = (eye[:, :, None] & decode.valid[None, a:b, :]).reshape(g, g * n)
-            p = probs[a:b].transpose(0, 1)[None]  # [1, H, g, N]
-            probs_kv = (eye[:, None, :, None].to(probs.dtype) * p).reshape(g, h, g * n)
-            sl = decode.slots[a:b].flatten()
+            e = min(a + DECODE_UPDATE_GROUP, r)
+            m = e - a
+            eye = torch.eye(m, dtype=torch.bool)
+            visible = (eye[:, :, None] & decode.valid[None, a:e, :]).reshape(m, m * n)
+            pm = probs[a:e].transpose(0, 1)[None]  # [1, H, m, N]
+            probs_kv = (eye[:, None, :, None].to(probs.dtype) * pm).reshape(m, h, m * n)
+            sl = decode.slots[a:e].flatten()
             got = {name: state[name][sl] for name in score.fields}
             for name, t in score.update(got, probs_kv, visible).items():
                 state[name][sl] = t

@@ -193,7 +193,7 @@ class DecodeBatch:
     """The decode requests of a step, scored in one batched call over their retained blocks.
 
     A decoding query sees whole retained blocks (the newest possibly partial), so its keys are
-    read block by block (``PagedKV.gather_block_kt``, transposed: ``[R, H, D, nb * B]``); ``valid`` masks
+    read block by block (``PagedKV.gather_block_kt``, transposed: ``[R, nb, H, D, B]``); ``valid`` masks
     the padding, unwritten tails and anything the query may not see. No query is scored against
     another request's keys (the packs' block-diagonal waste)."""
 
@@ -201,6 +201,12 @@ class DecodeBatch:
     blocks: torch.Tensor  # [R, nb] retained blocks, oldest first, padded with the null block 0
     valid: torch.Tensor  # [R, nb * B] bool
     slots: torch.Tensor  # [R, nb * B] physical slots (padding: the null block's)
+    bias: torch.Tensor | None = None  # [R, 1, 1, nb * B] float32: 0 where valid, -inf elsewhere
+
+    def __post_init__(self) -> None:
+        if self.bias is None:  # made once per step, shared by every layer
+            bias = torch.zeros(self.valid.shape, dtype=torch.float32).masked_fill_(~self.valid, float("-inf"))
+            object.__setattr__(self, "bias", bias[:, None, None, :])
 
 
 def plan_decodes(
