@@ -251,24 +251,7 @@ class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):
         self._bind_heads(layer, num_kv_heads)
         self._cache_key = key
 
-    def _attends_itself(self, plan: StepPlan, attn_metadata) -> bool:  # noqa: ANN001
-        """A step of decodes only: the batched decode scoring computes every query's probabilities
-        over its retained blocks anyway, so it also writes the output (the stock kernel would read
-        and multiply the same keys a second time). The step's K/V are already in the cache
-        (``do_kv_cache_update`` runs before ``forward``)."""
-        d = plan.decode
-        return (
-            d is not None and not plan.packs and int(d.q_rows.numel()) == int(attn_metadata.num_actual_tokens)
-        )
-
-    def _score_and_merge(
-        self,
-        layer,
-        query: torch.Tensor,
-        kv_cache: torch.Tensor,
-        plan: StepPlan,
-        output=None,  # noqa: ANN001
-    ) -> None:
+    def _score_and_merge(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, plan: StepPlan) -> None:
         self._bind(layer, kv_cache)
         paged, abar, policy = self._paged, self._abar, self.policy
         assert paged is not None and abar is not None and policy is not None
@@ -288,5 +271,4 @@ class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):
             state=self._state,
             heavy=plan.heavy,
             decode=plan.decode,
-            output=output,
         )

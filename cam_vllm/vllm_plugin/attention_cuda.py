@@ -357,14 +357,8 @@ class PolicyFlashAttentionImpl(PolicyImplMixin, FlashAttentionImpl):
         self._cache_key = key
 
     def _score_and_merge(
-        self,
-        layer,
-        query: torch.Tensor,
-        kv_cache: torch.Tensor,
-        plan: DeviceStepPlan,
-        output=None,  # noqa: ANN001
+        self, layer, query: torch.Tensor, kv_cache: torch.Tensor, plan: DeviceStepPlan
     ) -> None:
-        assert output is None, "the CUDA impl always attends with the stock kernel"
         self._bind(layer, kv_cache)
         paged, abar, policy = self._paged, self._abar, self.policy
         assert paged is not None and abar is not None and policy is not None

@@ -127,23 +127,12 @@ class PolicyImplMixin(ABC):
                 if part.plan is not None:
                     self._score_and_merge(layer, query[rows], kv_cache, part.plan)
             return output
-        plan = getattr(attn_metadata, "cam_plan", None)
-        if plan is not None and self.policy is not None and self._attends_itself(plan, attn_metadata):
-            self._score_and_merge(layer, query, kv_cache, plan, output)
-            return output
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)  # type: ignore[misc]
+        plan = getattr(attn_metadata, "cam_plan", None)
         if plan is not None and self.policy is not None:
             self._score_and_merge(layer, query, kv_cache, plan)
         return output
 
-    def _attends_itself(self, plan: Any, attn_metadata: Any) -> bool:
-        """Whether this step's attention output comes from the scoring pass instead of the stock
-        kernel (a backend that can: a step of decodes only, whose probabilities it computes anyway)."""
-        return False
-
     @abstractmethod
-    def _score_and_merge(
-        self, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, plan: Any, output: Any = None
-    ) -> None:
-        """Score this step's queries and merge what leaves the retained set (backend-specific);
-        with ``output`` also write the attention output (only where ``_attends_itself``)."""
+    def _score_and_merge(self, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, plan: Any) -> None:
+        """Score this step's queries and merge what leaves the retained set (backend-specific)."""

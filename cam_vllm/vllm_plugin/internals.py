@@ -371,16 +371,9 @@ CPU_INTERNALS: list[Internal] = [
     Internal(
         "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
         "method",
-        "wrapped: the stock forward attends over query[:num_actual_tokens]; a wave calls it with "
-        "its own rows and metadata; a step of decodes only skips it (_attends_itself)",
+        "wrapped: the stock forward attends over query[:num_actual_tokens] (vLLM wrote the step's "
+        "K/V before, in do_kv_cache_update); a wave calls it with its own rows and metadata",
         params=("layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"),
-    ),
-    Internal(
-        "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.do_kv_cache_update",
-        "method",
-        "vLLM writes a decoder step's K/V here, before forward: the decode-only path "
-        "(_attends_itself) reads this step's keys and values back from the cache",
-        params=("layer", "key", "value", "kv_cache", "slot_mapping"),
     ),
     Internal(
         "vllm._custom_ops:cpu_attn_reshape_and_cache",

@@ -150,7 +150,6 @@ class PagedKV:
         self._k_view = self._strided(layout.k_offsets)
         self._k_transposed = _affine(layout.k_offsets) == (0, 1, b)  # vec / vec16: gather_block_kt
         self._v_view = self._strided(layout.v_offsets)
-        self._v_token_major = _affine(layout.v_offsets) == (b * layout.head_size, layout.head_size, 1)
 
     def _strided(self, offsets: torch.Tensor) -> torch.Tensor | None:
         aff = _affine(offsets)
@@ -196,17 +195,6 @@ class PagedKV:
         slots = (blocks.to(torch.int64)[:, :, None] * b + torch.arange(b)).flatten()
         k = self.gather_k(slots).view(r, nb, b, self.num_heads, d)
         return k.permute(0, 1, 3, 4, 2)
-
-    def gather_block_v(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Values of whole blocks: ``blocks`` [R, nb] -> [R, nb, H, block_size, D] (token-major
-        layouts, ``vec``/``vec16``: one ``index_select`` of (block, head) rows; elsewhere slot by slot)."""
-        r, nb = blocks.shape
-        b, d = self.block_size, self.layout.head_size
-        if self._v_token_major:
-            rows = self.flat[:, :, b * d :].index_select(0, blocks.flatten().to(torch.int64))
-            return rows.view(r, nb, self.num_heads, b, d)
-        slots = (blocks.to(torch.int64)[:, :, None] * b + torch.arange(b)).flatten()
-        return self.gather_v(slots).view(r, nb, b, self.num_heads, d).transpose(2, 3)
 
     def gather_v(self, slots: torch.Tensor) -> torch.Tensor:
         """Values of ``slots`` [N] as [N, H, D] (a copy)."""

@@ -76,15 +76,13 @@ def score_and_merge(
     state: dict[str, torch.Tensor] | None = None,
     heavy: Iterable[Any] = (),
     decode: Any = None,
-    output: torch.Tensor | None = None,
 ) -> None:
     """Accumulate this step's attention into ``abar`` (and the score state, per slot), then merge
-    each leaving chain, or choose each heavy region (score-driven policies). With ``output``, the
-    step is decodes only and its attention output is written here too (see ``_score_decodes``)."""
+    each leaving chain, or choose each heavy region (score-driven policies)."""
     score = policy.score
     state = state or {}
     if decode is not None:
-        _score_decodes(paged, abar, state, query, decode, score, scale, num_kv_heads, output)
+        _score_decodes(paged, abar, state, query, decode, score, scale, num_kv_heads)
     for pack in packs:
         k = paged.gather_k(pack.kv_slots)
         # only the probabilities are used (the output is the kernel's), so the values passed
@@ -143,15 +141,10 @@ def _score_decodes(
     score: Any,
     scale: float,
     num_kv_heads: int,
-    output: torch.Tensor | None = None,
 ) -> None:
     """Accumulated attention of the step's decoding queries, batched over their requests
     (``step_plan.DecodeBatch``): the same probabilities as ``attention_with_probs`` over each
-    query's retained tokens, with padding masked out.
-
-    With ``output`` (a step of decodes only), this is also the step's attention: the output rows
-    of the decoding queries are written from the same probabilities, so the keys are read and
-    multiplied once instead of once by the stock kernel and once here."""
+    query's retained tokens, with padding masked out."""
     kt = paged.gather_block_kt(decode.blocks).float()  # [R, nb, H, D, B]
     r, nb, h, d, bs = kt.shape
     n = nb * bs
@@ -161,13 +154,7 @@ def _score_decodes(
     # bias + scale * logits is the masked scaled logits exactly (0 + x == x, -inf stays -inf)
     logits = torch.matmul(q.expand(r, nb, h, g, d), kt)  # [R, nb, H, G, B]
     logits = torch.add(decode.bias, logits.permute(0, 2, 3, 1, 4).reshape(r, h, g, n), alpha=scale)
-    probs_q = torch.softmax(logits, dim=-1)  # [R, H, G, N]
-    if output is not None:
-        v = paged.gather_block_v(decode.blocks).float()  # [R, nb, H, B, D]
-        p = probs_q.view(r, h, g, nb, bs).permute(0, 3, 1, 2, 4)  # [R, nb, H, G, B]
-        out = torch.matmul(p, v).sum(dim=1)  # [R, H, G, D]
-        output[decode.q_rows] = out.reshape(r, *output.shape[1:]).to(output.dtype)
-    probs = probs_q.mean(dim=2)  # [R, H, N]: mean over each KV head's queries
+    probs = torch.softmax(logits, dim=-1).mean(dim=2)  # [R, H, N]: mean over each KV head's queries
     # padding reads the null block's slots and adds 0 there (accumulate: duplicates are summed)
     abar.index_put_((decode.slots.flatten(),), probs.transpose(1, 2).reshape(r * n, h), accumulate=True)
     if score is not None and score.fields:
