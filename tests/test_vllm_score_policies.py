@@ -9,6 +9,8 @@ in ``test_vllm_worker.py`` covers odd chunkings, every merge rule and per-head s
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -58,6 +60,29 @@ def _params(n: int, logprobs: bool = False):
     from vllm import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=0 if logprobs else None)
+
+
+@contextlib.contextmanager
+def _pooled_engine(model, name: str, seed: int, pool: int, max_num_seqs: int, chunk: int, **extra):
+    """An engine of policy ``name`` on a pool of ``pool`` blocks with prefill chunks of ``chunk``
+    tokens (the batching and preemption tests), shut down afterwards."""
+    llm = make_llm(
+        model,
+        block_size=BLOCK,
+        max_model_len=2048,
+        enable_prefix_caching=False,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=chunk,
+        num_gpu_blocks_override=pool,
+        additional_config={"kv_policy": {**settings(name), "seed": seed}},
+        **extra,
+    )
+    try:
+        yield llm
+    finally:
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
 
 
 def _generate(llm, prompts, n=NEW_TOKENS):
@@ -184,17 +209,7 @@ def test_continuous_batching_and_aborts_do_not_change_a_request(model):
     from vllm_helpers import blocks_in_use
 
     pool = 64
-    llm = make_llm(
-        model,
-        block_size=BLOCK,
-        max_model_len=2048,
-        enable_prefix_caching=False,
-        max_num_seqs=8,
-        max_num_batched_tokens=256,
-        num_gpu_blocks_override=pool,
-        additional_config={"kv_policy": {**settings("cam-h2o"), "seed": 5}},
-    )
-    try:
+    with _pooled_engine(model, "cam-h2o", seed=5, pool=pool, max_num_seqs=8, chunk=256) as llm:
         lengths = (900, 700, 500, 1000, 300, 800, 600, 400)
         prompts = [token_prompts(1, n, seed=n)[0] for n in lengths]
         engine = llm.llm_engine
@@ -213,12 +228,6 @@ def test_continuous_batching_and_aborts_do_not_change_a_request(model):
         for i in (0, 4, 7):
             alone = llm.generate([{"prompt_token_ids": prompts[i]}], _params(40 + 10 * i), use_tqdm=False)
             assert list(alone[0].outputs[0].token_ids) == out[f"r{i}"], f"r{i} changed beside others"
-    finally:
-        import contextlib
-
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
 
 
 @pytest.mark.parametrize("name", ["h2o", "cam-h2o"])
@@ -231,18 +240,9 @@ def test_preempted_requests_equal_their_runs_alone(model, name):
     from vllm_helpers import blocks_in_use, metric_values
 
     pool = 16
-    llm = make_llm(
-        model,
-        block_size=BLOCK,
-        max_model_len=2048,
-        enable_prefix_caching=False,
-        max_num_seqs=6,
-        max_num_batched_tokens=64,
-        num_gpu_blocks_override=pool,
-        scheduler_reserve_full_isl=False,
-        additional_config={"kv_policy": {**settings(name), "seed": 3}},
-    )
-    try:
+    with _pooled_engine(
+        model, name, seed=3, pool=pool, max_num_seqs=6, chunk=64, scheduler_reserve_full_isl=False
+    ) as llm:
         lengths = (420, 610, 350, 700, 500, 290)
         prompts = [token_prompts(1, n, seed=n + 1)[0] for n in lengths]
         engine = llm.llm_engine
@@ -258,9 +258,3 @@ def test_preempted_requests_equal_their_runs_alone(model, name):
         for i, p in enumerate(prompts):
             alone = llm.generate([{"prompt_token_ids": p}], _params(48), use_tqdm=False)
             assert list(alone[0].outputs[0].token_ids) == out[f"p{i}"], f"p{i} changed by preemption"
-    finally:
-        import contextlib
-
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
