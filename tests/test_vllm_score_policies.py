@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm_helpers import make_llm, run_sampled, token_prompts  # noqa: E402
+from vllm_helpers import make_llm, run_sampled, running, token_prompts  # noqa: E402
 
 from cam_vllm.config import KVPolicyConfig  # noqa: E402
 from cam_vllm.policies import SCORES, build_policy  # noqa: E402
@@ -77,12 +77,8 @@ def _pooled_engine(model, name: str, seed: int, pool: int, max_num_seqs: int, ch
         additional_config={"kv_policy": {**settings(name), "seed": seed}},
         **extra,
     )
-    try:
+    with running(llm):
         yield llm
-    finally:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
 
 
 def _generate(llm, prompts, n=NEW_TOKENS):

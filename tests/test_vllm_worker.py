@@ -327,7 +327,7 @@ def prompts():
 @contextlib.contextmanager
 def engine(model, policy: dict | None = None, plugins: bool = True, **kwargs):
     """One engine for the duration of a test (engines are torn down at once: memory)."""
-    from vllm_helpers import make_llm
+    from vllm_helpers import make_llm, running
 
     args = dict(block_size=BLOCK, max_model_len=2048, enable_prefix_caching=False, disable_log_stats=True)
     if policy is not None:
@@ -335,10 +335,9 @@ def engine(model, policy: dict | None = None, plugins: bool = True, **kwargs):
     # VLLM_PLUGINS="" is read by the spawned engine core and worker: stock vLLM
     llm = make_llm(model, env=None if plugins else {"VLLM_PLUGINS": ""}, **{**args, **kwargs})
     try:
-        yield llm
+        with running(llm):
+            yield llm
     finally:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
         del llm
         import gc
 

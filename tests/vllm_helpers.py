@@ -141,6 +141,17 @@ def make_llm(model: Path | str, env: dict[str, str] | None = None, **kwargs):
         return LLM(str(model), **{**BASE_ENGINE_KWARGS, **kwargs})
 
 
+@contextlib.contextmanager
+def running(llm) -> Iterator:
+    """Yield ``llm``; shut its engine core down afterwards, also when the test failed."""
+    try:
+        yield llm
+    finally:
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
 def metric_values(llm) -> dict[str, float]:
     """This engine's gauges from vLLM's metrics snapshot (``LLM.get_metrics``)."""
     values: dict[str, float] = {}
