@@ -146,39 +146,14 @@ def test_heavy_region_differs_per_kv_head_and_from_streaming(model, prompts):
 def test_vllm_serve_with_a_score_policy(model, tmp_path):
     """`vllm serve` with `--kv-policy h2o --kv-merge cam`: a completion longer than the budget, the
     policy route and the metrics label name cam-h2o."""
-    import os
-    import socket
-    import subprocess
-    import time
-
     httpx = pytest.importorskip("httpx")
-    from test_vllm_startup import _vllm_command
+    from vllm_helpers import served
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, VLLM_PLUGINS="cam_vllm", VLLM_CPU_KVCACHE_SPACE="1")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    cmd = [
-        *_vllm_command(),
-        *("serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--enforce-eager"),
-        *("--dtype", "float32", "--block-size", "32", "--max-model-len", "2048"),
+    flags = [
+        *("--enforce-eager", "--dtype", "float32", "--block-size", "32", "--max-model-len", "2048"),
         *("--kv-policy", "h2o", "--kv-merge", "cam", "--kv-heavy-tokens", "64", "--kv-window-tokens", "64"),
     ]
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 400
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(2)
+    with served(model, tmp_path / "serve.log", *flags) as base:
         prompt = token_prompts(1, 600, seed=3)[0]
         body = {"model": str(model), "prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True}
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
@@ -188,15 +163,6 @@ def test_vllm_serve_with_a_score_policy(model, tmp_path):
         assert (resolved["name"], resolved["score"], resolved["heavy_tokens"]) == ("cam-h2o", "h2o", 64)
         metrics = httpx.get(f"{base}/metrics", timeout=10).text
         assert 'policy="cam-h2o"' in metrics
-    finally:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_continuous_batching_and_aborts_do_not_change_a_request(model):

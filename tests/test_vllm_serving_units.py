@@ -47,7 +47,11 @@ def test_process_stats_files_are_summed_by_the_collector(tmp_path, monkeypatch):
 
     totals = metrics.read_totals(tmp_path)
     assert totals["counters"]["kv_blocks_evicted"] == 8
-    assert totals["gauges"] == {"kv_tokens_retained": 1000 - 96 + 200, "kv_tokens_logical": 1200}
+    assert totals["gauges"] == {
+        "kv_tokens_retained": 1000 - 96 + 200,
+        "kv_tokens_logical": 1200,
+        "requests_tracked": 2,
+    }
 
     stats.request_finished("a")
     stats.request_finished("a")  # a second free (e.g. after preemption) is not counted twice
@@ -62,6 +66,7 @@ def test_process_stats_files_are_summed_by_the_collector(tmp_path, monkeypatch):
     assert f"cam_vllm:request_kv_retained_ratio_sum{{{labels}}} {(1000 - 96) / 1000}" in text
     assert f'cam_vllm:request_logical_tokens_bucket{{le="1024.0",{labels}}} 1.0' in text
     assert f"cam_vllm:kv_tokens_logical{{{labels}}} 200.0" in text
+    assert f"cam_vllm:requests_tracked{{{labels}}} 1.0" in text, "a's entry is gone, b's is left"
 
 
 def test_setup_metrics_dir_exports_one_directory(monkeypatch):

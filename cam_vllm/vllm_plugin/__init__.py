@@ -112,6 +112,13 @@ def register() -> None:
     _step("hooking the engine core's KV-cache check", engine_core)
     _step(f"registering the worker side ({WORKER_MODULE})", _register_worker_side)
     _step(f"registering the CUDA worker side ({CUDA_WORKER_MODULE})", _register_cuda_worker_side)
+    _step("fixing seeded sampling during chunked prefill on CPU (cpu_seed_fix.py)", _cpu_seed_fix)
+
+
+def _cpu_seed_fix() -> None:
+    from cam_vllm.vllm_plugin.cpu_seed_fix import install_cpu_seed_fix
+
+    install_cpu_seed_fix()
 
 
 __all__ = ["register", "registration_error"]

@@ -29,9 +29,9 @@ class Internal:
     """One vLLM internal: ``target`` is ``"module:Attr.sub"``.
 
     ``kind``: class, module, function, method, staticmethod, classmethod, property,
-    dataclass-field, value. ``params``: the leading parameter names we pass or receive (``self``/``cls``
-    excluded); for a dataclass-field entry, the field names. ``value``: expected value (kind
-    ``value``).
+    dataclass-field, value, attribute (exists). ``params``: the leading parameter names we pass or
+    receive (``self``/``cls`` excluded); for a dataclass-field entry, the field names. ``value``:
+    expected value (kind ``value``).
     """
 
     target: str
@@ -387,6 +387,31 @@ CPU_INTERNALS: list[Internal] = [
         "the worker side logs through vLLM's logger (its format and level)",
     ),
     Internal("vllm:_custom_ops", "module", "the module of the CPU kernels' ops (cpu_attn_reshape_and_cache)"),
+    # --- cpu_seed_fix.py: seeded sampling during chunked prefill (a vLLM CPU bug, any policy) ----
+    Internal(
+        "vllm.v1.worker.cpu_model_runner:CPUModelRunner.sample_tokens",
+        "method",
+        "wrapped: saves the states of the generators whose draw is discarded (partial prefill) and "
+        "restores them, instead of the offset rewind CPU generators cannot do",
+        params=("grammar_output",),
+    ),
+    Internal(
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner._bookkeeping_sync",
+        "method",
+        "the rewind we replace: it calls set_offset on input_batch.generators.get(i) for every "
+        "row of discard_request_mask (the sampler reads sampling_metadata.generators instead)",
+        params=("scheduler_output", "sampler_output", "logits", "hidden_states", "num_scheduled_tokens"),
+    ),
+    Internal(
+        "vllm.platforms:current_platform",
+        "attribute",
+        "the platform object of this process (cpu_seed_fix asks it is_cpu())",
+    ),
+    Internal(
+        "vllm.platforms.interface:Platform.is_cpu",
+        "method",
+        "the seed fix is installed on the CPU platform only (vllm.platforms.current_platform.is_cpu())",
+    ),
 ]
 INTERNALS += CPU_INTERNALS
 
@@ -582,7 +607,12 @@ def _resolve(target: str) -> tuple[object, object, str]:
     name = path
     for part in path.split("."):
         owner, name = obj, part
-        obj = inspect.getattr_static(obj, part)
+        try:
+            obj = inspect.getattr_static(obj, part)
+        except AttributeError:
+            if not inspect.ismodule(obj):
+                raise
+            obj = getattr(obj, part)  # a module's lazy attribute (module-level __getattr__)
     return owner, obj, name
 
 
@@ -604,6 +634,8 @@ def check_one(entry: Internal) -> str | None:
         if kind == "value":
             if obj != entry.value:
                 return f"{entry.target}: expected {entry.value!r}, found {obj!r}"
+            return None
+        if kind == "attribute":  # exists; its shape is pinned by a test
             return None
         if kind == "class":
             return None if inspect.isclass(obj) else f"{entry.target}: not a class"

@@ -31,6 +31,8 @@ Metrics (labels ``model_name``, ``policy``):
   draws; weighted: whether a similar receiver was found) and how many merged;
   ``cam_vllm:merge_acceptance_rate`` = accepted / decisions;
 * ``cam_vllm:kv_tokens_retained`` / ``cam_vllm:kv_tokens_logical`` - summed over running requests;
+  ``cam_vllm:requests_tracked`` - requests the KV manager holds per-request state for (0 when the
+  engine is idle; anything else is a leak, which ``cam-vllm load-test`` checks);
 * histograms per finished request: ``cam_vllm:request_kv_retained_ratio`` (retained KV tokens /
   logical length, the compression achieved), ``cam_vllm:request_kv_tokens_retained``,
   ``cam_vllm:request_logical_tokens``.
@@ -66,6 +68,7 @@ COUNTERS = {
 GAUGES = {
     "kv_tokens_retained": "KV tokens held for running requests (after eviction)",
     "kv_tokens_logical": "Logical length (tokens with KV written) of running requests",
+    "requests_tracked": "Requests with per-request state in cam-vllm's KV manager (0 when idle: none leaked)",
 }
 RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 TOKEN_BUCKETS = tuple(float(2**i) for i in range(5, 18))
@@ -169,6 +172,7 @@ class ProcessStats:
                 "gauges": {
                     "kv_tokens_logical": sum(e[0] for e in self.running.values()),
                     "kv_tokens_retained": sum(max(e[0] - e[1], 0) for e in self.running.values()),
+                    "requests_tracked": len(self.running),
                 },
                 "histograms": {k: list(v) for k, v in self.histograms.items()},
             }

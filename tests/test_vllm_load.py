@@ -1,0 +1,171 @@
+"""Under load and faults, for real: `vllm serve` on the tiny model with a pool small enough to force
+preemptions, driven by ``cam-vllm load-test`` (streaming completions, a third dropped mid-stream),
+then checked for leaks. The full-size run (200 requests, 48 in flight, SmolLM2) is in
+docs/vllm-plugin.md; this is its scaled-down CI version."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("vllm")
+httpx = pytest.importorskip("httpx")
+
+from vllm_helpers import make_peaky_model, served, token_prompts  # noqa: E402
+
+from cam_vllm.loadtest import StormConfig, run_storm  # noqa: E402
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+# 40 blocks of 32 tokens; up to 16 requests running with 128-token steps, admission checking only
+# the first chunk: running requests outgrow the pool and vLLM preempts them.
+FLAGS = (
+    *("--enforce-eager", "--dtype", "float32", "--block-size", "32", "--max-model-len", "2048"),
+    *("--num-gpu-blocks-override", "40", "--no-scheduler-reserve-full-isl"),
+    *("--max-num-seqs", "16", "--max-num-batched-tokens", "128", "--kv-window-tokens", "64"),
+    *("--chat-template", "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"),  # the tiny one has none
+)
+POLICIES = {
+    "cam-streaming": ("--kv-policy", "cam-streaming"),
+    "cam-h2o": ("--kv-policy", "h2o", "--kv-merge", "cam"),
+}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_peaky_model(tmp_path_factory.mktemp("peaky"))
+
+
+@pytest.fixture(scope="module", params=list(POLICIES))
+def server(request, model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with served(model, log, *FLAGS, *POLICIES[request.param]) as base:
+        yield base
+
+
+def test_storm_of_streams_with_aborts_and_preemptions_leaves_nothing_behind(server):
+    config = StormConfig(requests=60, concurrency=16, prompt_tokens=(32, 600), max_tokens=(8, 64), seed=1)
+    report = run_storm(server, config, progress=False)
+    summary = report.summary()
+    assert report.errors == [], summary
+    assert report.aborted >= 10 and report.completed >= 30, summary
+    assert report.preemptions > 0, f"the pool must run full: {summary}"
+    assert report.requests_tracked_peak > 0, "the plugin's per-request state is visible while it exists"
+    assert report.healthy
+    assert report.leaks == [], summary
+    assert report.probe_after == report.probe_before != ""
+    assert report.ok
+
+
+@pytest.mark.parametrize("server", ["cam-h2o"], indirect=True)
+def test_seeded_sampling_does_not_depend_on_how_the_prompt_was_chunked(server):
+    """A seeded request whose prompt is chunked (vLLM samples and discards a token per partial
+    chunk) crashed vLLM's CPU engine (``CPU Generator does not use offset``); cpu_seed_fix rewinds
+    the generator by state. Alone, the 300-token prompt runs in chunks of 128/128/44; behind a
+    500-token prompt it is cut differently (e.g. 12/128/128/32: one more discarded draw), and
+    the tokens must still be the same. On cam-h2o, whose cache does not depend on chunking
+    (cam-streaming's merges do)."""
+
+    model_name = httpx.get(f"{server}/v1/models", timeout=10).json()["data"][0]["id"]
+    prompt, other = token_prompts(1, 300, seed=5)[0], token_prompts(1, 500, seed=6)[0]
+
+    def complete(p: list[int], seed: int) -> str:
+        body = {"model": model_name, "prompt": p, "max_tokens": 12, "temperature": 1.0, "seed": seed}
+        body["ignore_eos"] = True
+        r = httpx.post(f"{server}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    alone = complete(prompt, 7)
+    assert complete(prompt, 7) == alone
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(complete, other, 8)
+        time.sleep(0.05)  # the long prompt is scheduled first
+        behind = pool.submit(complete, prompt, 7)
+        first.result()
+        assert behind.result() == alone
+    assert complete(prompt, 9) != alone, "the seed must matter"
+
+
+# --------------------------------------------------------------------------------------------
+# Malformed requests, fuzzed: a valid body with up to two fields replaced by odd values
+# --------------------------------------------------------------------------------------------
+
+ODD = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.sampled_from([-(2**63), -1, 0, 1, 2, 7, 2047, 2048, 4096, 2**31, 2**63, 10**30]),
+    st.sampled_from([-1.5, 0.0, 1e-9, 0.5, 1.0, 2.0, 1e9, float("inf"), float("nan")]),
+    st.text(max_size=8),
+    st.lists(st.integers(-5, 10**6), max_size=5),
+    st.dictionaries(st.text(max_size=4), st.integers(-3, 3), max_size=2),
+)
+FIELDS = [
+    "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "logprobs",
+    "prompt_logprobs", "stop", "stop_token_ids", "presence_penalty", "repetition_penalty", "ignore_eos",
+    "stream", "echo", "logit_bias", "truncate_prompt_tokens", "vllm_xargs", "priority", "prompt",
+    "messages", "kv_policy", "skip_special_tokens", "bad_words", "allowed_token_ids", "stream_options",
+]  # fmt: skip
+VALID_PROMPT = st.lists(st.integers(3, 800), min_size=1, max_size=400)
+PROMPTS = st.one_of(
+    VALID_PROMPT,
+    VALID_PROMPT,
+    VALID_PROMPT,
+    VALID_PROMPT,
+    st.just([]),
+    st.just(""),
+    st.lists(st.integers(0, 900), min_size=1, max_size=40),
+    st.just(list(range(3, 2300))),  # longer than max_model_len
+    st.just([5, 10**7]),  # not in the vocabulary
+    st.lists(st.lists(st.integers(3, 800), min_size=1, max_size=4), min_size=1, max_size=2),
+)
+
+
+@pytest.mark.parametrize("server", ["cam-h2o"], indirect=True)
+def test_malformed_requests_get_a_4xx_never_a_5xx(server):
+    model_name = httpx.get(f"{server}/v1/models", timeout=10).json()["data"][0]["id"]
+    probe = {
+        "model": model_name,
+        "prompt": token_prompts(1, 300, seed=9)[0],
+        "max_tokens": 10,
+        "temperature": 0,
+    }
+    before = httpx.post(f"{server}/v1/completions", json=probe, timeout=120).json()["choices"][0]["text"]
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=120, deadline=None, database=None, derandomize=True)
+    @given(
+        chat=st.booleans(),
+        changes=st.dictionaries(st.sampled_from(FIELDS), ODD, max_size=2),
+        prompt=PROMPTS,
+    )
+    def case(chat, changes, prompt):
+        body = {"model": model_name, "max_tokens": 6}
+        if chat:
+            body["messages"] = [{"role": "user", "content": "Say something."}]
+        else:
+            body["prompt"] = prompt
+        body.update(changes)
+        for name in ("max_tokens", "min_tokens", "n"):  # keep accepted cases quick
+            if isinstance(body.get(name), int) and 16 < body[name] < 10**6:
+                body[name] = 16
+        url = f"{server}/v1/chat/completions" if chat else f"{server}/v1/completions"
+        content = json.dumps(body, allow_nan=True)  # NaN and Infinity too: not JSON, must be a 4xx
+        with httpx.stream(
+            "POST", url, content=content, headers={"content-type": "application/json"}, timeout=120
+        ) as r:
+            text = r.read().decode(errors="replace")
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code < 500, f"{r.status_code} for {content[:400]}: {text[:400]}"
+        assert '"code":500' not in text.replace(" ", ""), f"error event for {content[:400]}: {text[:400]}"
+
+    case()
+    assert seen.get(200, 0) > 10 and sum(v for k, v in seen.items() if 400 <= k < 500) > 10, seen
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+    after = httpx.post(f"{server}/v1/completions", json=probe, timeout=120).json()["choices"][0]["text"]
+    assert after == before, "a malformed request changed another request's output"
