@@ -1,7 +1,7 @@
 """Under load and faults, for real: `vllm serve` on the tiny model with a pool small enough to force
 preemptions, driven by ``cam-vllm load-test`` (streaming completions, a third dropped mid-stream),
 then checked for leaks. The full-size run (200 requests, 48 in flight, SmolLM2) is in
-docs/vllm-plugin.md; this is its scaled-down CI version."""
+docs/reliability.md; this is its scaled-down CI version."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 
 from vllm_helpers import make_peaky_model, served, token_prompts  # noqa: E402
 
-from cam_vllm.loadtest import StormConfig, run_storm  # noqa: E402
+from cam_vllm.loadtest import StormConfig, parse_metrics, run_storm  # noqa: E402
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -169,3 +169,81 @@ def test_malformed_requests_get_a_4xx_never_a_5xx(server):
     assert httpx.get(f"{server}/health", timeout=10).status_code == 200
     after = httpx.post(f"{server}/v1/completions", json=probe, timeout=120).json()["choices"][0]["text"]
     assert after == before, "a malformed request changed another request's output"
+
+
+@pytest.mark.parametrize("server", ["cam-h2o"], indirect=True)
+def test_openapi_fuzz_finds_no_server_error(server, tmp_path):
+    """Schemathesis against the server's own OpenAPI document (the generation endpoints, tokenize,
+    models, the policy route), with its coverage and fuzzing phases, bounded: no 5xx, then the
+    server is healthy and idle. ``schemathesis_hooks.py`` names the served model in bodies."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("schemathesis")
+    model_name = httpx.get(f"{server}/v1/models", timeout=10).json()["data"][0]["id"]
+    here = Path(__file__).parent
+    env = dict(os.environ, SCHEMATHESIS_HOOKS="schemathesis_hooks", FUZZ_MODEL=model_name)
+    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+    paths = "^/(v1/completions|v1/chat/completions|tokenize|detokenize|v1/kv_policy|v1/models|health)$"
+    cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{server}/openapi.json"]
+    cmd += ["--checks", "not_a_server_error", "--include-path-regex", paths, "--phases", "coverage,fuzzing"]
+    cmd += ["-n", "10", "--seed", "1", "--request-timeout", "120", "--continue-on-failure"]
+    run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "passed" in run.stdout and "failed" not in run.stdout.split("SUMMARY")[-1], run.stdout[-3000:]
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+    metrics = parse_metrics(httpx.get(f"{server}/metrics", timeout=10).text)
+    assert metrics["vllm:num_requests_running"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Per-request seed of the merge draws
+# --------------------------------------------------------------------------------------------
+
+
+def _greedy(base: str, model_name: str, prompt: list[int], seed: int | None) -> tuple[list[int], list[float]]:
+    body = {"model": model_name, "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 0}
+    body |= {"ignore_eos": True, "return_token_ids": True}
+    if seed is not None:
+        body["seed"] = seed
+    r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return choice["token_ids"], choice["logprobs"]["token_logprobs"]
+
+
+def test_a_requests_seed_keys_its_merge_draws(server):
+    """Without a seed a request uses --kv-seed (0 here), with one its own: seed 0 equals no seed,
+    another seed merges differently (other logprobs), and the same seed again gives the same."""
+    model_name = httpx.get(f"{server}/v1/models", timeout=10).json()["data"][0]["id"]
+    prompt = token_prompts(1, 400, seed=11)[0]
+    default = _greedy(server, model_name, prompt, None)
+    assert _greedy(server, model_name, prompt, 0) == default
+    other = _greedy(server, model_name, prompt, 5)
+    assert other[1] != default[1], "a request's seed must change its CaM draws"
+    assert _greedy(server, model_name, prompt, 5) == other
+
+
+@pytest.mark.parametrize("server", ["cam-h2o"], indirect=True)
+def test_a_requests_seed_gives_the_oracles_output_for_that_seed(server, model):
+    """The served request with seed 7 equals the reference engine built with seed 7 (cam-h2o's
+    cache does not depend on chunking, so the reference runs the prompt in one piece)."""
+    from vllm_helpers import reference_greedy
+
+    from cam_vllm.config import KVPolicyConfig
+    from cam_vllm.policies import build_policy
+
+    report = httpx.get(f"{server}/v1/kv_policy", timeout=10).json()
+    config = KVPolicyConfig(
+        **{**report["settings"], "seed": 7, "block_size": report["resolved"]["block_size"]}
+    )
+    policy = build_policy(config, report["resolved"]["max_model_len"])
+    model_name = httpx.get(f"{server}/v1/models", timeout=10).json()["data"][0]["id"]
+    prompt = token_prompts(1, 400, seed=11)[0]
+    tokens, logprobs = _greedy(server, model_name, prompt, 7)
+    ref_tokens, ref_logprobs, _ = reference_greedy(model, policy, prompt, len(tokens))
+    assert tokens == ref_tokens
+    assert logprobs == pytest.approx(ref_logprobs, abs=2e-3)
+    assert _greedy(server, model_name, prompt, None)[1] != pytest.approx(ref_logprobs, abs=2e-3)

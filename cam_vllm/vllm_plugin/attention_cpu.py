@@ -37,6 +37,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from cam_vllm.policies import KVPolicy
+from cam_vllm.vllm_plugin import request_seeds
 from cam_vllm.vllm_plugin.impl_common import NO_BATCH_CACHES, PolicyImplMixin, policy_spec
 from cam_vllm.vllm_plugin.paged import PagedKV, probe_layout
 from cam_vllm.vllm_plugin.scoring import new_score_state, reset_slots, score_and_merge
@@ -152,19 +153,34 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         if isinstance(cm.causal, torch.Tensor) or not cm.causal or cm.mm_req_doc_ranges:
             raise NotImplementedError("KV policies support causal decoder attention only")
         tokens = StepTokens.from_batch(cm.query_start_loc, cm.seq_lens, cm.num_reqs)
-        meta, plan = self._build_one(common_prefix_len, cm, tokens, fast_build)
+        seeds = request_seeds.for_step(cm.num_reqs) if self.policy.merge is not None else None
+        meta, plan = self._build_one(common_prefix_len, cm, tokens, fast_build, seeds)
         fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
         waves = split_waves(self.policy, tokens)
         parts = None
         if len(waves) > 1:  # a score-driven policy's chunk: the heavy region is chosen between waves
             parts = [
-                WavePart(w.rows, *self._build_one(common_prefix_len, _wave_cm(cm, w), w.tokens, fast_build))
+                WavePart(
+                    w.rows,
+                    *self._build_one(
+                        common_prefix_len,
+                        _wave_cm(cm, w),
+                        w.tokens,
+                        fast_build,
+                        None if seeds is None else [seeds[i] for i in w.requests.tolist()],
+                    ),
+                )
                 for w in waves
             ]
         return PolicyCPUAttentionMetadata(**fields, cam_plan=plan, cam_waves=parts)
 
     def _build_one(
-        self, common_prefix_len: int, cm: CommonAttentionMetadata, tokens: StepTokens, fast_build: bool
+        self,
+        common_prefix_len: int,
+        cm: CommonAttentionMetadata,
+        tokens: StepTokens,
+        fast_build: bool,
+        seeds: list[int | None] | None = None,
     ) -> tuple[CPUAttentionMetadata, StepPlan | None]:
         """Stock metadata of the batch compacted to the retained blocks, and the score plan."""
         assert self.policy is not None
@@ -189,7 +205,9 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         meta = super().build(common_prefix_len, kernel_cm, fast_build)
         plan = None
         if self.policy.tracks_scores:
-            plan = plan_scores(self.policy, tokens, block_table, cm.slot_mapping, self.block_size)
+            plan = plan_scores(
+                self.policy, tokens, block_table, cm.slot_mapping, self.block_size, seeds=seeds
+            )
         return meta, plan
 
 

@@ -47,6 +47,7 @@ from vllm.v1.attention.backends.flash_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from cam_vllm.policies import KVPolicy
+from cam_vllm.vllm_plugin import request_seeds
 from cam_vllm.vllm_plugin.cuda_startup import BACKEND_NAME, platform_is_cuda
 from cam_vllm.vllm_plugin.impl_common import NO_BATCH_CACHES, PolicyImplMixin, policy_spec
 from cam_vllm.vllm_plugin.paged import NHDPagedKV
@@ -176,7 +177,10 @@ def plan_device_scores(
     table = cm.block_table_tensor
     device, width, b = table.device, table.shape[1], block_size
     virtual = torch.arange(n, dtype=torch.int64)[:, None] * width + torch.arange(width)[None, :]
-    host = plan_scores(policy, tokens, virtual, torch.empty(0, dtype=torch.int64), b, batch_decodes=False)
+    seeds = request_seeds.for_step(n) if policy.merge is not None else None
+    host = plan_scores(
+        policy, tokens, virtual, torch.empty(0, dtype=torch.int64), b, batch_decodes=False, seeds=seeds
+    )
 
     pieces = [p.kv_slots for p in host.packs]
     for m in host.merges:
@@ -190,7 +194,7 @@ def plan_device_scores(
     packs = [ScorePack(p.q_rows, next(parts), p.visible.to(device)) for p in host.packs]
     merges = []
     for m in host.merges:
-        merges.append(MergeEvent(next(parts), m.positions.to(device), m.leaving.to(device)))
+        merges.append(MergeEvent(next(parts), m.positions.to(device), m.leaving.to(device), m.seed))
     num_tokens = int(tokens.token_pos.numel())
     return DeviceStepPlan(cm.slot_mapping[:num_tokens], packs, merges)
 

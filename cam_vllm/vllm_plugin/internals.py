@@ -402,6 +402,15 @@ CPU_INTERNALS: list[Internal] = [
         "row of discard_request_mask (the sampler reads sampling_metadata.generators instead)",
         params=("scheduler_output", "sampler_output", "logits", "hidden_states", "num_scheduled_tokens"),
     ),
+    # --- request_seeds.py: a request's own seed keys its merge draws -------------------------
+    Internal(
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs",
+        "method",
+        "wrapped: after it, input_batch.req_ids[:num_reqs] is the step's final row order (reordered "
+        "in _update_states) and the attention metadata is not built yet; we publish each row's "
+        "requests[req_id].sampling_params.seed for the builders",
+        params=("scheduler_output", "num_scheduled_tokens"),
+    ),
     Internal(
         "vllm.platforms:current_platform",
         "attribute",

@@ -112,6 +112,7 @@ def score_and_merge(
             positions=event.positions,
             layer=layer_index,
             config=policy.merge,
+            seed=event.seed,
             heads=heads,
         )
         stays = ~event.leaving  # a leaving token's slot is freed after this step: skip the write
@@ -216,12 +217,13 @@ def _choose_heavy(
     score = policy.score
     assert score is not None
     merging = policy.merge is not None
-    shapes: dict[tuple[int, int, int], list[Any]] = {}
-    for e in events:
-        key = (e.heavy_slots.numel(), e.leaving_slots.numel(), e.receivers.numel() if merging else 0)
+    shapes: dict[tuple[int, int, int, int | None], list[Any]] = {}
+    for e in events:  # one call per shape and seed (a request's own seed keys its draws)
+        num_recv = e.receivers.numel() if merging else 0
+        key = (e.heavy_slots.numel(), e.leaving_slots.numel(), num_recv, e.seed if merging else None)
         shapes.setdefault(key, []).append(e)
     num_heads = abar.shape[1]
-    for (capacity, _, num_recv), group in shapes.items():
+    for (capacity, _, num_recv, seed), group in shapes.items():
         ev = len(group)
         heavy_slots = torch.stack([e.heavy_slots for e in group])  # [Ev, capacity]
         cand = torch.cat([heavy_slots, torch.stack([e.leaving_slots for e in group])], dim=1)
@@ -238,6 +240,7 @@ def _choose_heavy(
             num_tokens,
             policy.merge,
             layer_index,
+            seed=seed,
             heads=heads.repeat(ev),
             group=num_heads,
         )

@@ -239,6 +239,7 @@ class MergeEvent:
     slots: torch.Tensor  # [N] physical slots of the chain, in position order
     positions: torch.Tensor  # [N] (a leaving token's position keys its CaM draws)
     leaving: torch.Tensor  # [N] bool: leaves the retained set now (else a receiver that stays)
+    seed: int | None = None  # the request's own seed of the merge draws (None: the policy's)
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,7 @@ class HeavyEvent:
     leaving_slots: torch.Tensor  # [L]
     receivers: torch.Tensor  # [R]
     num_tokens: int  # the request's length at the end of the step
+    seed: int | None = None  # the request's own seed of the merge draws (None: the policy's)
 
 
 @dataclass(frozen=True)
@@ -298,11 +300,13 @@ def plan_scores(
     block_size: int,
     pack_elements: int = DEFAULT_PACK_ELEMENTS,
     batch_decodes: bool = True,
+    seeds: list[int | None] | None = None,
 ) -> StepPlan:
     """Score packs and merge events of one step of a merging policy.
 
     ``batch_decodes``: score the decoding requests in one :class:`DecodeBatch` (the CPU worker);
-    False puts every request in the packs (the CUDA device plan translates packs only)."""
+    False puts every request in the packs (the CUDA device plan translates packs only).
+    ``seeds``: each request's own seed of the merge draws (``request_seeds``), None: the policy's."""
     ev = policy.eviction
     num_tokens = tokens.token_pos.numel()
     written = slot_mapping[:num_tokens].to(torch.int64)
@@ -346,7 +350,7 @@ def plan_scores(
 
     merges: list[MergeEvent] = []
     if isinstance(ev, HeavyPolicy):
-        heavy = _plan_heavy(policy, ev, tokens, kv_req, kv_pos, kv_slot, kv_start)
+        heavy = _plan_heavy(policy, ev, tokens, kv_req, kv_pos, kv_slot, kv_start, seeds)
         return StepPlan(reset, packs, merges, reset_pos, heavy, decode)
     if policy.merge is not None and kv_req.numel():
         next_n = tokens.seq_lens[kv_req] + 1  # the next query's length, per cached token
@@ -357,7 +361,8 @@ def plan_scores(
             k0, k1 = int(kv_start[r]), int(kv_start[r + 1])
             pos = kv_pos[k0:k1]
             idx, leaving = build_chain(pos, evicted[k0:k1], target[k0:k1], reach)
-            merges.append(MergeEvent(kv_slot[k0:k1][idx], pos[idx], leaving))
+            seed = seeds[r] if seeds is not None else None
+            merges.append(MergeEvent(kv_slot[k0:k1][idx], pos[idx], leaving, seed))
     return StepPlan(reset, packs, merges, reset_pos, decode=decode)
 
 
@@ -369,6 +374,7 @@ def _plan_heavy(
     kv_pos: torch.Tensor,
     kv_slot: torch.Tensor,
     kv_start: torch.Tensor,
+    seeds: list[int | None] | None = None,
 ) -> list[HeavyEvent]:
     """The heavy-region events of the requests whose window loses tokens at the end of the step."""
     if not kv_req.numel():
@@ -391,7 +397,11 @@ def _plan_heavy(
             receivers = receivers if reach is None else receivers[:reach]
         events.append(
             HeavyEvent(
-                slot[heavy][torch.argsort(pos[heavy])], slot[gone][torch.argsort(pos[gone])], receivers, n
+                slot[heavy][torch.argsort(pos[heavy])],
+                slot[gone][torch.argsort(pos[gone])],
+                receivers,
+                n,
+                seeds[r] if seeds is not None else None,
             )
         )
     return events
