@@ -78,6 +78,7 @@ register_subcommand(
 
 
 # --- eval: cam_vllm/eval/cli.py registers the `eval` subcommand (its module is light, no torch) ---
+import cam_vllm.bench  # noqa: E402,F401  (`bench`)
 import cam_vllm.eval.cli  # noqa: E402,F401
 import cam_vllm.loadtest  # noqa: E402,F401  (`load-test`)
 

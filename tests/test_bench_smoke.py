@@ -1,0 +1,39 @@
+"""``cam-vllm bench`` runs end to end: a real server, vLLM's own `vllm bench serve`, a report.
+Only that it runs and reports (one tiny configuration); the numbers are in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm_helpers import make_peaky_model  # noqa: E402
+
+from cam_vllm.cli import main  # noqa: E402
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+
+def test_bench_runs_vllms_benchmark_and_reports(tmp_path, capsys):
+    model = make_peaky_model(tmp_path / "model")
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", str(model), "--policies", "cam-streaming", "--input-len", "200"]
+    argv += ["--output-len", "24", "--num-prompts", "4", "--max-concurrency", "4", "--pool-blocks", "40"]
+    argv += ["--window", "64", "--max-num-batched-tokens", "128", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "bench.json").read_text())
+    (result,) = report["results"]
+    assert result["policy"] == "cam-streaming" and result["max_concurrency"] == 4
+    assert result["result"]["completed"] == 4
+    assert result["result"]["output_throughput"] > 0
+    assert result["peak_running"] >= 1
+    assert "| cam-streaming |" in capsys.readouterr().out
+    assert (out / "bench.md").exists()
+
+
+def test_a_workload_longer_than_the_pool_is_refused_by_name(tmp_path, capsys):
+    argv = ["bench", "--model", str(tmp_path), "--input-len", "4000", "--pool-blocks", "40"]
+    assert main(argv) == 1
+    assert "does not fit max_model_len 1248" in capsys.readouterr().err
