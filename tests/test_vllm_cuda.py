@@ -273,12 +273,13 @@ def _impl(policy, hq, hkv, d, scale):
 
 @pytest.mark.parametrize("mode", ["accumulated", "current"])
 def test_worker_steps_reproduce_policy_cache(mode, monkeypatch):
-    """Compacted metadata + the flash model + device plan + impl, step by step, two requests
-    with different chunkings, against one reference PolicyCache per request (outputs, values,
-    Abar); evicted blocks are poisoned with NaN after every step."""
+    """The builder's metadata (waves where a chunk crosses window blocks) + the flash model +
+    device plans + impl, step by step, two requests with different chunkings, against one
+    reference PolicyCache per request (outputs, values, Abar); evicted blocks are poisoned with
+    NaN after every step."""
     from cam_vllm.reference.cache import PolicyCache
     from cam_vllm.vllm_plugin import step_plan
-    from cam_vllm.vllm_plugin.attention_cuda import compact_common_metadata, plan_device_scores, step_tokens
+    from cam_vllm.vllm_plugin.attention_cuda import build_policy_metadata, plan_device_scores, step_tokens
     from cam_vllm.vllm_plugin.paged import NHDPagedKV
 
     monkeypatch.setattr(step_plan, "MAX_PAIRS_PER_CALL", 3000)  # exercise query slicing
@@ -296,6 +297,7 @@ def test_worker_steps_reproduce_policy_cache(mode, monkeypatch):
     layer = SimpleNamespace(layer_name="model.layers.3.self_attn.attn")
     refs = [PolicyCache(policy) for _ in chunks]
     done = [0, 0]
+    builder, waves_seen = cpu_flash_builder(), 0
     for step in range(len(chunks[0])):
         qs, slots, expected = [], [], []
         for r in range(2):
@@ -310,15 +312,14 @@ def test_worker_steps_reproduce_policy_cache(mode, monkeypatch):
             done[r] += n
         q_all = torch.cat(qs)
         cm = common_metadata([chunks[0][step], chunks[1][step]], list(done), table, torch.cat(slots))
-        kernel_cm = compact_common_metadata(policy.eviction.retained, cm, BLOCK)
-        meta = SimpleNamespace(
-            query_start_loc=kernel_cm.query_start_loc,
-            seq_lens=kernel_cm.seq_lens,
-            block_table=kernel_cm.block_table_tensor,
-        )
-        out = flash_reference(q_all, kv, meta, scale, d)
-        plan = plan_device_scores(policy, step_tokens(cm), cm, BLOCK)
-        impl._score_and_merge(layer, q_all, kv, plan)
+        meta = build_policy_metadata(builder, policy, 0, cm)  # what PolicyImplMixin.forward runs:
+        parts = meta.cam_waves or [SimpleNamespace(rows=torch.arange(q_all.shape[0]), meta=meta, plan=None)]
+        out = torch.empty_like(q_all)
+        for part in parts:  # wave by wave (a chunk across window blocks), else the whole step
+            out[part.rows] = flash_reference(q_all[part.rows], kv, part.meta, scale, d)
+            plan = part.plan if meta.cam_waves else plan_device_scores(policy, step_tokens(cm), cm, BLOCK)
+            impl._score_and_merge(layer, q_all[part.rows], kv, plan)
+        waves_seen += len(meta.cam_waves or ())
         torch.testing.assert_close(out, torch.cat(expected), atol=2e-5, rtol=1e-5)
         paged = NHDPagedKV(kv, d)
         for r in range(2):
@@ -330,6 +331,7 @@ def test_worker_steps_reproduce_policy_cache(mode, monkeypatch):
                 if not bool(policy.eviction.retained(torch.tensor(j * BLOCK), done[r] + 1)):
                     kv[int(table[r, j])] = float("nan")
     assert sum(ref.stats.merged for ref in refs) > 0
+    assert waves_seen > 0, "the long chunks must cross window blocks (merges between waves)"
 
 
 def test_padding_slots_do_not_reset_real_scores():

@@ -33,7 +33,8 @@ MATRIX = [name for base in SCORES for name in (base, f"cam-{base}")]
 
 
 def settings(name: str) -> dict:
-    return {"policy": name, "sink_tokens": SINKS, "heavy_tokens": HEAVY, "window_tokens": WINDOW}
+    heavy = {} if name.endswith("streaming") else {"heavy_tokens": HEAVY}
+    return {"policy": name, "sink_tokens": SINKS, "window_tokens": WINDOW, **heavy}
 
 
 @pytest.fixture(scope="module")
@@ -192,13 +193,14 @@ def test_continuous_batching_and_aborts_do_not_change_a_request(model):
             assert list(alone[0].outputs[0].token_ids) == out[f"r{i}"], f"r{i} changed beside others"
 
 
-@pytest.mark.parametrize("name", ["h2o", "cam-h2o"])
+@pytest.mark.parametrize("name", ["h2o", "cam-h2o", "cam-streaming"])
 def test_preempted_requests_equal_their_runs_alone(model, name):
     """Preemption by recompute: admission checks only the first chunk (scheduler_reserve_full_isl
     off) and the pool holds ~2 requests at their bound, so vLLM preempts running requests and
     recomputes them by prefill of prompt + generated tokens. The recompute is chunked differently
-    from the first run; waves make the heavy region independent of chunking (and CaM's merges are
-    keyed by position), so every request's greedy output equals its run alone."""
+    from the first run; waves make the heavy region and the merges independent of chunking (and
+    CaM's draws are keyed by position), so every request's greedy output equals its run alone,
+    cam-streaming's too."""
     from vllm_helpers import blocks_in_use, metric_values
 
     pool = 16

@@ -164,6 +164,16 @@ class KVPolicy:
         return "; ".join(parts)
 
     @property
+    def runs_in_waves(self) -> bool:
+        """Whether a multi-token step runs in waves (``StreamingPolicy.waves``): whenever a block
+        leaves the window inside a chunk, the later queries must see what token-by-token decoding
+        would have left (the heavy region re-chosen, the leaving block merged). Then chunking,
+        batching and preemption do not change a request's cache. Plain eviction needs no waves:
+        each query's visibility is exact by position."""
+        ev = self.eviction
+        return isinstance(ev, HeavyPolicy) or (isinstance(ev, StreamingPolicy) and self.merge is not None)
+
+    @property
     def tracks_scores(self) -> bool:
         """Whether attention probabilities must be computed at all."""
         return self.merge is not None or self.score is not None

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from cam_vllm.core.scores import TokenScore
 from cam_vllm.policies.streaming import StreamingPolicy
 
@@ -59,26 +57,3 @@ class HeavyPolicy(StreamingPolicy):
     @property
     def heavy_start(self) -> int:
         return self.sink_end
-
-    def waves(self, positions: torch.Tensor, request: torch.Tensor | None = None) -> torch.Tensor:
-        """Wave index of each query of a step (0, 1, ...; per request, in position order).
-
-        A new wave starts at a query whose retained set lost a block that the previous query of
-        the same request still saw (its window start moved). ``request``: each query's request
-        (None: all one request).
-        """
-        starts = self.window_start(positions + 1)
-        new = torch.zeros_like(positions, dtype=torch.int64)
-        if positions.numel() > 1:
-            same = torch.ones_like(positions[1:], dtype=torch.bool)
-            if request is not None:
-                same = request[1:] == request[:-1]
-            new[1:] = (same & (starts[1:] != starts[:-1])).to(torch.int64)
-        count = new.cumsum(0)
-        if request is None:
-            return count
-        first = torch.ones_like(positions, dtype=torch.bool)
-        first[1:] = request[1:] != request[:-1]
-        base = torch.where(first, count, torch.zeros_like(count))
-        base = torch.cummax(base, dim=0).values  # the count at each request's first query
-        return count - base

@@ -93,11 +93,12 @@ class PolicyCache:
     ) -> torch.Tensor:
         """One step of ``layer``: q [C, Hq, D], k/v [C, Hkv, D] for the next C positions.
 
-        Returns the attention output [C, Hq, D]. A score-driven policy's chunk runs in waves
-        (``HeavyPolicy.waves``): the heavy region is chosen whenever a block leaves the window.
+        Returns the attention output [C, Hq, D]. A chunk of a score-driven or merging policy runs
+        in waves (``KVPolicy.runs_in_waves``): whenever a block leaves the window, the heavy region
+        is chosen or the block merged before the chunk's later queries attend.
         """
         ev = self.policy.eviction
-        if isinstance(ev, HeavyPolicy) and q.shape[0] > 1:
+        if self.policy.runs_in_waves and q.shape[0] > 1:
             start = self.num_tokens.get(layer, 0)
             wave = ev.waves(torch.arange(start, start + q.shape[0]))
             if int(wave[-1]) > 0:

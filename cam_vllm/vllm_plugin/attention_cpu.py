@@ -38,14 +38,19 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from cam_vllm.policies import KVPolicy
 from cam_vllm.vllm_plugin import request_seeds
-from cam_vllm.vllm_plugin.impl_common import NO_BATCH_CACHES, PolicyImplMixin, policy_spec
+from cam_vllm.vllm_plugin.impl_common import (
+    NO_BATCH_CACHES,
+    PolicyImplMixin,
+    WavePart,
+    policy_spec,
+    wave_common_metadata,
+)
 from cam_vllm.vllm_plugin.paged import PagedKV, probe_layout
 from cam_vllm.vllm_plugin.scoring import new_score_state, reset_slots, score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 from cam_vllm.vllm_plugin.step_plan import (
     StepPlan,
     StepTokens,
-    Wave,
     compact_for_kernel,
     plan_scores,
     split_waves,
@@ -83,15 +88,6 @@ class PolicyCPUAttentionBackend(CPUAttentionBackend):
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         """With a policy, the scheduler side's spec (see :func:`impl_common.policy_spec`)."""
         return policy_spec(super().customize_spec(spec))
-
-
-@dataclass(frozen=True)
-class WavePart:
-    """One wave of a step: its rows of the step's tensors, stock metadata and score plan."""
-
-    rows: torch.Tensor
-    meta: CPUAttentionMetadata
-    plan: StepPlan | None
 
 
 @dataclass
@@ -164,7 +160,7 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                     w.rows,
                     *self._build_one(
                         common_prefix_len,
-                        _wave_cm(cm, w),
+                        wave_common_metadata(cm, w),
                         w.tokens,
                         fast_build,
                         None if seeds is None else [seeds[i] for i in w.requests.tolist()],
@@ -209,31 +205,6 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 self.policy, tokens, block_table, cm.slot_mapping, self.block_size, seeds=seeds
             )
         return meta, plan
-
-
-def _wave_cm(cm: CommonAttentionMetadata, wave: Wave) -> CommonAttentionMetadata:
-    """The common metadata of one wave: its queries, requests and slots only."""
-    t, rows, reqs = wave.tokens, wave.rows, wave.requests
-    n = int(cm.query_start_loc[cm.num_reqs])
-    qlens = t.query_start_loc[1:] - t.query_start_loc[:-1]
-    return cm.replace(
-        query_start_loc=t.query_start_loc.to(torch.int32),
-        query_start_loc_cpu=t.query_start_loc.to(torch.int32),
-        seq_lens=t.seq_lens.to(torch.int32),
-        seq_lens_cpu_upper_bound=t.seq_lens.to(torch.int32),
-        num_reqs=int(reqs.numel()),
-        num_actual_tokens=int(rows.numel()),
-        max_query_len=int(qlens.max()),
-        max_seq_len=int(t.seq_lens.max()),
-        block_table_tensor=cm.block_table_tensor[reqs],
-        slot_mapping=cm.slot_mapping[:n][rows],
-        is_prefilling=None if cm.is_prefilling is None else cm.is_prefilling[reqs],
-        positions=None if cm.positions is None else cm.positions[:n][rows],
-        logits_indices_padded=None,
-        num_logits_indices=None,
-        max_logits_per_req=None,
-        **NO_BATCH_CACHES,
-    )
 
 
 class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):

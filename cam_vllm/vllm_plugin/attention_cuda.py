@@ -49,7 +49,13 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from cam_vllm.policies import KVPolicy
 from cam_vllm.vllm_plugin import request_seeds
 from cam_vllm.vllm_plugin.cuda_startup import BACKEND_NAME, platform_is_cuda
-from cam_vllm.vllm_plugin.impl_common import NO_BATCH_CACHES, PolicyImplMixin, policy_spec
+from cam_vllm.vllm_plugin.impl_common import (
+    NO_BATCH_CACHES,
+    PolicyImplMixin,
+    WavePart,
+    policy_spec,
+    wave_common_metadata,
+)
 from cam_vllm.vllm_plugin.paged import NHDPagedKV
 from cam_vllm.vllm_plugin.scoring import score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
@@ -60,6 +66,7 @@ from cam_vllm.vllm_plugin.step_plan import (
     StepTokens,
     compact_for_kernel,
     plan_scores,
+    split_waves,
 )
 
 BACKEND_PATH = f"{__name__}.PolicyFlashAttentionBackend"
@@ -165,7 +172,11 @@ class DeviceStepPlan:
 
 
 def plan_device_scores(
-    policy: KVPolicy, tokens: StepTokens, cm: CommonAttentionMetadata, block_size: int
+    policy: KVPolicy,
+    tokens: StepTokens,
+    cm: CommonAttentionMetadata,
+    block_size: int,
+    seeds: list[int | None] | None = None,
 ) -> DeviceStepPlan:
     """``plan_scores`` on the host over *virtual* block ids, translated on the device.
 
@@ -177,7 +188,6 @@ def plan_device_scores(
     table = cm.block_table_tensor
     device, width, b = table.device, table.shape[1], block_size
     virtual = torch.arange(n, dtype=torch.int64)[:, None] * width + torch.arange(width)[None, :]
-    seeds = request_seeds.for_step(n) if policy.merge is not None else None
     host = plan_scores(
         policy, tokens, virtual, torch.empty(0, dtype=torch.int64), b, batch_decodes=False, seeds=seeds
     )
@@ -230,6 +240,7 @@ class PolicyFlashAttentionMetadata(FlashAttentionMetadata):
     """Stock metadata (built from the compacted batch) plus this step's score/merge plan."""
 
     cam_plan: DeviceStepPlan | None = None
+    cam_waves: list[WavePart] | None = None  # a merging policy's chunk across window blocks
 
 
 def engine_config_problems(vllm_config: Any, policy: KVPolicy, spec: AttentionSpec) -> list[str]:
@@ -314,13 +325,44 @@ def build_policy_metadata(
     if isinstance(cm.causal, torch.Tensor) or not cm.causal or cm.mm_req_doc_ranges:
         raise NotImplementedError("KV policies support causal decoder attention only")
     tokens = step_tokens(cm)
+    seeds = request_seeds.for_step(cm.num_reqs) if policy.merge is not None else None
+    meta, plan = _build_one(builder, policy, common_prefix_len, cm, tokens, fast_build, seeds)
+    fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
+    waves = split_waves(policy, tokens)
+    parts = None
+    if len(waves) > 1:  # a merging policy's chunk crosses window blocks: merge between waves
+        device = cm.block_table_tensor.device
+        parts = []
+        for w in waves:
+            wave_seeds = None if seeds is None else [seeds[i] for i in w.requests.tolist()]
+            wave_cm = wave_common_metadata(cm, w)
+            parts.append(
+                WavePart(
+                    w.rows.to(device),
+                    *_build_one(
+                        builder, policy, common_prefix_len, wave_cm, w.tokens, fast_build, wave_seeds
+                    ),
+                )
+            )
+    return PolicyFlashAttentionMetadata(**fields, cam_plan=plan, cam_waves=parts)
+
+
+def _build_one(
+    builder: FlashAttentionMetadataBuilder,
+    policy: KVPolicy,
+    common_prefix_len: int,
+    cm: CommonAttentionMetadata,
+    tokens: StepTokens,
+    fast_build: bool,
+    seeds: list[int | None] | None,
+) -> tuple[FlashAttentionMetadata, DeviceStepPlan | None]:
+    """Stock metadata of the batch (or wave) compacted to the retained blocks, and its plan."""
     kernel_cm = compact_common_metadata(policy.eviction.retained, cm, builder.block_size, tokens)
     meta = FlashAttentionMetadataBuilder.build(builder, common_prefix_len, kernel_cm, fast_build)
     plan = None
     if policy.tracks_scores:
-        plan = plan_device_scores(policy, tokens, cm, builder.block_size)
-    fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
-    return PolicyFlashAttentionMetadata(**fields, cam_plan=plan)
+        plan = plan_device_scores(policy, tokens, cm, builder.block_size, seeds)
+    return meta, plan
 
 
 class PolicyFlashAttentionImpl(PolicyImplMixin, FlashAttentionImpl):

@@ -10,16 +10,18 @@ from __future__ import annotations
 import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config_or_none
-from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from cam_vllm.policies import KVPolicy
 from cam_vllm.vllm_plugin.scoring import global_kv_heads
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
+from cam_vllm.vllm_plugin.step_plan import Wave
 
 _KV_MANAGER_MODULE = "cam_vllm.vllm_plugin.kv_manager"
 
@@ -34,6 +36,47 @@ NO_BATCH_CACHES: dict[str, None] = dict(
     _num_computed_tokens_cache=None,
     _token_to_req_indices_cache=None,
 )
+
+
+@dataclass(frozen=True)
+class WavePart:
+    """One wave of a step: its rows of the step's tensors, stock metadata and score plan."""
+
+    rows: torch.Tensor  # on the device of the step's tensors
+    meta: Any
+    plan: Any
+
+
+def wave_common_metadata(cm: CommonAttentionMetadata, wave: Wave) -> CommonAttentionMetadata:
+    """The common metadata of one wave: its queries, requests and slots only. Host copies stay on
+    the host, device tensors are indexed on their device (CPU: the same tensors)."""
+    t, rows, reqs = wave.tokens, wave.rows, wave.requests
+    dev = cm.block_table_tensor.device
+    n = int(cm.query_start_loc_cpu[cm.num_reqs])
+    qlens = t.query_start_loc[1:] - t.query_start_loc[:-1]
+    qsl, lens = t.query_start_loc.to(torch.int32), t.seq_lens.to(torch.int32)
+    rows_d, reqs_d = rows.to(dev), reqs.to(dev)
+    return cm.replace(
+        query_start_loc=qsl.to(dev),
+        query_start_loc_cpu=qsl,
+        seq_lens=lens.to(dev),
+        seq_lens_cpu_upper_bound=lens,
+        num_reqs=int(reqs.numel()),
+        num_actual_tokens=int(rows.numel()),
+        max_query_len=int(qlens.max()),
+        max_seq_len=int(t.seq_lens.max()),
+        block_table_tensor=cm.block_table_tensor[reqs_d],
+        slot_mapping=cm.slot_mapping[:n][rows_d],
+        is_prefilling=None
+        if cm.is_prefilling is None
+        else cm.is_prefilling[reqs.to(cm.is_prefilling.device)],
+        positions=None if cm.positions is None else cm.positions[:n][rows.to(cm.positions.device)],
+        logits_indices_padded=None,
+        num_logits_indices=None,
+        max_logits_per_req=None,
+        **NO_BATCH_CACHES,
+    )
+
 
 # The vLLM config the attention layers of this process were built under. The worker asks for the
 # layers' KV specs (``customize_spec``) outside any ``set_current_vllm_config`` context, after the

@@ -75,7 +75,7 @@ class StepTokens:
 
 @dataclass(frozen=True)
 class Wave:
-    """Some queries of a step that attend together (score-driven policies: ``HeavyPolicy.waves``)."""
+    """Some queries of a step that attend together (``KVPolicy.runs_in_waves``)."""
 
     rows: torch.Tensor  # [Tw] rows of the step's query / key / value tensors, in order
     requests: torch.Tensor  # [Rw] the step's request index of each of the wave's requests
@@ -83,11 +83,12 @@ class Wave:
 
 
 def split_waves(policy: KVPolicy, tokens: StepTokens) -> list[Wave]:
-    """The waves of a step: one (every query) unless a score-driven policy's chunk crosses a point
-    where a block leaves the window; then the heavy region is chosen between the waves."""
+    """The waves of a step: one (every query) unless a score-driven or merging policy's chunk
+    crosses a point where a block leaves the window; then the heavy region is chosen, or the
+    leaving block merged, between the waves (``KVPolicy.runs_in_waves``)."""
     ev = policy.eviction
     wave = None
-    if isinstance(ev, HeavyPolicy) and tokens.token_pos.numel() > 1:
+    if policy.runs_in_waves and tokens.token_pos.numel() > 1:
         wave = ev.waves(tokens.token_pos, tokens.token_req)
     if wave is None or int(wave.max()) == 0:
         return [Wave(torch.arange(tokens.token_pos.numel()), torch.arange(tokens.seq_lens.numel()), tokens)]
