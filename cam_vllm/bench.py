@@ -82,16 +82,18 @@ def server_flags(args: argparse.Namespace, policy: str) -> list[str]:
     flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens), "--served-model-name", "bench"]
     flags += ["--no-enable-prefix-caching", "--max-num-seqs", str(args.max_num_seqs)]
     if policy != "none":
-        flags += [
-            "--kv-policy",
-            policy,
-            "--kv-sink-tokens",
-            str(args.sinks),
-            "--kv-window-tokens",
-            str(args.window),
-        ]
-        if args.heavy is not None:
-            flags += ["--kv-heavy-tokens", str(args.heavy)]
+        from cam_vllm.policies import base_policy_name, is_score_driven
+
+        score_driven = is_score_driven(base_policy_name(policy))
+        window, heavy = args.window, args.heavy
+        if heavy is None and score_driven:
+            # the same memory as a positional policy: sinks + heavy + window = sinks + --window
+            heavy = args.window // 2 // args.block_size * args.block_size
+            window = args.window - heavy
+        flags += ["--kv-policy", policy, "--kv-sink-tokens", str(args.sinks)]
+        flags += ["--kv-window-tokens", str(window)]
+        if score_driven:
+            flags += ["--kv-heavy-tokens", str(heavy)]
     return flags + list(args.server_arg or [])
 
 
@@ -215,7 +217,13 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--window", type=int, default=256)
-    parser.add_argument("--heavy", type=int, default=None, help="score-driven policies (default: the window)")
+    parser.add_argument(
+        "--heavy",
+        type=int,
+        default=None,
+        help="score-driven policies' heavy tokens (default: half of --window, the rest their window: "
+        "every policy holds sinks + --window tokens)",
+    )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-arg", action="append", help="one more `vllm serve` argument (repeatable)")
