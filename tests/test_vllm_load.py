@@ -247,3 +247,38 @@ def test_a_requests_seed_gives_the_oracles_output_for_that_seed(server, model):
     assert tokens == ref_tokens
     assert logprobs == pytest.approx(ref_logprobs, abs=2e-3)
     assert _greedy(server, model_name, prompt, None)[1] != pytest.approx(ref_logprobs, abs=2e-3)
+
+
+def test_data_parallel_engine_cores_each_run_the_policy(model, tmp_path):
+    """`--data-parallel-size 2` on the CPU build: two engine cores, each with the policy, and two
+    API servers (vLLM's default for DP), whose /v1/kv_policy must name the policy too (their own
+    configs are built before the plugin's flag hook is installed there; the flags are taken from
+    the parsed arguments). Outputs do not depend on which core served them."""
+    log = tmp_path / "serve.log"
+    flags = ("--enforce-eager", "--dtype", "float32", "--block-size", "32", "--max-model-len", "2048")
+    flags += ("--kv-policy", "cam-streaming", "--kv-window-tokens", "64", "--data-parallel-size", "2")
+    with served(model, log, *flags) as base:
+        model_name = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+        prompts = token_prompts(6, 400, seed=21)
+
+        def complete(p: list[int]) -> list[int]:
+            body = {
+                "model": model_name,
+                "prompt": p,
+                "max_tokens": 12,
+                "temperature": 0,
+                "return_token_ids": True,
+            }
+            r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["token_ids"]
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(complete, prompts))
+        assert [complete(p) for p in prompts] == together
+        for _ in range(4):  # each API server answers some of these
+            report = httpx.get(f"{base}/v1/kv_policy", timeout=10).json()
+            assert report["policy"] == "cam-streaming" and report["resolved"]["name"] == "cam-streaming"
+        metrics = parse_metrics(httpx.get(f"{base}/metrics", timeout=10).text)
+        assert metrics["vllm:kv_cache_usage_perc"] == 0
+    assert log.read_text().count("cam-vllm KV policy active: policy cam-streaming") == 2
