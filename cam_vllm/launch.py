@@ -9,6 +9,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from cam_vllm.errors import CamVllmError
 
@@ -34,12 +35,8 @@ def vllm_command() -> list[str]:
 def served(model: Path | str, log: Path, *flags: str, timeout: float = 400) -> Iterator[str]:
     """``vllm serve model flags`` on a free loopback port with the endpoint plugin on; yields the
     base URL once ``/health`` answers, and stops the whole process group afterwards."""
-    import signal
     import socket
     import subprocess
-    import time
-
-    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,26 +48,47 @@ def served(model: Path | str, log: Path, *flags: str, timeout: float = 400) -> I
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                tail = Path(log).read_text()[-3000:]
-                raise CamVllmError(f"vllm serve exited with {proc.returncode}:\n{tail}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise CamVllmError(f"vllm serve did not become healthy:\n{Path(log).read_text()[-3000:]}")
-            time.sleep(2)
+        problem = wait_healthy(proc, base, timeout)
+        if problem:
+            raise CamVllmError(f"vllm serve {problem}:\n{Path(log).read_text()[-3000:]}")
         yield base
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         out.close()
+
+
+def wait_healthy(proc: Any, base: str, timeout: float) -> str | None:
+    """Poll ``base/health`` until it answers 200 (None), the process exits or time runs out (why)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            return f"exited with {proc.returncode}"
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return None
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            return "did not become healthy"
+        time.sleep(2)
+
+
+def stop_group(proc: Any) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session``), then SIGKILL."""
+    import signal
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

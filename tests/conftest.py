@@ -61,9 +61,8 @@ class ServeProcess:
         import os
         import socket
         import subprocess
-        import time
 
-        import httpx
+        from cam_vllm.launch import wait_healthy
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -94,36 +93,19 @@ class ServeProcess:
                 start_new_session=True,
             )
         self.base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"scripts/serve.sh exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"server did not become healthy:\n{self.log_tail()}")
-            time.sleep(2)
+        problem = wait_healthy(self.proc, self.base, timeout)
+        if problem:
+            self.stop()
+            pytest.fail(f"scripts/serve.sh {problem}:\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text()[-chars:]
 
     def stop(self) -> None:
-        import os
-        import signal
-        import subprocess
+        from cam_vllm.launch import stop_group
 
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            stop_group(self.proc)
 
 
 _serve: ServeProcess | None = None

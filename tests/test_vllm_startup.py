@@ -5,6 +5,7 @@ full attention silently."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -264,3 +265,45 @@ def test_serve_engine_core_refuses_silent_full_attention(tmp_path_factory) -> No
     out = done.stdout + done.stderr
     assert "cam-vllm: KV policy 'streaming' is configured but not every attention layer uses it" in out
     assert "FullAttentionSpec for model.layers.0.self_attn.attn" in out
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}},
+            "speculative decoding is not supported with a KV policy",
+        ),
+        (
+            {"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}},
+            "KV transfer / offloading connectors are not supported",
+        ),
+        (
+            {"decode_context_parallel_size": 2, "tensor_parallel_size": 4},
+            "decode/prefill context parallelism is not supported",
+        ),
+        ({"kv_sharing_fast_prefill": True}, "--kv-sharing-fast-prefill is not supported"),
+    ],
+    ids=["speculative-decoding", "kv-connector", "decode-context-parallel", "kv-sharing"],
+)
+def test_set_ups_a_policy_cannot_serve_are_refused_by_name(tmp_path_factory, extra, message) -> None:
+    """vLLM's own EngineArgs.create_engine_config (what `vllm serve` and `vllm.LLM` call before any
+    process starts) refuses each set-up, naming it."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    engine_env()
+    from cam_vllm.plugin import register
+
+    register()
+    args = EngineArgs(
+        model=str(_tiny(tmp_path_factory)),
+        dtype="float32",
+        block_size=32,
+        max_model_len=2048,
+        enforce_eager=True,
+        additional_config={"kv_policy": {"policy": "cam-streaming", "window_tokens": 64}},
+        **extra,
+    )
+    with pytest.raises(KVPolicyStartupError, match=re.escape(message)):
+        args.create_engine_config()
