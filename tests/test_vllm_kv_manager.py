@@ -173,12 +173,14 @@ def test_running_gauges_follow_the_requests_the_manager_holds() -> None:
     list(_run(kvm, b, 32, steps_after_prompt=3))
     assert set(stats.running) == {"a", "b"}
     assert stats.snapshot()["gauges"]["kv_tokens_logical"] >= 500
+    assert stats.snapshot()["gauges"]["requests_tracked"] == 2
     kvm.free(a)
     assert set(stats.running) == {"b"} and stats.histograms["request_logical_tokens"][-1] >= 300
     kvm.block_pool.free_blocks(reversed(kvm.pop_blocks_for_free(b)))  # the deferred-free path
     assert stats.running == {} and stats.snapshot()["gauges"] == {
         "kv_tokens_logical": 0,
         "kv_tokens_retained": 0,
+        "requests_tracked": 0,  # nothing left for the load test to find
     }
     assert sum(stats.histograms["request_logical_tokens"][:-1]) == 2  # each observed once
 
