@@ -62,24 +62,28 @@ def test_storm_of_streams_with_aborts_and_preemptions_leaves_nothing_behind(serv
     assert report.ok
 
 
+def _complete(base: str, model_name: str, prompt: list[int], **fields) -> dict:
+    """One 12-token completion of ``prompt`` (status 200 required); its first choice."""
+    body = {"model": model_name, "prompt": prompt, "max_tokens": 12, **fields}
+    r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
 @pytest.mark.parametrize("server", ["cam-h2o"], indirect=True)
 def test_seeded_sampling_does_not_depend_on_how_the_prompt_was_chunked(server):
     """A seeded request whose prompt is chunked (vLLM samples and discards a token per partial
     chunk) crashed vLLM's CPU engine (``CPU Generator does not use offset``); cpu_seed_fix rewinds
     the generator by state. Alone, the 300-token prompt runs in chunks of 128/128/44; behind a
     500-token prompt it is cut differently (e.g. 12/128/128/32: one more discarded draw), and
-    the tokens must still be the same. On cam-h2o, whose cache does not depend on chunking
-    (cam-streaming's merges do)."""
+    the tokens must still be the same. On cam-h2o (any merging policy's cache is independent of
+    chunking; one server suffices)."""
 
     model_name = httpx.get(f"{server}/v1/models", timeout=10).json()["data"][0]["id"]
     prompt, other = token_prompts(1, 300, seed=5)[0], token_prompts(1, 500, seed=6)[0]
 
     def complete(p: list[int], seed: int) -> str:
-        body = {"model": model_name, "prompt": p, "max_tokens": 12, "temperature": 1.0, "seed": seed}
-        body["ignore_eos"] = True
-        r = httpx.post(f"{server}/v1/completions", json=body, timeout=120)
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["text"]
+        return _complete(server, model_name, p, temperature=1.0, seed=seed, ignore_eos=True)["text"]
 
     alone = complete(prompt, 7)
     assert complete(prompt, 7) == alone
@@ -204,13 +208,10 @@ def test_openapi_fuzz_finds_no_server_error(server, tmp_path):
 
 
 def _greedy(base: str, model_name: str, prompt: list[int], seed: int | None) -> tuple[list[int], list[float]]:
-    body = {"model": model_name, "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 0}
-    body |= {"ignore_eos": True, "return_token_ids": True}
+    fields = {"temperature": 0, "logprobs": 0, "ignore_eos": True, "return_token_ids": True}
     if seed is not None:
-        body["seed"] = seed
-    r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
-    assert r.status_code == 200, r.text
-    choice = r.json()["choices"][0]
+        fields["seed"] = seed
+    choice = _complete(base, model_name, prompt, **fields)
     return choice["token_ids"], choice["logprobs"]["token_logprobs"]
 
 
@@ -262,16 +263,7 @@ def test_data_parallel_engine_cores_each_run_the_policy(model, tmp_path):
         prompts = token_prompts(6, 400, seed=21)
 
         def complete(p: list[int]) -> list[int]:
-            body = {
-                "model": model_name,
-                "prompt": p,
-                "max_tokens": 12,
-                "temperature": 0,
-                "return_token_ids": True,
-            }
-            r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
-            assert r.status_code == 200, r.text
-            return r.json()["choices"][0]["token_ids"]
+            return _complete(base, model_name, p, temperature=0, return_token_ids=True)["token_ids"]
 
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             together = list(pool.map(complete, prompts))
