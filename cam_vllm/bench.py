@@ -60,6 +60,11 @@ class BenchResult:
         return float(self.result.get(key, float("nan")))
 
 
+# How often /metrics is read while a benchmark runs. A peak shorter than this can be missed, so a
+# run should last many intervals (the smoke test's does).
+SAMPLE_INTERVAL_S = 0.05
+
+
 def _sample_metrics(base: str, stop: threading.Event, out: dict[str, float]) -> None:
     import httpx
 
@@ -72,7 +77,7 @@ def _sample_metrics(base: str, stop: threading.Event, out: dict[str, float]) -> 
             out["preemptions"] = m.get("vllm:num_preemptions_total", 0.0)
         except Exception:  # noqa: BLE001 - a missed sample only lowers the observed peak
             pass
-        stop.wait(0.25)
+        stop.wait(SAMPLE_INTERVAL_S)
 
 
 def server_flags(args: argparse.Namespace, policy: str) -> list[str]:

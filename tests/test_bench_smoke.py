@@ -20,7 +20,8 @@ def test_bench_runs_vllms_benchmark_and_reports(tmp_path, capsys):
     model = make_peaky_model(tmp_path / "model")
     out = tmp_path / "bench"
     argv = ["bench", "--model", str(model), "--policies", "cam-streaming", "--input-len", "200"]
-    argv += ["--output-len", "24", "--num-prompts", "4", "--max-concurrency", "4", "--pool-blocks", "40"]
+    # 128 output tokens: the run lasts long enough (~1-3 s) for the /metrics sampler to see it
+    argv += ["--output-len", "128", "--num-prompts", "4", "--max-concurrency", "4", "--pool-blocks", "40"]
     argv += ["--window", "64", "--max-num-batched-tokens", "128", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     report = json.loads((out / "bench.json").read_text())
