@@ -73,6 +73,8 @@ class StormReport:
     kv_blocks_in_use_ratio: float = -1.0  # vllm:kv_cache_usage_perc after the storm
     requests_tracked: float = -1.0  # cam_vllm:requests_tracked after the storm (absent: -1)
     requests_tracked_peak: float = -1.0  # its highest value sampled during the storm
+    worker_stashed: float = -1.0  # cam_vllm:worker_requests_stashed after the storm (absent: -1)
+    worker_stashed_peak: float = -1.0  # its highest value sampled during the storm
     kv_blocks_in_use_peak: float = 0.0  # vllm:kv_cache_usage_perc, highest sampled
     running_after: float = -1.0
     waiting_after: float = -1.0
@@ -89,6 +91,11 @@ class StormReport:
         if self.requests_tracked > 0:
             found.append(
                 f"plugin state left for {self.requests_tracked:g} requests (cam_vllm:requests_tracked)"
+            )
+        if self.worker_stashed > 0:
+            found.append(
+                f"worker stash rows left for {self.worker_stashed:g} requests "
+                "(cam_vllm:worker_requests_stashed)"
             )
         if self.running_after or self.waiting_after:
             found.append(f"requests left: running {self.running_after:g}, waiting {self.waiting_after:g}")
@@ -236,6 +243,8 @@ class _Storm:
                 m = {}
             r = self.report
             r.requests_tracked_peak = max(r.requests_tracked_peak, m.get("cam_vllm:requests_tracked", -1.0))
+            stashed = m.get("cam_vllm:worker_requests_stashed", -1.0)
+            r.worker_stashed_peak = max(r.worker_stashed_peak, stashed)
             r.kv_blocks_in_use_peak = max(r.kv_blocks_in_use_peak, m.get("vllm:kv_cache_usage_perc", 0.0))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
@@ -252,6 +261,7 @@ class _Storm:
             r = self.report
             r.kv_blocks_in_use_ratio = m.get("vllm:kv_cache_usage_perc", -1.0)
             r.requests_tracked = m.get("cam_vllm:requests_tracked", -1.0)
+            r.worker_stashed = m.get("cam_vllm:worker_requests_stashed", -1.0)
             r.running_after = m.get("vllm:num_requests_running", -1.0)
             r.waiting_after = m.get("vllm:num_requests_waiting", -1.0)
             if not r.leaks or time.monotonic() > deadline:

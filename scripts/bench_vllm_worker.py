@@ -10,11 +10,15 @@ Decode time is isolated as t(max_tokens = 1 + N) - t(max_tokens = 1) for the sam
 prefill cost cancels; decode tokens/s = batch * N / that difference. Engines run one after the
 other (an idle engine's worker keeps polling), each measured --repeats times, best of them;
 t(max_tokens = 1), the batch's prefill, is printed too.
+
+A name ending in ``@eager`` runs the policy with CAM_VLLM_DEFERRED_SCORING=0 (every decode query
+scored in its own step, as before deferred scoring), e.g. ``--policies streaming,h2o,h2o@eager``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -58,11 +62,13 @@ def main() -> None:
     times: dict[str, list[float]] = {n: [] for n in names}
     ttft: dict[str, list[float]] = {n: [] for n in names}
     for name in names:
-        policy = {"policy": name}
-        if is_score_driven(split_policy_name(name)[0]):
+        policy_name, _, variant = name.partition("@")
+        os.environ["CAM_VLLM_DEFERRED_SCORING"] = "0" if variant == "eager" else "1"  # the engine inherits it
+        policy = {"policy": policy_name}
+        if is_score_driven(split_policy_name(policy_name)[0]):
             half = args.window // 2
             policy.update(sink_tokens=args.sinks, heavy_tokens=half, window_tokens=args.window - half)
-        elif name != "none":
+        elif policy_name != "none":
             policy.update(sink_tokens=args.sinks, window_tokens=args.window)
         llm = make_llm(
             model,
@@ -92,9 +98,12 @@ def main() -> None:
         f"sinks {args.sinks} + window {args.window}, block 32, float32"
     )
     base = rows[0][1]
-    print(f"{'policy':<15}{'decode tok/s':>14}{'ms/step':>10}{'vs ' + rows[0][0]:>12}")
+    ref = best.get("streaming")  # the per-step cost of scoring and merging is measured against it
+    head = f"{'policy':<20}{'decode tok/s':>14}{'ms/step':>10}{'vs ' + rows[0][0]:>12}"
+    print(head + (f"{'ms/step vs streaming':>22}" if ref else ""))
     for name, tps, ms in rows:
-        print(f"{name:<15}{tps:>14.1f}{ms:>10.2f}{tps / base:>11.1%}")
+        line = f"{name:<20}{tps:>14.1f}{ms:>10.2f}{tps / base:>11.1%}"
+        print(line + (f"{best[name] / ref - 1:>+21.1%}" if ref else ""))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ PLUGIN_DIR = Path(internals.__file__).parent
 # Modules of the scheduler side (the worker side lists its own internals when it adds entries).
 SCHEDULER_SIDE = ["__init__.py", "cli.py", "kv_manager.py", "startup.py", "internals.py"]
 WORKER_SIDE = ["attention_cpu.py", "paged.py", "impl_common.py", "scoring.py", "step_plan.py", "settings.py"]
-WORKER_SIDE += ["cpu_seed_fix.py", "request_seeds.py", "attention_cuda.py"]
+WORKER_SIDE += ["cpu_seed_fix.py", "step_requests.py", "attention_cuda.py"]
 
 
 def test_installed_vllm_matches() -> None:

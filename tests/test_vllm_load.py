@@ -56,6 +56,8 @@ def test_storm_of_streams_with_aborts_and_preemptions_leaves_nothing_behind(serv
     assert report.aborted >= 10 and report.completed >= 30, summary
     assert report.preemptions > 0, f"the pool must run full: {summary}"
     assert report.requests_tracked_peak > 0, "the plugin's per-request state is visible while it exists"
+    assert report.worker_stashed_peak > 0, "decode queries wait in the workers' stash (deferred scoring)"
+    assert report.worker_stashed == 0
     assert report.healthy
     assert report.leaks == [], summary
     assert report.probe_after == report.probe_before != ""

@@ -205,33 +205,52 @@ def _impl_for(policy, hq, hkv, d, scale, monkeypatch):
     return impl
 
 
-@pytest.mark.parametrize(
-    ("rule", "mode", "base"),
-    [
-        ("cam", "accumulated", "streaming"),
-        ("cam", "current", "streaming"),
-        ("weighted", "accumulated", "streaming"),
-        ("kvmerger", "accumulated", "streaming"),
-        (None, "accumulated", "h2o"),
-        ("cam", "accumulated", "h2o"),
-        (None, "accumulated", "tova"),
-        ("cam", "accumulated", "scissorhands"),
-        (None, "accumulated", "corm"),
-        ("weighted", "accumulated", "h2o"),
-        ("kvmerger", "accumulated", "corm"),
-    ],
-)
+WORKER_CASES = [
+    ("cam", "accumulated", "streaming"),
+    ("cam", "current", "streaming"),
+    ("weighted", "accumulated", "streaming"),
+    ("kvmerger", "accumulated", "streaming"),
+    (None, "accumulated", "h2o"),
+    ("cam", "accumulated", "h2o"),
+    (None, "accumulated", "tova"),
+    ("cam", "accumulated", "scissorhands"),
+    (None, "accumulated", "corm"),
+    ("weighted", "accumulated", "h2o"),
+    ("kvmerger", "accumulated", "corm"),
+]
+
+
+@pytest.mark.parametrize(("rule", "mode", "base"), WORKER_CASES)
 def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, base, monkeypatch):
     """Kernel on the compacted batch + score/merge plan + impl, step by step, two requests with
     different chunkings, against one reference PolicyCache per request (outputs, values, Abar).
     Freed blocks are poisoned with NaN after every step, as if reused by someone else."""
+    chunks = [[150, 1, 1, 37, 1, 1, 1, 40, 1, 1], [1, 70, 1, 1, 1, 100, 1, 30, 1, 1]]
+    _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred=False)
+
+
+@pytest.mark.parametrize(("rule", "mode", "base"), WORKER_CASES)
+def test_deferred_decode_scoring_reproduces_policy_cache_without_an_engine(rule, mode, base, monkeypatch):
+    """The same with deferred scoring (``query_stash``: decode queries scored once per block, or
+    in ``current`` mode only where a block ends): long decode runs across block ends, a prompt
+    chunk continuing a stash, a one-token first step, a one-token first wave. Outputs, keys and
+    values equal the reference at every step; Abar and the score state whenever the request has
+    no query waiting."""
+    # request 0's 37-token chunk starts at 191, the last slot of a block: its first wave is one
+    # token, which is not a decode and must be scored at once
+    chunks = [[150] + [1] * 41 + [37] + [1] * 34, [1, 70] + [1] * 44 + [100] + [1] * 30]
+    _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred=True)
+
+
+def _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred: bool) -> None:
     pytest.importorskip("vllm")
     import dataclasses
     from types import SimpleNamespace
 
     from cam_vllm.reference.cache import PolicyCache
-    from cam_vllm.vllm_plugin import step_plan
+    from cam_vllm.vllm_plugin import step_plan, step_requests
     from cam_vllm.vllm_plugin.paged import _write
+    from cam_vllm.vllm_plugin.query_stash import StashPlanner, stash_for_wave
     from cam_vllm.vllm_plugin.step_plan import StepTokens, compact_for_kernel, plan_scores, split_waves
 
     monkeypatch.setattr(step_plan, "MAX_PAIRS_PER_CALL", 3000)  # exercise query slicing
@@ -240,7 +259,6 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, base,
     if rule == "kvmerger":  # random keys are nearly orthogonal: let every adjacent pair form a set
         policy = dataclasses.replace(policy, merge=dataclasses.replace(policy.merge, similarity=-1.0))
     hq, hkv, d, scale = 4, 2, 64, 0.125
-    chunks = [[150, 1, 1, 37, 1, 1, 1, 40, 1, 1], [1, 70, 1, 1, 1, 100, 1, 30, 1, 1]]
     lengths = [sum(c) for c in chunks]
     widths = [-(-n // BLOCK) for n in lengths]
     num_blocks = sum(widths) + 1
@@ -251,8 +269,10 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, base,
     impl = _impl_for(policy, hq, hkv, d, scale, monkeypatch)
     layer = SimpleNamespace(isa="vec", layer_name="model.layers.3.self_attn.attn")
     refs = [PolicyCache(policy) for _ in chunks]
+    planner = StashPlanner(BLOCK) if deferred and mode == "accumulated" else None
     done = [0, 0]
     waves_seen: list[int] = []
+    flushed = 0
     for step in range(len(chunks[0])):
         qs, slots, expected = [], [], []
         for r in range(2):
@@ -269,9 +289,15 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, base,
         tokens = StepTokens.from_batch(qsl, torch.tensor(done, dtype=torch.int32), 2)
         q_all, slot_all = torch.cat(qs), torch.cat(slots)
         out = torch.empty_like(q_all)
+        stash = None
+        if planner is not None:
+            step_requests.publish(["a", "b"], [None, None], done)
+            pub = step_requests.current(2, torch.tensor(done))
+            stash = planner.plan(tokens.query_lens.tolist(), tokens.context_lens.tolist(), pub)
+            flushed += int(stash.flush_req.numel())
         waves = split_waves(policy, tokens)  # merging/scoring chunks crossing window blocks: several
         waves_seen.append(len(waves))
-        for wave in waves:  # as PolicyImplMixin.forward runs them
+        for i, wave in enumerate(waves):  # as PolicyImplMixin.forward runs them
             t, rows, bt = wave.tokens, wave.rows, table[wave.requests]
             batch = compact_for_kernel(policy.eviction.retained, t, bt, BLOCK)
             if batch is None:
@@ -281,7 +307,8 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, base,
                     block_table=bt,
                 )
             out[rows] = _kernel(q_all[rows].contiguous(), kv, batch, scale)
-            plan = plan_scores(policy, t, bt, slot_all[rows], BLOCK)
+            w_stash = stash_for_wave(stash, wave) if i == 0 else None
+            plan = plan_scores(policy, t, bt, slot_all[rows], BLOCK, stash=w_stash, defer_decodes=deferred)
             impl._score_and_merge(layer, q_all[rows], kv, plan)
         torch.testing.assert_close(out, torch.cat(expected), atol=2e-5, rtol=1e-5)
         for r in range(2):
@@ -289,14 +316,20 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, base,
             slot = table[r].long()[st.positions // BLOCK] * BLOCK + st.positions % BLOCK
             torch.testing.assert_close(impl._paged.gather_v(slot), st.v, atol=1e-6, rtol=1e-6)
             torch.testing.assert_close(impl._paged.gather_k(slot), st.k, atol=1e-6, rtol=1e-6)
-            torch.testing.assert_close(impl._abar[slot], st.abar, atol=1e-6, rtol=1e-5)
-            for name, t in st.state.items():  # score-driven: per-head token positions, scores
-                torch.testing.assert_close(impl._state[name][slot], t, atol=1e-6, rtol=1e-5)
+            settled = not deferred or (
+                "ab"[r] not in planner.entries if planner is not None else done[r] % BLOCK == 0
+            )
+            if settled:  # no query of this request waits to be scored
+                torch.testing.assert_close(impl._abar[slot], st.abar, atol=1e-6, rtol=1e-5)
+                for name, t in st.state.items():  # score-driven: per-head token positions, scores
+                    torch.testing.assert_close(impl._state[name][slot], t, atol=1e-6, rtol=1e-5)
             for j in range(widths[r]):  # blocks the scheduler frees now: poison them
                 if not bool(policy.eviction.retained(torch.tensor(j * BLOCK), done[r] + 1)):
                     kv[int(table[r, j])] = float("nan")
     if rule is not None:
         assert sum(ref.stats.merged for ref in refs) > 0
+    if planner is not None:
+        assert flushed >= 4 and planner.rows <= 2, "stash rows are scored at block ends and reused"
     runs_in_waves = rule is not None or base != "streaming"
     assert (max(waves_seen) > 1) == runs_in_waves, "long chunks of merging or score policies run in waves"
     if base != "streaming":  # heavy slots hold tokens from beyond the region, per head differently

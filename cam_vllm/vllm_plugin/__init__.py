@@ -113,13 +113,13 @@ def register() -> None:
     _step(f"registering the worker side ({WORKER_MODULE})", _register_worker_side)
     _step(f"registering the CUDA worker side ({CUDA_WORKER_MODULE})", _register_cuda_worker_side)
     _step("fixing seeded sampling during chunked prefill on CPU (cpu_seed_fix.py)", _cpu_seed_fix)
-    _step("publishing each request's seed to the merge draws (request_seeds.py)", _request_seeds)
+    _step("publishing the step's requests to the builders (step_requests.py)", _step_requests)
 
 
-def _request_seeds() -> None:
-    from cam_vllm.vllm_plugin.request_seeds import install_request_seeds
+def _step_requests() -> None:
+    from cam_vllm.vllm_plugin.step_requests import install_step_requests
 
-    install_request_seeds()
+    install_step_requests()
 
 
 def _cpu_seed_fix() -> None:

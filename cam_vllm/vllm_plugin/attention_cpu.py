@@ -37,7 +37,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from cam_vllm.policies import KVPolicy
-from cam_vllm.vllm_plugin import request_seeds
+from cam_vllm.vllm_plugin import step_requests
 from cam_vllm.vllm_plugin.impl_common import (
     NO_BATCH_CACHES,
     PolicyImplMixin,
@@ -46,9 +46,16 @@ from cam_vllm.vllm_plugin.impl_common import (
     wave_common_metadata,
 )
 from cam_vllm.vllm_plugin.paged import PagedKV, probe_layout
+from cam_vllm.vllm_plugin.query_stash import (
+    StashPlanner,
+    deferred_scoring_enabled,
+    ensure_rows,
+    stash_for_wave,
+)
 from cam_vllm.vllm_plugin.scoring import new_score_state, reset_slots, score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 from cam_vllm.vllm_plugin.step_plan import (
+    StashStep,
     StepPlan,
     StepTokens,
     compact_for_kernel,
@@ -136,6 +143,16 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             if reason:
                 raise ValueError(f"KV policy {policy.name!r} cannot run: {reason}")
         self.policy = policy
+        # deferred scoring of decode queries (accumulated scores; docs/vllm-worker.md)
+        self.stash_planner = None
+        self.defer_decodes = deferred_scoring_enabled()
+        if (
+            self.defer_decodes
+            and policy is not None
+            and policy.tracks_scores
+            and policy.score_mode == "accumulated"
+        ):
+            self.stash_planner = StashPlanner(self.block_size)
 
     def build(
         self,
@@ -149,12 +166,19 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         if isinstance(cm.causal, torch.Tensor) or not cm.causal or cm.mm_req_doc_ranges:
             raise NotImplementedError("KV policies support causal decoder attention only")
         tokens = StepTokens.from_batch(cm.query_start_loc, cm.seq_lens, cm.num_reqs)
-        seeds = request_seeds.for_step(cm.num_reqs) if self.policy.merge is not None else None
-        meta, plan = self._build_one(common_prefix_len, cm, tokens, fast_build, seeds)
-        fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
+        step = None
+        if self.policy.merge is not None or self.stash_planner is not None:
+            step = step_requests.current(cm.num_reqs, cm.seq_lens)
+        seeds = step_requests.seeds_of(step) if self.policy.merge is not None else None
+        stash = None
+        if step is not None and self.stash_planner is not None:
+            stash = self.stash_planner.plan(tokens.query_lens.tolist(), tokens.context_lens.tolist(), step)
         waves = split_waves(self.policy, tokens)
-        parts = None
-        if len(waves) > 1:  # a score-driven policy's chunk: the heavy region is chosen between waves
+        if len(waves) == 1:
+            meta, plan = self._build_one(common_prefix_len, cm, tokens, fast_build, seeds, stash)
+            parts = None
+        else:  # the heavy region is chosen (or the leaving block merged) between waves
+            meta, plan = self._build_one(common_prefix_len, cm, tokens, fast_build, plan=False)
             parts = [
                 WavePart(
                     w.rows,
@@ -164,10 +188,12 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                         w.tokens,
                         fast_build,
                         None if seeds is None else [seeds[i] for i in w.requests.tolist()],
+                        stash_for_wave(stash, w) if i == 0 else None,  # every request starts in wave 0
                     ),
                 )
-                for w in waves
+                for i, w in enumerate(waves)
             ]
+        fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
         return PolicyCPUAttentionMetadata(**fields, cam_plan=plan, cam_waves=parts)
 
     def _build_one(
@@ -177,6 +203,8 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         tokens: StepTokens,
         fast_build: bool,
         seeds: list[int | None] | None = None,
+        stash: StashStep | None = None,
+        plan: bool = True,
     ) -> tuple[CPUAttentionMetadata, StepPlan | None]:
         """Stock metadata of the batch compacted to the retained blocks, and the score plan."""
         assert self.policy is not None
@@ -199,12 +227,18 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 **NO_BATCH_CACHES,
             )
         meta = super().build(common_prefix_len, kernel_cm, fast_build)
-        plan = None
-        if self.policy.tracks_scores:
-            plan = plan_scores(
-                self.policy, tokens, block_table, cm.slot_mapping, self.block_size, seeds=seeds
-            )
-        return meta, plan
+        if not (plan and self.policy.tracks_scores):
+            return meta, None
+        return meta, plan_scores(
+            self.policy,
+            tokens,
+            block_table,
+            cm.slot_mapping,
+            self.block_size,
+            seeds=seeds,
+            stash=stash,
+            defer_decodes=self.defer_decodes,
+        )
 
 
 class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):
@@ -244,6 +278,12 @@ class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):
         self._bind(layer, kv_cache)
         paged, abar, policy = self._paged, self._abar, self.policy
         assert paged is not None and abar is not None and policy is not None
+        stash = None
+        if plan.stash is not None:  # this step's decode queries wait in the stash (query_stash.py)
+            self._stash = ensure_rows(self._stash, plan.stash, query)
+            if plan.stash.write_q.numel():
+                self._stash.index_copy_(0, plan.stash.write_at, query[plan.stash.write_q])
+            stash = self._stash.view(-1, plan.stash.length, *query.shape[1:])
         reset_slots(abar, self._state, plan.reset_slots, plan.reset_positions)
         score_and_merge(
             paged=paged,
@@ -260,4 +300,5 @@ class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):
             state=self._state,
             heavy=plan.heavy,
             decode=plan.decode,
+            stash=stash,
         )

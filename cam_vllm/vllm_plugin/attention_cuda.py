@@ -47,7 +47,7 @@ from vllm.v1.attention.backends.flash_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from cam_vllm.policies import KVPolicy
-from cam_vllm.vllm_plugin import request_seeds
+from cam_vllm.vllm_plugin import step_requests
 from cam_vllm.vllm_plugin.cuda_startup import BACKEND_NAME, platform_is_cuda
 from cam_vllm.vllm_plugin.impl_common import (
     NO_BATCH_CACHES,
@@ -325,7 +325,8 @@ def build_policy_metadata(
     if isinstance(cm.causal, torch.Tensor) or not cm.causal or cm.mm_req_doc_ranges:
         raise NotImplementedError("KV policies support causal decoder attention only")
     tokens = step_tokens(cm)
-    seeds = request_seeds.for_step(cm.num_reqs) if policy.merge is not None else None
+    step = step_requests.current(cm.num_reqs, cm.seq_lens_cpu_upper_bound)
+    seeds = step_requests.seeds_of(step) if policy.merge is not None else None
     meta, plan = _build_one(builder, policy, common_prefix_len, cm, tokens, fast_build, seeds)
     fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
     waves = split_waves(policy, tokens)

@@ -139,6 +139,7 @@ class PolicyImplMixin(ABC):
         self.policy = policy
         self._abar: torch.Tensor | None = None  # accumulated attention per physical slot
         self._state: dict[str, torch.Tensor] = {}  # score-driven policies: per-slot, per-head state
+        self._stash: torch.Tensor | None = None  # deferred decode queries [rows * length, Hq, D]
         self._paged: Any = None
         self._cache_key: tuple | None = None
         self._layer_index: int | None = None

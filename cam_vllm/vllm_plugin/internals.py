@@ -402,14 +402,29 @@ CPU_INTERNALS: list[Internal] = [
         "row of discard_request_mask (the sampler reads sampling_metadata.generators instead)",
         params=("scheduler_output", "sampler_output", "logits", "hidden_states", "num_scheduled_tokens"),
     ),
-    # --- request_seeds.py: a request's own seed keys its merge draws -------------------------
+    # --- step_requests.py: the step's requests, told to the builders -------------------------
     Internal(
         "vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs",
         "method",
         "wrapped: after it, input_batch.req_ids[:num_reqs] is the step's final row order (reordered "
         "in _update_states) and the attention metadata is not built yet; we publish each row's "
-        "requests[req_id].sampling_params.seed for the builders",
+        "request id, requests[req_id].sampling_params.seed (merge draws) and length "
+        "input_batch.num_computed_tokens_cpu + num_scheduled_tokens (the builder checks it against "
+        "its seq_lens) for the builders",
         params=("scheduler_output", "num_scheduled_tokens"),
+    ),
+    Internal(
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
+        "method",
+        "wrapped: scheduler_output.finished_req_ids (finished and aborted requests) are the ids the "
+        "runner drops; the deferred-scoring stash drops their queries too (query_stash.py)",
+        params=("scheduler_output",),
+    ),
+    Internal(
+        "vllm.v1.core.sched.output:SchedulerOutput",
+        "dataclass-field",
+        "finished_req_ids: read after _update_states (see above)",
+        params=("finished_req_ids",),
     ),
     Internal(
         "vllm.platforms:current_platform",

@@ -33,6 +33,8 @@ Metrics (labels ``model_name``, ``policy``):
 * ``cam_vllm:kv_tokens_retained`` / ``cam_vllm:kv_tokens_logical`` - summed over running requests;
   ``cam_vllm:requests_tracked`` - requests the KV manager holds per-request state for (0 when the
   engine is idle; anything else is a leak, which ``cam-vllm load-test`` checks);
+  ``cam_vllm:worker_requests_stashed`` - requests whose decode queries the workers hold for deferred
+  scoring (``query_stash.py``; also 0 when idle);
 * histograms per finished request: ``cam_vllm:request_kv_retained_ratio`` (retained KV tokens /
   logical length, the compression achieved), ``cam_vllm:request_kv_tokens_retained``,
   ``cam_vllm:request_logical_tokens``.
@@ -69,6 +71,10 @@ GAUGES = {
     "kv_tokens_retained": "KV tokens held for running requests (after eviction)",
     "kv_tokens_logical": "Logical length (tokens with KV written) of running requests",
     "requests_tracked": "Requests with per-request state in cam-vllm's KV manager (0 when idle: none leaked)",
+    "worker_requests_stashed": (
+        "Requests whose decode queries a worker holds for deferred scoring, summed over workers "
+        "(0 when idle: none leaked)"
+    ),
 }
 RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 TOKEN_BUCKETS = tuple(float(2**i) for i in range(5, 18))
@@ -120,6 +126,7 @@ class ProcessStats:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.histograms = {name: [0] * (len(b) + 1) + [0.0] for name, (_, b) in HISTOGRAMS.items()}
         self.running: dict[str, list[int]] = {}  # request id -> [logical tokens, evicted tokens]
+        self.gauges: dict[str, dict[int, float]] = {}  # set_gauge: name -> owner -> value
         self.dirty = False
         self._thread: threading.Thread | None = None
 
@@ -137,6 +144,14 @@ class ProcessStats:
             with self._lock:
                 self._touch()
                 self.counters[name] += int(value)
+
+    def set_gauge(self, name: str, owner: int, value: float) -> None:
+        """This owner's part of gauge ``name`` (the process reports the sum over its owners)."""
+        with self._lock:
+            parts = self.gauges.setdefault(name, {})
+            if parts.get(owner) != value:
+                self._touch()
+                parts[owner] = value
 
     def request_step(self, request_id: str, logical_tokens: int, evicted_tokens: int) -> None:
         """A request has ``logical_tokens`` with KV slots; ``evicted_tokens`` more were just freed."""
@@ -173,6 +188,7 @@ class ProcessStats:
                     "kv_tokens_logical": sum(e[0] for e in self.running.values()),
                     "kv_tokens_retained": sum(max(e[0] - e[1], 0) for e in self.running.values()),
                     "requests_tracked": len(self.running),
+                    **{name: sum(parts.values()) for name, parts in self.gauges.items()},
                 },
                 "histograms": {k: list(v) for k, v in self.histograms.items()},
             }

@@ -51,6 +51,8 @@ def reset_slots(
     abar: torch.Tensor, state: dict[str, torch.Tensor], slots: torch.Tensor, positions: torch.Tensor | None
 ) -> None:
     """Slots written this step hold new tokens: no score yet, and (per head) their own position."""
+    if not slots.numel():  # a step of deferred decodes: their slots are reset when scored
+        return
     abar[slots] = 0.0
     for name, t in state.items():
         if name == "pos":
@@ -76,13 +78,16 @@ def score_and_merge(
     state: dict[str, torch.Tensor] | None = None,
     heavy: Iterable[Any] = (),
     decode: Any = None,
+    stash: torch.Tensor | None = None,
 ) -> None:
     """Accumulate this step's attention into ``abar`` (and the score state, per slot), then merge
-    each leaving chain, or choose each heavy region (score-driven policies)."""
+    each leaving chain, or choose each heavy region (score-driven policies). ``stash``: the
+    layer's deferred decode queries ``[rows, length, Hq, D]`` (``query_stash``), this step's
+    already written."""
     score = policy.score
     state = state or {}
     if decode is not None:
-        _score_decodes(paged, abar, state, query, decode, score, scale, num_kv_heads)
+        _score_decodes(paged, abar, state, query, decode, score, scale, num_kv_heads, stash)
     for pack in packs:
         k = paged.gather_k(pack.kv_slots)
         # only the probabilities are used (the output is the kernel's), so the values passed
@@ -128,9 +133,9 @@ def score_and_merge(
         )
 
 
-# Decoding requests whose score fields are updated in one block-diagonal call (TOVA, Scissorhands,
-# CORM); Abar needs no such expansion.
-DECODE_UPDATE_GROUP = 16
+# The scores' field updates (TOVA, Scissorhands, CORM) of decoding requests run block-diagonally
+# over groups of requests, expanded to at most about this many (query, key) pairs per call.
+DECODE_UPDATE_PAIRS = 1 << 16
 
 
 def _score_decodes(
@@ -142,32 +147,45 @@ def _score_decodes(
     score: Any,
     scale: float,
     num_kv_heads: int,
+    stash: torch.Tensor | None = None,
 ) -> None:
-    """Accumulated attention of the step's decoding queries, batched over their requests
+    """Accumulated attention of decode queries, batched over their requests
     (``step_plan.DecodeBatch``): the same probabilities as ``attention_with_probs`` over each
-    query's retained tokens, with padding masked out."""
+    query's retained tokens, with padding masked out. A request's queries are the step's one, or
+    its stash row (``stash`` ``[rows, length, Hq, D]``)."""
     kt = paged.gather_block_kt(decode.blocks).float()  # [R, nb, H, D, B]
     r, nb, h, d, bs = kt.shape
-    n = nb * bs
-    q = query[decode.q_rows].float().view(r, 1, h, -1, d)  # [R, 1, H, G, D]
-    g = q.shape[3]
-    # block by block (the gathered keys stay as stored), then one [R, H, G, N] row per query;
+    n, sq = nb * bs, decode.num_queries
+    if decode.stash_rows is not None:
+        assert stash is not None
+        q = stash[decode.stash_rows, :sq].float()  # [R, S, Hq, D]
+    else:
+        q = query[decode.q_rows].float()[:, None]  # [R, 1, Hq, D]
+    g = q.shape[2] // h
+    # [R, 1, H, S * G, D]: each KV head's queries (S steps x G query heads) in one matrix
+    q = q.view(r, sq, h, g, d).transpose(1, 2).reshape(r, 1, h, sq * g, d)
+    # block by block (the gathered keys stay as stored), then one [R, H, S, G, N] row per query;
     # bias + scale * logits is the masked scaled logits exactly (0 + x == x, -inf stays -inf)
-    logits = torch.matmul(q.expand(r, nb, h, g, d), kt)  # [R, nb, H, G, B]
-    logits = torch.add(decode.bias, logits.permute(0, 2, 3, 1, 4).reshape(r, h, g, n), alpha=scale)
-    probs = torch.softmax(logits, dim=-1).mean(dim=2)  # [R, H, N]: mean over each KV head's queries
+    logits = torch.matmul(q.expand(r, nb, h, sq * g, d), kt)  # [R, nb, H, S * G, B]
+    logits = logits.permute(0, 2, 3, 1, 4).reshape(r, h, sq, g, n)
+    logits = torch.add(decode.bias, logits, alpha=scale)
+    probs = torch.softmax(logits, dim=-1).mean(dim=3)  # [R, H, S, N]: mean over each KV head's queries
+    if decode.query_mask is not None:
+        probs = probs * decode.query_mask  # padding queries (rows of fewer queries) add nothing
+    total = probs[:, :, 0] if sq == 1 else probs.sum(dim=2)  # [R, H, N]
     # padding reads the null block's slots and adds 0 there (accumulate: duplicates are summed)
-    abar.index_put_((decode.slots.flatten(),), probs.transpose(1, 2).reshape(r * n, h), accumulate=True)
+    abar.index_put_((decode.slots.flatten(),), total.transpose(1, 2).reshape(r * n, h), accumulate=True)
     if score is not None and score.fields:
         # the scores' updates take one call's queries against its keys: block-diagonal, in groups
-        # of requests so the expansion stays small (size ~ group * R * N, not R * R * N)
-        for a in range(0, r, DECODE_UPDATE_GROUP):
-            e = min(a + DECODE_UPDATE_GROUP, r)
+        # of requests so the expansion stays small (size ~ group^2 * S * N, not R^2 * S * N)
+        group = max(1, int((DECODE_UPDATE_PAIRS / (sq * n)) ** 0.5))
+        for a in range(0, r, group):
+            e = min(a + group, r)
             m = e - a
             eye = torch.eye(m, dtype=torch.bool)
-            visible = (eye[:, :, None] & decode.valid[None, a:e, :]).reshape(m, m * n)
-            pm = probs[a:e].transpose(0, 1)[None]  # [1, H, m, N]
-            probs_kv = (eye[:, None, :, None].to(probs.dtype) * pm).reshape(m, h, m * n)
+            visible = (eye[:, None, :, None] & decode.valid[a:e, :, None, :]).reshape(m * sq, m * n)
+            pm = probs[a:e].transpose(1, 2)[:, :, :, None, :]  # [m, S, H, 1, N]
+            probs_kv = (eye[:, None, None, :, None].to(probs.dtype) * pm).reshape(m * sq, h, m * n)
             sl = decode.slots[a:e].flatten()
             got = {name: state[name][sl] for name in score.fields}
             for name, t in score.update(got, probs_kv, visible).items():

@@ -191,46 +191,75 @@ class ScorePack:
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """The decode requests of a step, scored in one batched call over their retained blocks.
+    """Decode queries of a step, scored in one batched call over their requests' retained blocks.
 
-    A decoding query sees whole retained blocks (the newest possibly partial), so its keys are
-    read block by block (``PagedKV.gather_block_kt``, transposed: ``[R, nb, H, D, B]``); ``valid`` masks
-    the padding, unwritten tails and anything the query may not see. No query is scored against
-    another request's keys (the packs' block-diagonal waste)."""
+    Every request has ``S`` query slots: one (the step's decoding query, ``q_rows``), or the
+    queries of its stash row (``stash_rows``, deferred scoring: the decode queries of one block,
+    ``query_stash``). All of a request's queries lie in one block, so they see the same retained
+    blocks, and of their own block the tokens up to themselves. Keys are read block by block
+    (``PagedKV.gather_block_kt``: ``[R, nb, H, D, B]``); ``valid`` masks the padding, unwritten
+    tails, later positions and anything the policy hides. No query is scored against another
+    request's keys (the packs' block-diagonal waste)."""
 
-    q_rows: torch.Tensor  # [R] rows of the step's query tensor
+    q_rows: torch.Tensor | None  # [R] rows of the step's query tensor (one query per request)
     blocks: torch.Tensor  # [R, nb] retained blocks, oldest first, padded with the null block 0
-    valid: torch.Tensor  # [R, nb * B] bool
+    valid: torch.Tensor  # [R, S, nb * B] bool: query s of request r sees key n
     slots: torch.Tensor  # [R, nb * B] physical slots (padding: the null block's)
-    bias: torch.Tensor | None = None  # [R, 1, 1, nb * B] float32: 0 where valid, -inf elsewhere
+    stash_rows: torch.Tensor | None = None  # [R] stash rows holding the queries (instead of q_rows)
+    bias: torch.Tensor | None = None  # [R, 1, S, 1, nb * B] float32: 0 where valid, -inf elsewhere
+    query_mask: torch.Tensor | None = None  # [R, 1, S, 1] float32: 1 for real queries (None: all are)
 
     def __post_init__(self) -> None:
         if self.bias is None:  # made once per step, shared by every layer
-            bias = torch.zeros(self.valid.shape, dtype=torch.float32).masked_fill_(~self.valid, float("-inf"))
-            object.__setattr__(self, "bias", bias[:, None, None, :])
+            valid = self.valid
+            real = valid.any(dim=2, keepdim=True)  # padding queries see nothing: keep them finite
+            bias = torch.zeros(valid.shape, dtype=torch.float32).masked_fill_(~valid & real, float("-inf"))
+            object.__setattr__(self, "bias", bias[:, None, :, None, :])
+            if not bool(real.all()):
+                object.__setattr__(self, "query_mask", real.to(torch.float32)[:, None, :, :])
+
+    @property
+    def num_queries(self) -> int:
+        return self.valid.shape[1]
 
 
 def plan_decodes(
-    retained: Retained, tokens: StepTokens, block_table: torch.Tensor, block_size: int, reqs: torch.Tensor
+    retained: Retained,
+    tokens: StepTokens,
+    block_table: torch.Tensor,
+    block_size: int,
+    reqs: torch.Tensor,
+    first: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+    stash_rows: torch.Tensor | None = None,
 ) -> DecodeBatch:
-    """The :class:`DecodeBatch` of requests ``reqs`` (one query each, the newest token)."""
+    """The :class:`DecodeBatch` of requests ``reqs``: their newest token's query (the default),
+    or ``count`` stashed queries at positions ``first, first + 1, ...`` (``stash_rows``)."""
     b = block_size
-    lens = tokens.seq_lens[reqs]
+    if count is None:
+        lens = tokens.seq_lens[reqs]
+        first, count = lens - 1, torch.ones_like(lens)
+    else:
+        assert first is not None
+        lens = first + count  # keys up to the last query
     nblk = (lens + b - 1) // b
     j = torch.arange(int(nblk.max()))
     vis = retained(j[None, :] * b, lens[:, None]) & (j[None, :] < nblk[:, None])
-    count = vis.sum(dim=1)
-    order = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)[:, : int(count.max())]
+    kept_blocks = vis.sum(dim=1)
+    order = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)[:, : int(kept_blocks.max())]
     width = order.shape[1]
-    kept = torch.arange(width)[None, :] < count[:, None]
+    kept = torch.arange(width)[None, :] < kept_blocks[:, None]
     rows = block_table[reqs, : j.numel()].to(torch.int64)
     blocks = torch.where(kept, torch.gather(rows, 1, order), torch.zeros_like(order))
     offs = torch.arange(b)
-    pos = (order * b)[:, :, None] + offs  # [R, width, B]
-    valid = kept[:, :, None] & (pos < lens[:, None, None]) & retained(pos, lens[:, None, None])
-    slots = blocks[:, :, None] * b + offs
-    q_rows = tokens.query_start_loc[reqs]
-    return DecodeBatch(q_rows, blocks, valid.flatten(1), slots.flatten(1))
+    pos = ((order * b)[:, :, None] + offs).flatten(1)  # [R, N] key positions
+    keys = kept[:, :, None].expand(-1, -1, b).flatten(1) & retained(pos, lens[:, None])
+    qpos = first[:, None] + torch.arange(int(count.max()))  # [R, S]
+    real = torch.arange(qpos.shape[1])[None, :] < count[:, None]
+    valid = keys[:, None, :] & (pos[:, None, :] <= qpos[:, :, None]) & real[:, :, None]
+    slots = (blocks[:, :, None] * b + offs).flatten(1)
+    q_rows = None if stash_rows is not None else tokens.query_start_loc[reqs]
+    return DecodeBatch(q_rows, blocks, valid, slots, stash_rows)
 
 
 @dataclass(frozen=True)
@@ -260,6 +289,21 @@ class HeavyEvent:
 
 
 @dataclass(frozen=True)
+class StashStep:
+    """One step's deferred-scoring work (``query_stash.StashPlanner``), the same in every layer."""
+
+    write_q: torch.Tensor  # [W] rows of the step's query tensor to stash
+    write_at: torch.Tensor  # [W] flat stash index: row * length + offset
+    flush_req: torch.Tensor  # [F] the step's request index of each row scored now
+    flush_row: torch.Tensor  # [F] stash rows scored now
+    flush_first: torch.Tensor  # [F] position of each row's first query
+    flush_count: torch.Tensor  # [F] queries in each row (this step's write included)
+    deferred: torch.Tensor  # [R] bool: the request's query was stashed (its slot is reset when scored)
+    rows: int  # stash rows the layers must hold
+    length: int
+
+
+@dataclass(frozen=True)
 class StepPlan:
     """What a scoring policy does in every layer this step (layer-independent)."""
 
@@ -269,15 +313,20 @@ class StepPlan:
     reset_positions: torch.Tensor | None = None  # positions of the tokens in reset_slots
     heavy: list[HeavyEvent] = dataclasses.field(default_factory=list)
     decode: DecodeBatch | None = None  # decode requests scored apart from the packs
+    stash: StashStep | None = None  # deferred scoring: queries to stash (``decode`` scores stash rows)
 
 
 def _cached_tokens(
-    retained: Retained, tokens: StepTokens, block_table: torch.Tensor, block_size: int
+    retained: Retained,
+    tokens: StepTokens,
+    block_table: torch.Tensor,
+    block_size: int,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(request, position, slot) of every token the reference cache holds during this step.
 
     That is the retained set of the step's first query (position = context length) plus the
-    step's own tokens, ordered by request, then position.
+    step's own tokens, ordered by request, then position; of the ``active`` requests only.
     """
     b = block_size
     ctx, lens = tokens.context_lens, tokens.seq_lens
@@ -285,6 +334,8 @@ def _cached_tokens(
     j = torch.arange(nblk)
     start = j[None, :] * b
     blocks = (start < lens[:, None]) & (retained(start, ctx[:, None] + 1) | (start + b > ctx[:, None]))
+    if active is not None:
+        blocks &= active[:, None]
     r, jb = torch.nonzero(blocks, as_tuple=True)
     pos = jb[:, None] * b + torch.arange(b)[None, :]  # [P, B]
     rr = r[:, None].expand_as(pos)
@@ -302,39 +353,66 @@ def plan_scores(
     pack_elements: int = DEFAULT_PACK_ELEMENTS,
     batch_decodes: bool = True,
     seeds: list[int | None] | None = None,
+    stash: StashStep | None = None,
+    defer_decodes: bool = False,
 ) -> StepPlan:
     """Score packs and merge events of one step of a merging policy.
 
     ``batch_decodes``: score the decoding requests in one :class:`DecodeBatch` (the CPU worker);
     False puts every request in the packs (the CUDA device plan translates packs only).
-    ``seeds``: each request's own seed of the merge draws (``request_seeds``), None: the policy's."""
+    ``seeds``: each request's own seed of the merge draws (``step_requests``), None: the policy's.
+    ``stash``: deferred scoring (``query_stash``, accumulated scores): the stashed decode queries
+    are scored, and their slots reset, only in the step their row is scored. ``defer_decodes``:
+    in ``current`` mode (only the newest query's attention counts) score a decode only in the
+    step that fills its block. Either way scores are read only where tokens leave a window,
+    which a decoding request does only in the step that fills its newest block."""
     ev = policy.eviction
     num_tokens = tokens.token_pos.numel()
+    nq = tokens.query_lens
+    num_reqs = tokens.seq_lens.numel()
+    one_per_pack = policy.score_mode != "accumulated"  # "current" keeps each request's last query
+    decoding = nq == 1
+    if stash is not None:  # the stash scores its decodes; any other row (a one-token wave) is scored now
+        decoding = stash.deferred
+    block_end = tokens.seq_lens % block_size == 0  # a decode that fills its block: tokens may leave
+    if one_per_pack:  # decodes too, one request per pack (deferred: only those filling a block)
+        in_packs = ~decoding | block_end if defer_decodes else torch.ones_like(decoding)
+    else:
+        in_packs = ~decoding if batch_decodes else torch.ones_like(decoding)
+    active = in_packs | block_end  # requests whose cached tokens the plan needs (packs, events)
     written = slot_mapping[:num_tokens].to(torch.int64)
+    if stash is not None:
+        written = torch.where(stash.deferred[tokens.token_req], -1, written)  # reset when scored
     reset = written[written >= 0]
     reset_pos = tokens.token_pos[: written.numel()][written >= 0]
-    kv_req, kv_pos, kv_slot = _cached_tokens(ev.retained, tokens, block_table, block_size)
+    kv_req, kv_pos, kv_slot = _cached_tokens(ev.retained, tokens, block_table, block_size, active)
 
-    num_reqs = tokens.seq_lens.numel()
     nk = torch.bincount(kv_req, minlength=num_reqs)
-    nq = tokens.query_lens
     kv_start = torch.zeros(num_reqs + 1, dtype=torch.int64)
     kv_start[1:] = torch.cumsum(nk, 0)
 
     packs: list[ScorePack] = []
-    one_per_pack = policy.score_mode != "accumulated"  # "current" keeps each request's last query
-    decoding = (nq == 1) & (not one_per_pack) & batch_decodes
     decode = None
-    if bool(decoding.any()):
+    if stash is not None and stash.flush_req.numel():
+        decode = plan_decodes(
+            ev.retained, tokens, block_table, block_size, stash.flush_req,
+            stash.flush_first, stash.flush_count, stash.flush_row,
+        )  # fmt: skip
+        scored = torch.arange(stash.flush_count.max())[None, :] < stash.flush_count[:, None]
+        spos = (stash.flush_first[:, None] + torch.arange(scored.shape[1]))[scored]
+        sreq = stash.flush_req[:, None].expand_as(scored)[scored]
+        sslot = block_table[sreq, spos // block_size].to(torch.int64) * block_size + spos % block_size
+        reset, reset_pos = torch.cat([reset, sslot]), torch.cat([reset_pos, spos])
+    elif stash is None and batch_decodes and not one_per_pack and bool(decoding.any()):
         decode = plan_decodes(ev.retained, tokens, block_table, block_size, torch.nonzero(decoding).flatten())
-    nq_l, nk_l, dec_l = nq.tolist(), nk.tolist(), decoding.tolist()
+    nq_l, nk_l, pack_l = nq.tolist(), nk.tolist(), in_packs.tolist()
     first = 0
     while first < num_reqs:
-        if dec_l[first]:
+        if not pack_l[first]:
             first += 1
             continue
         last, sq, sk = first, nq_l[first], nk_l[first]
-        while not one_per_pack and last + 1 < num_reqs and not dec_l[last + 1]:
+        while not one_per_pack and last + 1 < num_reqs and pack_l[last + 1]:
             q2, k2 = sq + nq_l[last + 1], sk + nk_l[last + 1]
             if q2 * k2 > pack_elements:
                 break
@@ -352,7 +430,7 @@ def plan_scores(
     merges: list[MergeEvent] = []
     if isinstance(ev, HeavyPolicy):
         heavy = _plan_heavy(policy, ev, tokens, kv_req, kv_pos, kv_slot, kv_start, seeds)
-        return StepPlan(reset, packs, merges, reset_pos, heavy, decode)
+        return StepPlan(reset, packs, merges, reset_pos, heavy, decode, stash)
     if policy.merge is not None and kv_req.numel():
         next_n = tokens.seq_lens[kv_req] + 1  # the next query's length, per cached token
         evicted = ~ev.retained(kv_pos, next_n)
@@ -364,7 +442,7 @@ def plan_scores(
             idx, leaving = build_chain(pos, evicted[k0:k1], target[k0:k1], reach)
             seed = seeds[r] if seeds is not None else None
             merges.append(MergeEvent(kv_slot[k0:k1][idx], pos[idx], leaving, seed))
-    return StepPlan(reset, packs, merges, reset_pos, decode=decode)
+    return StepPlan(reset, packs, merges, reset_pos, decode=decode, stash=stash)
 
 
 def _plan_heavy(

@@ -1,0 +1,125 @@
+"""What vLLM's model runner knows about a step's requests, told to the attention builders.
+
+The attention layers and their metadata builders see a batch of rows, not requests. Two wrappers
+on ``GPUModelRunner`` (the CPU runner inherits both) publish what the builders need:
+
+* after ``_prepare_inputs`` (the step's rows are in their final order, reordered in
+  ``_update_states``, and no attention metadata is built yet): each row's request id, its
+  ``SamplingParams.seed`` and its length at the end of the step (:class:`StepRequests`);
+* in ``_update_states``: the requests that finished or were aborted, to every registered
+  listener (the builders' deferred-scoring stash drops their queries, ``query_stash.py``).
+
+A request's own ``seed`` keys its merge draws (CaM's Bernoulli draws and target choices); a
+request without one uses the policy's ``--kv-seed``. Draws are keyed by (seed, layer, position,
+KV head), so a request's merges depend on its own seed only: never on the batch it runs in, its
+chunking, or a preemption.
+
+Metadata built without ``_prepare_inputs`` (warm-up, profiling, data-parallel dummy batches)
+finds no publication that matches its rows (:func:`current` checks the row count and every row's
+length) and gets None: builders then use the policy's seed and score every query at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("cam_vllm")
+
+
+@dataclass(frozen=True)
+class StepRequests:
+    """The rows of one published step (``serial`` tells one publication from the next)."""
+
+    serial: int
+    req_ids: tuple[str, ...]
+    seeds: tuple[int | None, ...]
+    seq_lens: tuple[int, ...]  # tokens with KV at the end of the step, per row
+
+
+_step: StepRequests | None = None
+_serials = itertools.count(1)
+_installed = False
+_listeners: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def publish(req_ids: Iterable[str], seeds: Iterable[int | None], seq_lens: Iterable[int]) -> None:
+    global _step
+    _step = StepRequests(next(_serials), tuple(req_ids), tuple(seeds), tuple(int(n) for n in seq_lens))
+
+
+def current(num_reqs: int, seq_lens: torch.Tensor) -> StepRequests | None:
+    """The publication of the step whose metadata is being built (None: not a published step)."""
+    step = _step
+    if step is None or len(step.req_ids) != num_reqs:
+        return None
+    if tuple(seq_lens[:num_reqs].tolist()) != step.seq_lens:
+        return None
+    return step
+
+
+def seeds_of(step: StepRequests | None) -> list[int | None] | None:
+    """Each row's seed of the merge draws, None when no row has its own (the policy's seed)."""
+    if step is None or not any(s is not None for s in step.seeds):
+        return None
+    return list(step.seeds)
+
+
+def on_finished(listener: Any) -> None:
+    """Call ``listener.finished(req_ids)`` whenever the runner drops finished requests."""
+    _listeners.add(listener)
+
+
+def finished(req_ids: Iterable[str]) -> None:
+    ids = set(req_ids)
+    if ids:
+        for listener in list(_listeners):
+            listener.finished(ids)
+
+
+def _seed_of(state: Any) -> int | None:
+    params = getattr(state, "sampling_params", None)
+    return getattr(params, "seed", None)
+
+
+def _wrap(cls: Any, name: str, after: Callable[..., None]) -> None:
+    original = getattr(cls, name)
+
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        after(self, *args, **kwargs)
+        return out
+
+    setattr(cls, name, wrapper)
+
+
+def _after_prepare_inputs(runner: Any, scheduler_output: Any, num_scheduled_tokens: Any, *_: Any) -> None:
+    batch = runner.input_batch
+    n = batch.num_reqs
+    ids = batch.req_ids[:n]
+    lens = batch.num_computed_tokens_cpu[:n] + num_scheduled_tokens[:n]
+    publish(ids, (_seed_of(runner.requests.get(rid)) for rid in ids), lens.tolist())
+
+
+def _after_update_states(runner: Any, scheduler_output: Any, *_: Any) -> None:
+    finished(scheduler_output.finished_req_ids)
+
+
+def install_step_requests() -> None:
+    """Wrap ``GPUModelRunner._prepare_inputs`` and ``_update_states``; idempotent."""
+    global _installed
+    if _installed:
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _wrap(GPUModelRunner, "_prepare_inputs", _after_prepare_inputs)
+    _wrap(GPUModelRunner, "_update_states", _after_update_states)
+    _installed = True
