@@ -539,3 +539,49 @@ def test_heavy_events_of_a_step_run_side_by_side_as_they_would_one_by_one(name):
     assert torch.equal(together[0], kv) and torch.equal(together[1], abar)
     for n, t in state.items():
         assert torch.equal(together[2][n], t), n
+
+
+@pytest.mark.parametrize("rule", ["cam", "weighted", "kvmerger"])
+def test_merge_chains_of_one_shape_run_side_by_side_as_they_would_one_by_one(rule):
+    """The plan groups a step's merge chains by shape and seed (``group_merges``) and the worker
+    merges each group in one call, heads side by side: the same cache and Abar as one chain at a
+    time; chains of another shape or seed are their own group."""
+    pytest.importorskip("vllm")
+    import dataclasses
+
+    from cam_vllm.vllm_plugin.paged import PagedKV, probe_layout
+    from cam_vllm.vllm_plugin.scoring import score_and_merge
+    from cam_vllm.vllm_plugin.step_plan import group_merges
+
+    torch.manual_seed(5)
+    policy = streaming(rule=rule)
+    if rule == "kvmerger":  # random keys are nearly orthogonal: let every adjacent pair form a set
+        policy = dataclasses.replace(policy, merge=dataclasses.replace(policy.merge, similarity=-1.0))
+    hkv, d, nb = 2, 64, 40
+    layout = probe_layout("vec", torch.float32, BLOCK, d)
+    kv = torch.randn(nb, hkv, BLOCK, 2 * d)
+    abar = torch.rand(nb * BLOCK, hkv)
+    perm = torch.randperm(nb - 1) + 1
+    leaving = torch.arange(48) < 32  # a block leaves into the 16 window tokens after it
+
+    def chain(i: int, seed: int | None = None, n: int = 48):
+        slots = (perm[2 * i : 2 * i + 2, None] * BLOCK + torch.arange(BLOCK)).flatten()[:n]
+        return slots, 100 * i + torch.arange(n), leaving[:n], seed
+
+    chains = [chain(0), chain(1), chain(2), chain(3, seed=7), chain(4, n=40)]
+    groups = group_merges(chains)
+    assert sorted(g.num_events for g in groups) == [1, 1, 3]
+    heads = torch.arange(hkv)
+
+    def run(kv, abar, events):
+        score_and_merge(
+            paged=PagedKV(kv, layout), abar=abar, query=torch.empty(0, 4, d), packs=[], merges=events,
+            policy=policy, scale=0.125, num_kv_heads=hkv, layer_index=2, heads=heads, count_tokens=False,
+        )  # fmt: skip
+
+    before = kv.clone()
+    together = (kv.clone(), abar.clone())
+    run(*together, groups)
+    run(kv, abar, [e for c in chains for e in group_merges([c])])
+    assert torch.equal(together[0], kv) and torch.equal(together[1], abar)
+    assert not torch.equal(kv, before), "nothing was merged"

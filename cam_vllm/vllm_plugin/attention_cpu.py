@@ -281,8 +281,12 @@ class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):
         stash = None
         if plan.stash is not None:  # this step's decode queries wait in the stash (query_stash.py)
             self._stash = ensure_rows(self._stash, plan.stash, query)
-            if plan.stash.write_q.numel():
-                self._stash.index_copy_(0, plan.stash.write_at, query[plan.stash.write_q])
+            write_q = plan.stash.write_q
+            if write_q.numel():
+                rows = query[: write_q.numel()] if plan.stash.writes_first_rows else query[write_q]
+                self._stash.index_copy_(0, plan.stash.write_at, rows)
+            if plan.idle:  # decodes only, none ends a block: nothing else to do in this layer
+                return
             stash = self._stash.view(-1, plan.stash.length, *query.shape[1:])
         reset_slots(abar, self._state, plan.reset_slots, plan.reset_positions)
         score_and_merge(

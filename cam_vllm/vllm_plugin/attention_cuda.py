@@ -194,7 +194,7 @@ def plan_device_scores(
 
     pieces = [p.kv_slots for p in host.packs]
     for m in host.merges:
-        pieces.append(m.slots)
+        pieces.append(m.slots.flatten())
     sizes = [int(p.numel()) for p in pieces]
     flat = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64)
     vslot = flat.to(device)
@@ -204,7 +204,8 @@ def plan_device_scores(
     packs = [ScorePack(p.q_rows, next(parts), p.visible.to(device)) for p in host.packs]
     merges = []
     for m in host.merges:
-        merges.append(MergeEvent(next(parts), m.positions.to(device), m.leaving.to(device), m.seed))
+        slots = next(parts).view(m.slots.shape)
+        merges.append(MergeEvent(slots, m.positions.to(device), m.leaving.to(device), m.seed))
     num_tokens = int(tokens.token_pos.numel())
     return DeviceStepPlan(cm.slot_mapping[:num_tokens], packs, merges)
 

@@ -108,25 +108,29 @@ def score_and_merge(
     if policy.merge is None:
         return
     rule = merge_rule(policy.merge.rule)
-    for event in merges:
+    num_heads = abar.shape[1]
+    for event in merges:  # each: Ev chains of one shape, merged in one call (heads side by side)
+        ev, flat = event.num_events, event.slots.flatten()
+        n = event.leaving.numel()
         res = merge_leaving(
-            values=paged.gather_v(event.slots),
-            keys=paged.gather_k(event.slots) if rule.needs_keys else None,
-            abar=abar[event.slots],
+            values=_side_by_side(paged.gather_v(flat), ev),
+            keys=_side_by_side(paged.gather_k(flat), ev) if rule.needs_keys else None,
+            abar=_side_by_side(abar[flat], ev),
             leaving=event.leaving,
-            positions=event.positions,
+            positions=event.positions.T[:, :, None].expand(n, ev, num_heads).reshape(n, ev * num_heads),
             layer=layer_index,
             config=policy.merge,
             seed=event.seed,
-            heads=heads,
+            heads=heads.repeat(ev),
         )
         stays = ~event.leaving  # a leaving token's slot is freed after this step: skip the write
-        paged.scatter_v(event.slots[stays], res.values[stays])
-        abar[event.slots[stays]] = res.abar[stays].to(abar.dtype)
+        kept = event.slots[:, stays].flatten()
+        paged.scatter_v(kept, _per_event(res.values[stays], ev))
+        abar[kept] = _per_event(res.abar[stays], ev).to(abar.dtype)
         if res.keys is not None:
-            paged.scatter_k(event.slots[stays], res.keys[stays])
+            paged.scatter_k(kept, _per_event(res.keys[stays], ev))
         record_merge(
-            num_tokens=int((res.decisions.num_targets > 0).sum()),
+            num_tokens=int((res.decisions.num_targets > 0).sum()) * ev,
             decisions=res.decisions.decisions,
             accepted=res.decisions.merged,
             count_tokens=count_tokens,

@@ -24,6 +24,7 @@ Decisions are block-granular: the policy's ``block_size`` must equal the kernel 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -88,7 +89,7 @@ def split_waves(policy: KVPolicy, tokens: StepTokens) -> list[Wave]:
     leaving block merged, between the waves (``KVPolicy.runs_in_waves``)."""
     ev = policy.eviction
     wave = None
-    if policy.runs_in_waves and tokens.token_pos.numel() > 1:
+    if policy.runs_in_waves and tokens.token_pos.numel() > tokens.seq_lens.numel():  # a request has a chunk
         wave = ev.waves(tokens.token_pos, tokens.token_req)
     if wave is None or int(wave.max()) == 0:
         return [Wave(torch.arange(tokens.token_pos.numel()), torch.arange(tokens.seq_lens.numel()), tokens)]
@@ -264,12 +265,33 @@ def plan_decodes(
 
 @dataclass(frozen=True)
 class MergeEvent:
-    """One request's merge chain at the end of this step (``core.merge.build_chain``)."""
+    """The merge chains (``core.merge.build_chain``) of ``Ev`` requests at the end of this step.
 
-    slots: torch.Tensor  # [N] physical slots of the chain, in position order
-    positions: torch.Tensor  # [N] (a leaving token's position keys its CaM draws)
+    Requests whose chains have the same shape (length, which entries leave) and seed are merged
+    in one call, their heads side by side (decodes crossing a block boundary together)."""
+
+    slots: torch.Tensor  # [Ev, N] physical slots of each chain, in position order
+    positions: torch.Tensor  # [Ev, N] (a leaving token's position keys its CaM draws)
     leaving: torch.Tensor  # [N] bool: leaves the retained set now (else a receiver that stays)
-    seed: int | None = None  # the request's own seed of the merge draws (None: the policy's)
+    seed: int | None = None  # the requests' own seed of the merge draws (None: the policy's)
+
+    @property
+    def num_events(self) -> int:
+        return self.slots.shape[0]
+
+
+def group_merges(
+    chains: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]],
+) -> list[MergeEvent]:
+    """One :class:`MergeEvent` per shape and seed of the chains (slots, positions, leaving, seed)."""
+    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]]] = {}
+    for chain in chains:
+        leaving = chain[2]
+        groups.setdefault((leaving.numel(), leaving.numpy().tobytes(), chain[3]), []).append(chain)
+    return [
+        MergeEvent(torch.stack([c[0] for c in g]), torch.stack([c[1] for c in g]), g[0][2], g[0][3])
+        for g in groups.values()
+    ]
 
 
 @dataclass(frozen=True)
@@ -302,6 +324,12 @@ class StashStep:
     rows: int  # stash rows the layers must hold
     length: int
 
+    @functools.cached_property
+    def writes_first_rows(self) -> bool:
+        """``write_q`` is ``0, 1, ..., W - 1`` (the query rows can be read as a slice)."""
+        w = self.write_q
+        return bool(w.numel() == 0 or int(w[-1]) == w.numel() - 1)
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -314,6 +342,14 @@ class StepPlan:
     heavy: list[HeavyEvent] = dataclasses.field(default_factory=list)
     decode: DecodeBatch | None = None  # decode requests scored apart from the packs
     stash: StashStep | None = None  # deferred scoring: queries to stash (``decode`` scores stash rows)
+
+    @functools.cached_property
+    def idle(self) -> bool:
+        """Nothing to reset, score or merge (a step of deferred decodes, none ending a block)."""
+        return (
+            self.decode is None and not self.packs and not self.merges and not self.heavy
+            and not self.reset_slots.numel()
+        )  # fmt: skip
 
 
 def _cached_tokens(
@@ -436,12 +472,14 @@ def plan_scores(
         evicted = ~ev.retained(kv_pos, next_n)
         target = ~evicted & (kv_pos >= ev.window_start(next_n))
         reach = merge_rule(policy.merge.rule).reach(policy.merge)
+        chains = []
         for r in torch.unique(kv_req[evicted]).tolist():
             k0, k1 = int(kv_start[r]), int(kv_start[r + 1])
             pos = kv_pos[k0:k1]
             idx, leaving = build_chain(pos, evicted[k0:k1], target[k0:k1], reach)
             seed = seeds[r] if seeds is not None else None
-            merges.append(MergeEvent(kv_slot[k0:k1][idx], pos[idx], leaving, seed))
+            chains.append((kv_slot[k0:k1][idx], pos[idx], leaving, seed))
+        merges = group_merges(chains)
     return StepPlan(reset, packs, merges, reset_pos, decode=decode, stash=stash)
 
 

@@ -1,0 +1,206 @@
+"""What a KV policy adds to a decode step on the CPU worker, measured without an engine.
+
+    python scripts/bench_policy_overhead.py                    # SmolLM2-135M shapes, batch 8
+    python scripts/bench_policy_overhead.py --policies streaming,h2o,h2o@eager --steps 128
+
+The end-to-end benchmarks (``scripts/bench_vllm_worker.py``, ``cam-vllm bench``) time whole
+engines, and on a shared 2-core box their repeats differ by tens of percent. This script times
+only the policy's own work, in one process, the minimum over repeats: per decode step the
+builder's plan (``PolicyCPUAttentionMetadataBuilder.build`` minus the stock ``build``: step
+requests, stash plan, waves, compaction, score plan) and, per layer, the impl's
+``_score_and_merge`` (stash writes, scoring, merges, heavy-region choices). It also times the
+stock CPU attention kernel on the compacted batch, per layer, to put the numbers in proportion.
+The model's shapes (layers, query/KV heads, head size) are SmolLM2-135M's by default; the KV
+cache holds random keys and values (the costs do not depend on the numbers). ``@eager`` scores
+every decode query in its own step (CAM_VLLM_DEFERRED_SCORING=0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from types import SimpleNamespace
+
+import torch
+
+
+def _impl(policy, hq: int, hkv: int, d: int, scale: float):
+    from vllm.v1.attention.backends import cpu_attn
+
+    from cam_vllm.vllm_plugin.attention_cpu import PolicyCPUAttentionBackendImpl
+
+    config = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))
+    original = cpu_attn.get_current_vllm_config
+    cpu_attn.get_current_vllm_config = lambda: config
+    try:
+        impl = PolicyCPUAttentionBackendImpl(hq, d, scale, hkv, None, None, "auto")
+    finally:
+        cpu_attn.get_current_vllm_config = original
+    impl.policy = policy
+    return impl
+
+
+def _kernel(q: torch.Tensor, kv: torch.Tensor, batch, scale: float) -> torch.Tensor:
+    from vllm import _custom_ops as ops
+
+    nb, h, b, _ = kv.shape
+    key_cache, value_cache = kv.view(nb, h, 2 * b, -1).chunk(2, dim=2)
+    out = torch.empty_like(q)
+    meta = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=batch.seq_lens.numel(), num_heads=q.shape[1], num_kv_heads=h, head_dim=q.shape[2],
+        seq_lens=batch.seq_lens, dtype=q.dtype, query_start_loc=batch.query_start_loc, causal=True,
+        sliding_window_size=-1, isa="vec", enable_kv_split=False,
+    )  # fmt: skip
+    ops.cpu_attention_with_kv_cache(
+        query=q, key_cache=key_cache, value_cache=value_cache, output=out,
+        query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens, scale=scale, causal=True,
+        alibi_slopes=None, sliding_window=-1, block_table=batch.block_table, softcap=0.0,
+        scheduler_metadata=meta, s_aux=None,
+    )  # fmt: skip
+    return out
+
+
+def run(name: str, args: argparse.Namespace) -> dict[str, float]:
+    """Prefill ``batch`` prompts (untimed), then ``steps`` decode steps; seconds per step of each part."""
+    from cam_vllm.config import KVPolicyConfig
+    from cam_vllm.policies import build_policy, is_score_driven, split_policy_name
+    from cam_vllm.vllm_plugin import step_requests
+    from cam_vllm.vllm_plugin.paged import _write
+    from cam_vllm.vllm_plugin.query_stash import StashPlanner, stash_for_wave
+    from cam_vllm.vllm_plugin.step_plan import StepTokens, compact_for_kernel, plan_scores, split_waves
+
+    policy_name, _, variant = name.partition("@")
+    deferred = variant != "eager"
+    b, hq, hkv, d, layers = args.block_size, args.q_heads, args.kv_heads, args.head_size, args.layers
+    scale = d**-0.5
+    settings = {"policy": policy_name, "sink_tokens": args.sinks, "block_size": b}
+    if is_score_driven(split_policy_name(policy_name)[0]):
+        half = args.window // 2 // b * b
+        settings.update(heavy_tokens=half, window_tokens=args.window - half)
+    elif policy_name != "none":
+        settings["window_tokens"] = args.window
+    policy = build_policy(KVPolicyConfig(**settings))
+    r = args.batch
+    total = args.prompt_len + args.steps + 1
+    width = -(-total // b)
+    num_blocks = r * width + 1
+    table = (torch.arange(r * width, dtype=torch.int32) + 1).view(r, width)
+    kv = torch.randn(num_blocks, hkv, b, 2 * d)
+    impls = [_impl(policy, hq, hkv, d, scale) for _ in range(layers)]
+    lnames = [SimpleNamespace(isa="vec", layer_name=f"model.layers.{i}.attn") for i in range(layers)]
+    scoring = policy.tracks_scores
+    planner = StashPlanner(b) if scoring and deferred and policy.score_mode == "accumulated" else None
+    ids = [f"r{i}" for i in range(r)]
+    times = {"plan": 0.0, "score": 0.0, "kernel": 0.0}
+    done = [0] * r
+
+    def step(qlens: list[int], timed: bool) -> None:
+        nonlocal done
+        t0 = time.perf_counter()
+        qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+        lens = torch.tensor([c + n for c, n in zip(done, qlens, strict=True)], dtype=torch.int32)
+        pos = torch.cat([torch.arange(c, c + n) for c, n in zip(done, qlens, strict=True)])
+        req = torch.repeat_interleave(torch.arange(r), torch.tensor(qlens))
+        slots = table[req].long().gather(1, (pos // b)[:, None]).flatten() * b + pos % b
+        k, v = torch.randn(pos.numel(), hkv, d), torch.randn(pos.numel(), hkv, d)
+        _write(kv, k, v, slots, "vec")  # the step's KV (vLLM writes it before attending)
+        q = torch.randn(pos.numel(), hq, d)
+        t1 = time.perf_counter()  # the builder's share starts here
+        tokens = StepTokens.from_batch(qsl, lens, r)
+        stash = None
+        if scoring and (policy.merge is not None or planner is not None):
+            step_requests.publish(ids, [None] * r, lens.tolist())
+            pub = step_requests.current(r, lens)
+            if planner is not None:
+                stash = planner.plan(tokens.query_lens.tolist(), tokens.context_lens.tolist(), pub)
+        waves = split_waves(policy, tokens)
+        parts = []
+        for i, w in enumerate(waves):
+            bt = table[w.requests]
+            batch = compact_for_kernel(policy.eviction.retained, w.tokens, bt, b)
+            if batch is None:
+                batch = SimpleNamespace(
+                    query_start_loc=w.tokens.query_start_loc.to(torch.int32),
+                    seq_lens=w.tokens.seq_lens.to(torch.int32),
+                    block_table=bt,
+                )
+            plan = None
+            if scoring:
+                w_stash = stash_for_wave(stash, w) if i == 0 else None
+                plan = plan_scores(
+                    policy, w.tokens, bt, slots[w.rows], b, stash=w_stash, defer_decodes=deferred
+                )
+            parts.append((w.rows, batch, plan))
+        t2 = time.perf_counter()
+        t_kernel = t_score = 0.0
+        for impl, layer in zip(impls, lnames, strict=True):
+            for rows, batch, plan in parts:
+                qw = q[rows].contiguous()
+                a = time.perf_counter()
+                _kernel(qw, kv, batch, scale)
+                c = time.perf_counter()
+                if plan is not None:
+                    impl._score_and_merge(layer, qw, kv, plan)
+                t_kernel += c - a
+                t_score += time.perf_counter() - c
+        if timed:
+            times["plan"] += t2 - t1
+            times["score"] += t_score
+            times["kernel"] += t_kernel
+        done = lens.tolist()
+        del t0
+
+    chunk = args.chunk
+    left = [args.prompt_len] * r
+    while any(left):  # prefill in chunks, all requests side by side (untimed)
+        qlens = [min(chunk, n) for n in left]
+        step(qlens, timed=False)
+        left = [n - q for n, q in zip(left, qlens, strict=True)]
+    for _ in range(args.steps):
+        step([1] * r, timed=True)
+    return {k: v / args.steps for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--policies", default="streaming,h2o,h2o@eager,cam-h2o,cam-streaming,cam-streaming@eager")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--q-heads", type=int, default=9)
+    ap.add_argument("--kv-heads", type=int, default=3)
+    ap.add_argument("--head-size", type=int, default=64)
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--window", type=int, default=128)
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # vLLM's CPU worker runs attention on one thread per rank here
+    names = args.policies.split(",")
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(args.repeats):
+        for name in names:
+            os.environ["CAM_VLLM_DEFERRED_SCORING"] = "0" if name.endswith("@eager") else "1"
+            got = run(name, args)
+            prev = best.setdefault(name, got)
+            for k, v in got.items():
+                prev[k] = min(prev[k], v)
+    print(
+        f"batch {args.batch}, prompt {args.prompt_len}, {args.steps} decode steps, {args.layers} layers, "
+        f"{args.q_heads}/{args.kv_heads} heads x {args.head_size}, block {args.block_size}, "
+        f"sinks {args.sinks} + {args.window} tokens, float32, best of {args.repeats}; ms per decode step"
+    )
+    print(f"{'policy':<22}{'plan':>8}{'score+merge':>13}{'policy total':>14}{'stock kernel':>14}")
+    for name in names:
+        t = best[name]
+        print(
+            f"{name:<22}{t['plan'] * 1e3:>8.2f}{t['score'] * 1e3:>13.2f}"
+            f"{(t['plan'] + t['score']) * 1e3:>14.2f}{t['kernel'] * 1e3:>14.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
