@@ -19,6 +19,7 @@ docs/results.md). The chain is a unit lower-triangular linear system, solved per
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -118,6 +119,25 @@ CHAIN_SOURCES_PER_SOLVE = 128
 
 
 @dataclass(frozen=True)
+class ChainKernel:
+    """A device kernel for the even-target chain merge (``cam_vllm.kernels``; the CUDA worker
+    installs Triton's). ``run(x [H, N, D] float32, weights [N, H], counts [N], m)`` merges in
+    place; ``available(x)`` says whether it runs on ``x``'s device."""
+
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None]
+    available: Callable[[torch.Tensor], bool]
+
+
+_chain_kernel: ChainKernel | None = None
+
+
+def use_chain_kernel(kernel: ChainKernel | None) -> None:
+    """Merge chains with ``kernel`` where it is available (None: the torch solve everywhere)."""
+    global _chain_kernel
+    _chain_kernel = kernel
+
+
+@dataclass(frozen=True)
 class MergeDecisions:
     """What a merge rule decided, per leaving token (chain order) and KV head."""
 
@@ -202,6 +222,14 @@ def cam_merge(
 
     acc = torch.promote_types(values.dtype, torch.float32)
     x = values.to(acc).permute(1, 0, 2).clone()  # [H, N, D]
+    kernel = _chain_kernel
+    if kernel is not None and config.targets == "even" and acc == torch.float32 and kernel.available(x):
+        weights = torch.zeros(n, num_heads, dtype=acc, device=device)
+        weights[src] = mask.to(acc) / count.clamp(min=1)[:, None].to(acc)
+        counts = torch.zeros(n, dtype=torch.int64, device=device)
+        counts[src] = count
+        kernel.run(x, weights, counts, m)
+        return x.permute(1, 0, 2).to(values.dtype), decisions
     if config.targets == "random-single":
         choice = target_choices(seed, layer, positions[src], head_ids, count.clamp(min=1)[:, None])
         choice = choice.to(device)

@@ -60,6 +60,7 @@ from cam_vllm.vllm_plugin.paged import NHDPagedKV
 from cam_vllm.vllm_plugin.scoring import score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 from cam_vllm.vllm_plugin.step_plan import (
+    DecodeBatch,
     MergeEvent,
     Retained,
     ScorePack,
@@ -89,6 +90,30 @@ def register_cuda_attention(force: bool = False) -> bool:
 
     if AttentionBackendEnum.FLASH_ATTN.get_path() != BACKEND_PATH:
         register_backend(AttentionBackendEnum.FLASH_ATTN, BACKEND_PATH)
+    install_triton_kernels()
+    return True
+
+
+def install_triton_kernels() -> bool:
+    """Score decodes and merge CaM chains with the Triton kernels (``cam_vllm.kernels``) where
+    they run (CUDA tensors), unless ``CAM_VLLM_TRITON=0`` or Triton is missing: then torch ops."""
+    import logging
+    import os
+
+    from cam_vllm.core.merge import use_chain_kernel
+    from cam_vllm.vllm_plugin.scoring import use_triton_kernels
+
+    if os.environ.get("CAM_VLLM_TRITON", "1") == "0":
+        return False
+    try:
+        from cam_vllm.kernels import triton_ops
+    except ImportError as exc:  # no Triton (or no backend): the torch path, which is the same math
+        logging.getLogger("cam_vllm").info(
+            "cam-vllm: Triton kernels not used (%s); scoring and merging use torch ops", exc
+        )
+        return False
+    use_chain_kernel(triton_ops.chain_kernel())
+    use_triton_kernels(triton_ops.available, triton_ops.decode_scores)
     return True
 
 
@@ -169,6 +194,7 @@ class DeviceStepPlan:
     written_slots: torch.Tensor
     packs: list[ScorePack]
     merges: list[MergeEvent]
+    decode: DecodeBatch | None = None  # the step's decodes, scored in one call (physical blocks)
 
 
 def plan_device_scores(
@@ -188,9 +214,7 @@ def plan_device_scores(
     table = cm.block_table_tensor
     device, width, b = table.device, table.shape[1], block_size
     virtual = torch.arange(n, dtype=torch.int64)[:, None] * width + torch.arange(width)[None, :]
-    host = plan_scores(
-        policy, tokens, virtual, torch.empty(0, dtype=torch.int64), b, batch_decodes=False, seeds=seeds
-    )
+    host = plan_scores(policy, tokens, virtual, torch.empty(0, dtype=torch.int64), b, seeds=seeds)
 
     pieces = [p.kv_slots for p in host.packs]
     for m in host.merges:
@@ -207,7 +231,22 @@ def plan_device_scores(
         slots = next(parts).view(m.slots.shape)
         merges.append(MergeEvent(slots, m.positions.to(device), m.leaving.to(device), m.seed))
     num_tokens = int(tokens.token_pos.numel())
-    return DeviceStepPlan(cm.slot_mapping[:num_tokens], packs, merges)
+    decode = None
+    if host.decode is not None:  # virtual blocks -> physical; padding (no valid key) -> the null block
+        d = host.decode
+        r, nb = d.blocks.shape
+        used = d.valid.view(r, d.num_queries, nb, b).any(dim=3).any(dim=1)
+        vb = d.blocks.to(device)
+        blocks = torch.where(used.to(device), table[vb // width, vb % width].to(torch.int64), 0)
+        decode = DecodeBatch(
+            d.q_rows.to(device),
+            blocks,
+            d.valid.to(device),
+            (blocks[:, :, None] * b + torch.arange(b, device=device)).flatten(1),
+            bias=d.bias.to(device),
+            query_mask=None if d.query_mask is None else d.query_mask.to(device),
+        )
+    return DeviceStepPlan(cm.slot_mapping[:num_tokens], packs, merges, decode)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -425,4 +464,5 @@ class PolicyFlashAttentionImpl(PolicyImplMixin, FlashAttentionImpl):
             layer_index=self._layer_index,
             heads=self._heads,
             count_tokens=self._counts_tokens,
+            decode=plan.decode,
         )

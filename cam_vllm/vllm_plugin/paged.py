@@ -270,6 +270,15 @@ class NHDPagedKV:
         """Values of ``slots`` [N] as [N, H, Dv] (a copy)."""
         return self._v[self._where(slots)]
 
+    def gather_block_kt(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Transposed keys of whole blocks: ``blocks`` [R, nb] -> [R, nb, H, D, block_size]."""
+        return self._k[blocks.to(device=self._k.device, dtype=torch.int64)].permute(0, 1, 3, 4, 2)
+
+    @property
+    def key_view(self) -> torch.Tensor:
+        """The keys as ``[num_blocks, block_size, H, D]`` (a view; the Triton kernels read it)."""
+        return self._k
+
     def scatter_v(self, slots: torch.Tensor, values: torch.Tensor) -> None:
         """Write values [N, H, Dv] to ``slots`` in place (slots must be distinct)."""
         self._v[self._where(slots)] = values.to(self._v.dtype)

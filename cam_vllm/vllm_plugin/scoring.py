@@ -7,7 +7,7 @@ from the caller; the math is ``cam_vllm.core``'s, as in the reference ``PolicyCa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -137,6 +137,23 @@ def score_and_merge(
         )
 
 
+# Set by the CUDA worker side (``attention_cuda.install_triton_kernels``) or a test: the Triton
+# decode-score kernel and its ``available(tensor)``; None: torch ops everywhere.
+_decode_kernel: tuple[Callable[[torch.Tensor], bool], Callable[..., None]] | None = None
+
+
+def use_triton_kernels(available: Callable[[torch.Tensor], bool] | None, decode_scores=None) -> None:  # noqa: ANN001
+    """Score decodes with ``decode_scores`` (``kernels.triton_ops``) where ``available`` says it
+    runs; None: never."""
+    global _decode_kernel
+    _decode_kernel = None if available is None else (available, decode_scores)
+
+
+def _decode_kernel_for(t: torch.Tensor) -> Callable[..., None] | None:
+    k = _decode_kernel
+    return k[1] if k is not None and k[0](t) else None
+
+
 # The scores' field updates (TOVA, Scissorhands, CORM) of decoding requests run block-diagonally
 # over groups of requests, expanded to at most about this many (query, key) pairs per call.
 DECODE_UPDATE_PAIRS = 1 << 16
@@ -156,7 +173,14 @@ def _score_decodes(
     """Accumulated attention of decode queries, batched over their requests
     (``step_plan.DecodeBatch``): the same probabilities as ``attention_with_probs`` over each
     query's retained tokens, with padding masked out. A request's queries are the step's one, or
-    its stash row (``stash`` ``[rows, length, Hq, D]``)."""
+    its stash row (``stash`` ``[rows, length, Hq, D]``). On a device with the Triton kernels
+    (``kernels.triton_ops.decode_scores``, CUDA) and without score fields: one launch."""
+    kernel = _decode_kernel_for(query if stash is None else stash)
+    if kernel is not None and not (score is not None and score.fields):
+        sq = decode.num_queries
+        q = stash[decode.stash_rows, :sq] if decode.stash_rows is not None else query[decode.q_rows][:, None]
+        kernel(q, paged.key_view, decode.blocks, decode.valid, decode.slots, abar, scale)
+        return
     kt = paged.gather_block_kt(decode.blocks).float()  # [R, nb, H, D, B]
     r, nb, h, d, bs = kt.shape
     n, sq = nb * bs, decode.num_queries
