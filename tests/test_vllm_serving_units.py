@@ -39,6 +39,8 @@ def test_process_stats_files_are_summed_by_the_collector(tmp_path, monkeypatch):
     stats.request_step("a", 1000, 0)
     stats.request_step("a", 1000, 3 * 32)
     stats.request_step("b", 200, 0)
+    stats.set_gauge("worker_requests_stashed", 0, 2)  # two owners (layers' planners) of one gauge
+    stats.set_gauge("worker_requests_stashed", 1, 1)
     stats.flush()
     # a second (exited) process's file: counters count, gauges do not
     other = dict(stats.snapshot(), pid=2**22 + 12345)
@@ -51,6 +53,7 @@ def test_process_stats_files_are_summed_by_the_collector(tmp_path, monkeypatch):
         "kv_tokens_retained": 1000 - 96 + 200,
         "kv_tokens_logical": 1200,
         "requests_tracked": 2,
+        "worker_requests_stashed": 3,
     }
 
     stats.request_finished("a")
