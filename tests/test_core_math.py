@@ -7,7 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cam_vllm.core.attention import accumulate_attention, attention_with_probs, reduce_to_kv_heads
+from cam_vllm.core import attention as core_attention
+from cam_vllm.core.attention import (
+    accumulate_attention,
+    attention_totals,
+    attention_with_probs,
+    reduce_to_kv_heads,
+)
 from cam_vllm.core.kvmerger import kvmerger_merge, merging_sets
 from cam_vllm.core.merge import MergeConfig, cam_merge, merge_probability, merge_values
 from cam_vllm.core.rng import merge_uniforms, target_choices
@@ -49,6 +55,33 @@ def test_gqa_reduction_is_mean_over_group_9_query_to_3_kv_heads():
     assert red.shape == (4, 3, 7)
     torch.testing.assert_close(red[:, 1], probs[:, 3:6].mean(1))
     torch.testing.assert_close(red.sum(-1), torch.ones(4, 3))  # still a distribution per KV head
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    nq=st.integers(1, 40),
+    nk=st.integers(1, 30),
+    hkv=st.sampled_from([1, 2, 3]),
+    group=st.sampled_from([1, 3]),
+    block=st.sampled_from([1, 37, 1 << 17]),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_totals_equal_the_summed_probabilities(nq, nk, hkv, group, block, seed):
+    """The prefill scoring shortcut adds what the probabilities would, for any visibility
+    (rows with nothing visible add nothing) and any block of rows."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(nq, hkv * group, 8, generator=g) * 3
+    k = torch.randn(nk, hkv, 8, generator=g)
+    visible = torch.rand(nq, nk, generator=g) > 0.4
+    old = core_attention.TOTALS_BLOCK_ELEMENTS
+    core_attention.TOTALS_BLOCK_ELEMENTS = block
+    try:
+        got = attention_totals(q, k, visible, 0.35)
+    finally:
+        core_attention.TOTALS_BLOCK_ELEMENTS = old
+    _, probs = attention_with_probs(q, k, torch.zeros(nk, hkv, 1), visible, 0.35)
+    want = accumulate_attention(torch.zeros(nk, hkv), reduce_to_kv_heads(probs, hkv))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_accumulate_modes():

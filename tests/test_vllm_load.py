@@ -276,3 +276,46 @@ def test_data_parallel_engine_cores_each_run_the_policy(model, tmp_path):
         metrics = parse_metrics(httpx.get(f"{base}/metrics", timeout=10).text)
         assert metrics["vllm:kv_cache_usage_perc"] == 0
     assert log.read_text().count("cam-vllm KV policy active: policy cam-streaming") == 2
+
+
+def test_a_fault_in_the_policy_step_fails_its_requests_and_the_server_exits(model, tmp_path, monkeypatch):
+    """An exception inside the plugin's step (injected by the test hook in ``impl_common``) takes
+    vLLM's own path for a dead engine: the requests in flight end with an error (a 5xx, or an
+    error event in the stream), the server exits by itself, and nothing hangs."""
+    monkeypatch.setenv("CAM_VLLM_INJECT_FAULT", "4")
+    log = tmp_path / "serve.log"
+    flags = ("--enforce-eager", "--dtype", "float32", "--block-size", "32", "--max-model-len", "2048")
+    with served(model, log, *flags, "--kv-policy", "cam-streaming", "--kv-window-tokens", "64") as base:
+        name = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+        body = {
+            "model": name,
+            "prompt": token_prompts(1, 300, seed=5)[0],
+            "max_tokens": 32,
+            "ignore_eos": True,
+        }
+
+        def plain() -> httpx.Response:
+            return httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+
+        def streamed() -> str:
+            with httpx.stream(
+                "POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=120
+            ) as r:
+                return f"{r.status_code} " + "".join(r.iter_text())
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            got_plain, got_stream = pool.submit(plain), pool.submit(streamed)
+            response, stream = got_plain.result(timeout=180), got_stream.result(timeout=180)
+        assert response.status_code >= 500, response.text
+        assert stream.startswith("5") or '"error"' in stream, stream[-2000:]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # vLLM's API server shuts down once its engine is dead
+            try:
+                httpx.get(f"{base}/health", timeout=5)
+            except httpx.HTTPError:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("the server still answers 120 s after its engine died")
+    text = log.read_text()
+    assert "cam-vllm: fault injected by CAM_VLLM_INJECT_FAULT=4" in text, text[-3000:]

@@ -62,3 +62,39 @@ def accumulate_attention(
     if mode == "current":
         return probs_kv[-1].transpose(0, 1).clone()
     raise ValueError(f"unknown score mode {mode!r}")
+
+
+# Rows of (query, query head) per block of :func:`attention_totals`, sized so that one block of
+# probabilities (rows x keys, float32) stays in a core's cache while it is reduced.
+TOTALS_BLOCK_ELEMENTS = 1 << 17
+
+
+def attention_totals(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+    """What ``accumulate_attention`` adds in ``accumulated`` mode, without the probabilities.
+
+    q: [Nq, Hq, D]; k: [Nk, Hkv, D]; visible: [Nq, Nk] bool. Returns [Nk, Hkv] float32: the sum
+    over queries of each KV head's mean probability, the same numbers as
+    ``reduce_to_kv_heads(attention_with_probs(...)[1], Hkv).sum(0).T`` up to float rounding.
+    Why: scoring a prefill chunk needs only these totals; going block by block over the query
+    rows (mask added inside the matmul, softmax and the sum over rows done in place, the row
+    normalisation folded into one matrix product) touches the probabilities a few times in cache
+    instead of several full passes through memory (~1.5x faster on a CPU core).
+    """
+    nq, hq, d = q.shape
+    nk, hkv = k.shape[0], k.shape[1]
+    g = hq // hkv
+    kt = k.float().permute(1, 2, 0)  # [Hkv, D, Nk]
+    qf = q.float().view(nq, hkv, g, d).transpose(0, 1)  # [Hkv, Nq, G, D]
+    bias = torch.zeros(nq, nk).masked_fill_(~visible, float("-inf"))
+    total = q.new_zeros(hkv, 1, nk, dtype=torch.float32)
+    step = max(1, TOTALS_BLOCK_ELEMENTS // max(hq * nk, 1))
+    for s in range(0, nq, step):
+        e = min(s + step, nq)
+        rows = (e - s) * g
+        b = bias[s:e, None, :].expand(e - s, g, nk).reshape(1, rows, nk)
+        x = torch.baddbmm(b, qf[:, s:e].reshape(hkv, rows, d), kt, alpha=scale)  # [Hkv, rows, Nk]
+        # a row with no visible key: max -inf, clamped so that exp gives 0 (not NaN) and adds 0
+        x.sub_(x.amax(dim=-1, keepdim=True).clamp_min_(-3e38)).exp_()
+        inv = x.sum(dim=-1, keepdim=True).clamp_min_(1e-38).reciprocal_()  # [Hkv, rows, 1]
+        total.baddbmm_(inv.transpose(1, 2), x)
+    return total[:, 0].T.div_(g)

@@ -8,6 +8,7 @@ features it cannot combine with a policy.
 from __future__ import annotations
 
 import importlib.util
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,6 +111,14 @@ def total_kv_heads() -> int | None:
     return config.model_config.get_total_num_kv_heads() if config is not None else None
 
 
+# Test hook (tests/test_vllm_load.py): an exception in the policy's step, raised by the first layer
+# in the N-th step it scores, to check that a fault inside the plugin takes vLLM's own path (the
+# requests fail with an error, the server exits) and never hangs. Unset (0): never.
+FAULT_ENV = "CAM_VLLM_INJECT_FAULT"
+FAULT_AFTER_STEPS = int(os.environ.get(FAULT_ENV, "0") or 0)
+_scored_steps = 0
+
+
 class PolicyImplMixin(ABC):
     """Mixed in before a stock attention impl: the policy of this layer, and after the stock
     kernel's ``forward`` the backend's ``_score_and_merge`` for merging policies."""
@@ -169,13 +178,21 @@ class PolicyImplMixin(ABC):
                 )
                 output[rows] = out
                 if part.plan is not None:
-                    self._score_and_merge(layer, query[rows], kv_cache, part.plan)
+                    self._scored_step(layer, query[rows], kv_cache, part.plan)
             return output
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)  # type: ignore[misc]
         plan = getattr(attn_metadata, "cam_plan", None)
         if plan is not None and self.policy is not None:
-            self._score_and_merge(layer, query, kv_cache, plan)
+            self._scored_step(layer, query, kv_cache, plan)
         return output
+
+    def _scored_step(self, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, plan: Any) -> None:
+        global _scored_steps
+        if FAULT_AFTER_STEPS and self._layer_index in (None, 0):
+            _scored_steps += 1
+            if _scored_steps >= FAULT_AFTER_STEPS:
+                raise RuntimeError(f"cam-vllm: fault injected by {FAULT_ENV}={FAULT_AFTER_STEPS} (test hook)")
+        self._score_and_merge(layer, query, kv_cache, plan)
 
     @abstractmethod
     def _score_and_merge(self, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, plan: Any) -> None:

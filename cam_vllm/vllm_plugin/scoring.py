@@ -12,7 +12,12 @@ from typing import Any
 
 import torch
 
-from cam_vllm.core.attention import accumulate_attention, attention_with_probs, reduce_to_kv_heads
+from cam_vllm.core.attention import (
+    accumulate_attention,
+    attention_totals,
+    attention_with_probs,
+    reduce_to_kv_heads,
+)
 from cam_vllm.core.rules import merge_leaving, merge_rule
 from cam_vllm.core.selection import Tokens, heavy_step
 from cam_vllm.policies import KVPolicy
@@ -88,15 +93,19 @@ def score_and_merge(
     state = state or {}
     if decode is not None:
         _score_decodes(paged, abar, state, query, decode, score, scale, num_kv_heads, stash)
+    fields = score is not None and bool(score.fields)
     for pack in packs:
         k = paged.gather_k(pack.kv_slots)
+        if policy.score_mode == "accumulated" and not fields:  # only the totals are needed
+            abar[pack.kv_slots] += attention_totals(query[pack.q_rows], k, pack.visible, scale)
+            continue
         # only the probabilities are used (the output is the kernel's), so the values passed
         # are a 1-wide zero tensor: the unused output costs nothing and V is not gathered
         v = k.new_zeros(k.shape[0], k.shape[1], 1)
         _, probs = attention_with_probs(query[pack.q_rows], k, v, pack.visible, scale)
         probs_kv = reduce_to_kv_heads(probs, num_kv_heads)
         abar[pack.kv_slots] = accumulate_attention(abar[pack.kv_slots], probs_kv, policy.score_mode)
-        if score is not None and score.fields:
+        if fields:
             got = {n: state[n][pack.kv_slots] for n in score.fields}
             for n, t in score.update(got, probs_kv, pack.visible).items():
                 state[n][pack.kv_slots] = t
