@@ -12,7 +12,8 @@ requests, stash plan, waves, compaction, score plan) and, per layer, the impl's
 stock CPU attention kernel on the compacted batch, per layer, to put the numbers in proportion.
 The model's shapes (layers, query/KV heads, head size) are SmolLM2-135M's by default; the KV
 cache holds random keys and values (the costs do not depend on the numbers). ``@eager`` scores
-every decode query in its own step (CAM_VLLM_DEFERRED_SCORING=0).
+every decode query in its own step (CAM_VLLM_DEFERRED_SCORING=0); ``@probs`` scores prefill packs
+through the probabilities instead of ``attention_totals`` (the path before 2026-12-02).
 """
 
 from __future__ import annotations
@@ -187,6 +188,9 @@ def main() -> None:
     for _ in range(args.repeats):
         for name in names:
             os.environ["CAM_VLLM_DEFERRED_SCORING"] = "0" if name.endswith("@eager") else "1"
+            from cam_vllm.vllm_plugin import scoring
+
+            scoring.PREFILL_TOTALS = not name.endswith("@probs")  # @probs: prefill scored by probabilities
             got = run(name, args)
             prev = best.setdefault(name, got)
             for k, v in got.items():

@@ -67,6 +67,11 @@ def reset_slots(
             t[slots] = 0
 
 
+# Score packs of accumulated-mode policies without score fields by ``attention_totals`` (False: through
+# the probabilities, as the fields need; scripts/bench_policy_overhead.py times both side by side).
+PREFILL_TOTALS = True
+
+
 def score_and_merge(
     *,
     paged: Any,
@@ -96,7 +101,7 @@ def score_and_merge(
     fields = score is not None and bool(score.fields)
     for pack in packs:
         k = paged.gather_k(pack.kv_slots)
-        if policy.score_mode == "accumulated" and not fields:  # only the totals are needed
+        if PREFILL_TOTALS and policy.score_mode == "accumulated" and not fields:  # totals suffice
             abar[pack.kv_slots] += attention_totals(query[pack.q_rows], k, pack.visible, scale)
             continue
         # only the probabilities are used (the output is the kernel's), so the values passed
