@@ -182,14 +182,14 @@ def main() -> None:
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--window", type=int, default=128)
     args = ap.parse_args()
+    from cam_vllm.vllm_plugin import scoring
+
     torch.set_num_threads(1)  # vLLM's CPU worker runs attention on one thread per rank here
     names = args.policies.split(",")
     best: dict[str, dict[str, float]] = {}
     for _ in range(args.repeats):
         for name in names:
             os.environ["CAM_VLLM_DEFERRED_SCORING"] = "0" if name.endswith("@eager") else "1"
-            from cam_vllm.vllm_plugin import scoring
-
             scoring.PREFILL_TOTALS = not name.endswith("@probs")  # @probs: prefill scored by probabilities
             got = run(name, args)
             prev = best.setdefault(name, got)
