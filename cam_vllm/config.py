@@ -65,6 +65,9 @@ class KVPolicyConfig(BaseModel):
     )
     score_mode: Literal["accumulated", "current"] = "accumulated"
     seed: int = Field(0, description="CaM: default seed of the merge draws")
+    allow_full_cache_requests: bool = Field(
+        False, description='vLLM: a request may ask for the full cache (vllm_xargs {"kv_policy": "none"})'
+    )
 
     @model_validator(mode="after")
     def _check(self) -> KVPolicyConfig:

@@ -39,6 +39,9 @@ class StormConfig:
     probe_tokens: int = 24
     request_timeout: float = 600.0
     settle_seconds: float = 60.0  # how long aborted requests may take to leave the engine
+    # share of requests asking for the full cache (vllm_xargs {"kv_policy": "none"}; the server
+    # must allow it: --kv-allow-full-cache-requests true)
+    full_cache_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "max_tokens"):
@@ -47,6 +50,10 @@ class StormConfig:
                 raise CamVllmError(f"load test: {name} must be a range 1 <= lo <= hi, got {lo}..{hi}")
         if self.requests < 1 or self.concurrency < 1:
             raise CamVllmError("load test: requests and concurrency must be >= 1")
+        if not 0.0 <= self.full_cache_fraction <= 1.0:
+            raise CamVllmError(
+                f"load test: full_cache_fraction must be in [0, 1], got {self.full_cache_fraction}"
+            )
         if not 0.0 <= self.abort_fraction <= 1.0:
             raise CamVllmError(f"load test: abort_fraction must be in [0, 1], got {self.abort_fraction}")
         if self.vocab < 4:
@@ -75,6 +82,9 @@ class StormReport:
     requests_tracked_peak: float = -1.0  # its highest value sampled during the storm
     worker_stashed: float = -1.0  # cam_vllm:worker_requests_stashed after the storm (absent: -1)
     worker_stashed_peak: float = -1.0  # its highest value sampled during the storm
+    full_cache_requests: int = 0  # requests sent asking for the full cache
+    full_cache_peak: float = -1.0  # cam_vllm:requests_full_cache_running, highest sampled
+    full_cache_running: float = -1.0  # ... after the storm (absent: -1)
     kv_blocks_in_use_peak: float = 0.0  # vllm:kv_cache_usage_perc, highest sampled
     running_after: float = -1.0
     waiting_after: float = -1.0
@@ -96,6 +106,11 @@ class StormReport:
             found.append(
                 f"worker stash rows left for {self.worker_stashed:g} requests "
                 "(cam_vllm:worker_requests_stashed)"
+            )
+        if self.full_cache_running > 0:
+            found.append(
+                f"full-cache registrations left for {self.full_cache_running:g} requests "
+                "(cam_vllm:requests_full_cache_running)"
             )
         if self.running_after or self.waiting_after:
             found.append(f"requests left: running {self.running_after:g}, waiting {self.waiting_after:g}")
@@ -189,6 +204,9 @@ class _Storm:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if c.full_cache_fraction and rng.random() < c.full_cache_fraction:
+            body["vllm_xargs"] = {"kv_policy": "none"}
+            self.report.full_cache_requests += 1
         async with gate:
             start = time.monotonic()
             first: float | None = None
@@ -245,6 +263,8 @@ class _Storm:
             r.requests_tracked_peak = max(r.requests_tracked_peak, m.get("cam_vllm:requests_tracked", -1.0))
             stashed = m.get("cam_vllm:worker_requests_stashed", -1.0)
             r.worker_stashed_peak = max(r.worker_stashed_peak, stashed)
+            full = m.get("cam_vllm:requests_full_cache_running", -1.0)
+            r.full_cache_peak = max(r.full_cache_peak, full)
             r.kv_blocks_in_use_peak = max(r.kv_blocks_in_use_peak, m.get("vllm:kv_cache_usage_perc", 0.0))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
@@ -262,6 +282,7 @@ class _Storm:
             r.kv_blocks_in_use_ratio = m.get("vllm:kv_cache_usage_perc", -1.0)
             r.requests_tracked = m.get("cam_vllm:requests_tracked", -1.0)
             r.worker_stashed = m.get("cam_vllm:worker_requests_stashed", -1.0)
+            r.full_cache_running = m.get("cam_vllm:requests_full_cache_running", -1.0)
             r.running_after = m.get("vllm:num_requests_running", -1.0)
             r.waiting_after = m.get("vllm:num_requests_waiting", -1.0)
             if not r.leaks or time.monotonic() > deadline:
@@ -344,6 +365,12 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         default=d.abort_fraction,
         help="share dropped by the client mid-stream",
     )
+    parser.add_argument(
+        "--full-cache-fraction",
+        type=float,
+        default=d.full_cache_fraction,
+        help='share asking for the full cache (vllm_xargs {"kv_policy": "none"}; the server must allow it)',
+    )
     parser.add_argument("--prompt-tokens", type=_range, default=d.prompt_tokens, metavar="LO:HI")
     parser.add_argument("--max-tokens", type=_range, default=d.max_tokens, metavar="LO:HI")
     parser.add_argument("--vocab", type=int, default=d.vocab, help="prompt token ids in [3, VOCAB)")
@@ -360,6 +387,7 @@ def _run(args: argparse.Namespace) -> int:
         requests=args.requests,
         concurrency=args.concurrency,
         abort_fraction=args.abort_fraction,
+        full_cache_fraction=args.full_cache_fraction,
         prompt_tokens=args.prompt_tokens,
         max_tokens=args.max_tokens,
         vocab=args.vocab,

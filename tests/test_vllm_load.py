@@ -28,6 +28,7 @@ FLAGS = (
     *("--enforce-eager", "--dtype", "float32", "--block-size", "32", "--max-model-len", "2048"),
     *("--num-gpu-blocks-override", "40", "--no-scheduler-reserve-full-isl"),
     *("--max-num-seqs", "16", "--max-num-batched-tokens", "128", "--kv-window-tokens", "64"),
+    *("--kv-allow-full-cache-requests", "true"),  # requests may ask for the full cache (vllm_xargs)
     *("--chat-template", "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"),  # the tiny one has none
 )
 POLICIES = {
@@ -49,7 +50,14 @@ def server(request, model, tmp_path_factory):
 
 
 def test_storm_of_streams_with_aborts_and_preemptions_leaves_nothing_behind(server):
-    config = StormConfig(requests=60, concurrency=16, prompt_tokens=(32, 600), max_tokens=(8, 64), seed=1)
+    config = StormConfig(
+        requests=60,
+        concurrency=16,
+        prompt_tokens=(32, 600),
+        max_tokens=(8, 64),
+        seed=1,
+        full_cache_fraction=0.2,
+    )
     report = run_storm(server, config, progress=False)
     summary = report.summary()
     assert report.errors == [], summary
@@ -58,6 +66,8 @@ def test_storm_of_streams_with_aborts_and_preemptions_leaves_nothing_behind(serv
     assert report.requests_tracked_peak > 0, "the plugin's per-request state is visible while it exists"
     assert report.worker_stashed_peak > 0, "decode queries wait in the workers' stash (deferred scoring)"
     assert report.worker_stashed == 0
+    assert report.full_cache_requests >= 5, "some requests keep the full cache in the same batches"
+    assert report.full_cache_running == 0
     assert report.healthy
     assert report.leaks == [], summary
     assert report.probe_after == report.probe_before != ""
@@ -319,3 +329,86 @@ def test_a_fault_in_the_policy_step_fails_its_requests_and_the_server_exits(mode
             pytest.fail("the server still answers 120 s after its engine died")
     text = log.read_text()
     assert "cam-vllm: fault injected by CAM_VLLM_INJECT_FAULT=4" in text, text[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-request full cache (vllm_xargs {"kv_policy": "none"})
+# --------------------------------------------------------------------------------------------
+
+
+def _greedy_with(
+    base: str, model_name: str, prompt: list[int], xargs: dict | None
+) -> tuple[list[int], list[float]]:
+    fields = {"temperature": 0, "logprobs": 0, "ignore_eos": True, "return_token_ids": True}
+    if xargs is not None:
+        fields["vllm_xargs"] = xargs
+    choice = _complete(base, model_name, prompt, **fields)
+    return choice["token_ids"], choice["logprobs"]["token_logprobs"]
+
+
+def test_a_request_can_ask_for_the_full_cache(server, model):
+    """A 400-token prompt (window 64) with kv_policy none equals the full-cache oracle, while an
+    evicting request runs in the same batches and gets what it gets alone; the route and the
+    metrics show it, and nothing is left registered afterwards."""
+    from vllm_helpers import reference_greedy
+
+    from cam_vllm.config import KVPolicyConfig
+    from cam_vllm.policies import build_policy
+
+    model_name = httpx.get(f"{server}/v1/models", timeout=10).json()["data"][0]["id"]
+    report = httpx.get(f"{server}/v1/kv_policy", timeout=10).json()
+    assert "none" in report["per_request"]["vllm_xargs"]["kv_policy"]
+    prompt, other = token_prompts(2, 400, seed=13)
+    alone = _greedy_with(server, model_name, other, None)
+    before = parse_metrics(httpx.get(f"{server}/metrics", timeout=10).text)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        fulls = [
+            pool.submit(_greedy_with, server, model_name, prompt, {"kv_policy": "none"}) for _ in range(2)
+        ]
+        others = [pool.submit(_greedy_with, server, model_name, other, None) for _ in range(2)]
+        full_results = [f.result() for f in fulls]
+        other_results = [f.result() for f in others]
+    ref_tokens, ref_logprobs, _ = reference_greedy(
+        model, build_policy(KVPolicyConfig(policy="none")), prompt, 12
+    )
+    for tokens, logprobs in full_results:
+        assert tokens == ref_tokens
+        assert logprobs == pytest.approx(ref_logprobs, abs=2e-3)
+    for tokens, logprobs in other_results:
+        assert tokens == alone[0]
+        assert logprobs == pytest.approx(alone[1], abs=2e-3)
+    evicted = _greedy_with(server, model_name, prompt, None)
+    assert evicted[1] != pytest.approx(ref_logprobs, abs=2e-3), "the policy must matter for this prompt"
+    for own in {report["policy"], report["resolved"]["name"]}:  # e.g. h2o (--kv-merge cam) and cam-h2o
+        assert _greedy_with(server, model_name, prompt, {"kv_policy": own}) == evicted
+    time.sleep(1.0)  # cam-vllm's gauges are flushed every 0.25 s
+    after = parse_metrics(httpx.get(f"{server}/metrics", timeout=10).text)
+    name = "cam_vllm:requests_full_cache_total"
+    assert after[name] - before.get(name, 0.0) == 2
+    assert after["cam_vllm:requests_full_cache_running"] == 0
+    assert after["cam_vllm:requests_tracked"] == 0
+
+
+@pytest.mark.parametrize(
+    "xargs, prompt_len, max_tokens, message",
+    [
+        ({"kv_policy": "tova"}, 50, 8, "is not available per request"),
+        ({"kv_policy": 3}, 50, 8, "is not available per request"),
+        ({"kv_window_tokens": 32}, 50, 8, "cannot be set per request"),
+        ({"kv_policy": "none"}, 1200, 200, "pool holds 1280"),  # 40 blocks of 32
+    ],
+)
+def test_a_per_request_kv_field_the_server_cannot_honour_is_a_400(
+    server, xargs, prompt_len, max_tokens, message
+):
+    model_name = httpx.get(f"{server}/v1/models", timeout=10).json()["data"][0]["id"]
+    body = {
+        "model": model_name,
+        "prompt": token_prompts(1, prompt_len, seed=3)[0],
+        "max_tokens": max_tokens,
+        "vllm_xargs": xargs,
+    }
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]["message"]
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200

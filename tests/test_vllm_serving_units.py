@@ -54,6 +54,7 @@ def test_process_stats_files_are_summed_by_the_collector(tmp_path, monkeypatch):
         "kv_tokens_logical": 1200,
         "requests_tracked": 2,
         "worker_requests_stashed": 3,
+        "requests_full_cache_running": 0,  # every gauge is reported, set or not
     }
 
     stats.request_finished("a")

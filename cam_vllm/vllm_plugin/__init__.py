@@ -114,6 +114,14 @@ def register() -> None:
     _step(f"registering the CUDA worker side ({CUDA_WORKER_MODULE})", _register_cuda_worker_side)
     _step("fixing seeded sampling during chunked prefill on CPU (cpu_seed_fix.py)", _cpu_seed_fix)
     _step("publishing the step's requests to the builders (step_requests.py)", _step_requests)
+    _step("checking per-request KV fields (request_policy.py)", _request_policy)
+
+
+def _request_policy() -> None:
+    from cam_vllm.vllm_plugin.request_policy import install_request_check, install_scheduler_hook
+
+    install_request_check()
+    install_scheduler_hook()
 
 
 def _step_requests() -> None:

@@ -52,6 +52,7 @@ from cam_vllm.vllm_plugin.query_stash import (
     ensure_rows,
     stash_for_wave,
 )
+from cam_vllm.vllm_plugin.request_policy import allows_full
 from cam_vllm.vllm_plugin.scoring import new_score_state, reset_slots, score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 from cam_vllm.vllm_plugin.step_plan import (
@@ -143,6 +144,7 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             if reason:
                 raise ValueError(f"KV policy {policy.name!r} cannot run: {reason}")
         self.policy = policy
+        self.allow_full = allows_full(vllm_config)  # per-request full cache (request_policy.py)
         # deferred scoring of decode queries (accumulated scores; docs/vllm-worker.md)
         self.stash_planner = None
         self.defer_decodes = deferred_scoring_enabled()
@@ -165,10 +167,9 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         cm = common_attn_metadata
         if isinstance(cm.causal, torch.Tensor) or not cm.causal or cm.mm_req_doc_ranges:
             raise NotImplementedError("KV policies support causal decoder attention only")
-        tokens = StepTokens.from_batch(cm.query_start_loc, cm.seq_lens, cm.num_reqs)
-        step = None
-        if self.policy.merge is not None or self.stash_planner is not None:
-            step = step_requests.current(cm.num_reqs, cm.seq_lens)
+        step = step_requests.current(cm.num_reqs, cm.seq_lens)
+        full = step_requests.full_of(step) if self.allow_full else None  # rows keeping the full cache
+        tokens = StepTokens.from_batch(cm.query_start_loc, cm.seq_lens, cm.num_reqs, full)
         seeds = step_requests.seeds_of(step) if self.policy.merge is not None else None
         stash = None
         if step is not None and self.stash_planner is not None:

@@ -57,6 +57,7 @@ from cam_vllm.vllm_plugin.impl_common import (
     wave_common_metadata,
 )
 from cam_vllm.vllm_plugin.paged import NHDPagedKV
+from cam_vllm.vllm_plugin.request_policy import allows_full
 from cam_vllm.vllm_plugin.scoring import score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 from cam_vllm.vllm_plugin.step_plan import (
@@ -131,10 +132,11 @@ def _host_seq_lens(cm: CommonAttentionMetadata) -> torch.Tensor:
     return lens[: cm.num_reqs]
 
 
-def step_tokens(cm: CommonAttentionMetadata) -> StepTokens:
-    """The step's queries from the host copies of the batch (no device sync)."""
+def step_tokens(cm: CommonAttentionMetadata, full: torch.Tensor | None = None) -> StepTokens:
+    """The step's queries from the host copies of the batch (no device sync); ``full``: the rows
+    whose request keeps the full cache (``step_requests.full_of``)."""
     n = cm.num_reqs
-    return StepTokens.from_batch(cm.query_start_loc_cpu[: n + 1], _host_seq_lens(cm), n)
+    return StepTokens.from_batch(cm.query_start_loc_cpu[: n + 1], _host_seq_lens(cm), n, full)
 
 
 def compact_common_metadata(
@@ -341,6 +343,7 @@ class PolicyFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
             # (uncompacted) block table
             self.supports_update_block_table = False
         self.policy = policy
+        self.allow_full = allows_full(vllm_config)  # per-request full cache (request_policy.py)
 
     def build(
         self,
@@ -364,8 +367,9 @@ def build_policy_metadata(
     made without a GPU)."""
     if isinstance(cm.causal, torch.Tensor) or not cm.causal or cm.mm_req_doc_ranges:
         raise NotImplementedError("KV policies support causal decoder attention only")
-    tokens = step_tokens(cm)
     step = step_requests.current(cm.num_reqs, cm.seq_lens_cpu_upper_bound)
+    full = step_requests.full_of(step) if getattr(builder, "allow_full", False) else None
+    tokens = step_tokens(cm, full)
     seeds = step_requests.seeds_of(step) if policy.merge is not None else None
     meta, plan = _build_one(builder, policy, common_prefix_len, cm, tokens, fast_build, seeds)
     fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}

@@ -44,6 +44,16 @@ from cam_vllm.vllm_plugin.settings import ADDITIONAL_CONFIG_KEY
 
 GROUP_TITLE = "KVPolicy"  # `vllm serve --help=KVPolicy` lists the flags
 
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 # flag -> (dest, KVPolicyConfig field, type, metavar, help)
 _FLAGS: dict[str, tuple[str, str, Any, str, str]] = {
     "--kv-policy": ("cam_kv_policy", "policy", str, "", "KV-cache policy (default: none, plain vLLM)"),
@@ -112,6 +122,13 @@ _FLAGS: dict[str, tuple[str, str, Any, str, str]] = {
         "kvmerger: key cosine joining adjacent evicted tokens into a merging set (default: 0.8)",
     ),
     "--kv-seed": ("cam_kv_seed", "seed", int, "SEED", "CaM: default seed of the merge draws (default: 0)"),
+    "--kv-allow-full-cache-requests": (
+        "cam_kv_allow_full_cache_requests",
+        "allow_full_cache_requests",
+        _parse_bool,
+        "{true,false}",
+        'a request may ask for the full KV cache with vllm_xargs {"kv_policy": "none"} (default: false)',
+    ),
 }
 
 

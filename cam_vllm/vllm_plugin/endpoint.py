@@ -37,6 +37,8 @@ def policy_report(vllm_config: Any) -> dict[str, Any]:
         return report
     report["policy"] = config.policy
     report["settings"] = config.model_dump(mode="json")
+    allowed = [config.policy] + (["none"] if config.evicts and config.allow_full_cache_requests else [])
+    report["per_request"] = {"vllm_xargs": {"kv_policy": allowed}, "seed": "keys the merge draws"}
     policy = policy_from_vllm_config(vllm_config)
     if policy is not None:
         eviction = policy.eviction

@@ -170,7 +170,8 @@ INTERNALS: list[Internal] = [
     Internal(
         "vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots",
         "method",
-        "calls remove_skipped_blocks (processed = computed - in-flight tokens) and the admission gate",
+        "calls remove_skipped_blocks (processed = computed - in-flight tokens) and the admission gate; "
+        "wrapped (request_policy.py) to register full-cache requests before either runs",
         params=("request", "num_new_tokens"),
     ),
     Internal(
@@ -401,6 +402,31 @@ CPU_INTERNALS: list[Internal] = [
         "the rewind we replace: it calls set_offset on input_batch.generators.get(i) for every "
         "row of discard_request_mask (the sampler reads sampling_metadata.generators instead)",
         params=("scheduler_output", "sampler_output", "logits", "hidden_states", "num_scheduled_tokens"),
+    ),
+    # --- request_policy.py: per-request full cache (vllm_xargs {"kv_policy": "none"}) -------------
+    Internal(
+        "vllm.v1.engine.input_processor:InputProcessor.process_inputs",
+        "method",
+        "wrapped in the API server: it returns the EngineCoreRequest with prompt_token_ids and the "
+        "resolved sampling_params (extra_args = vllm_xargs, max_tokens); a VLLMValidationError "
+        "raised after it becomes an HTTP 400",
+        params=("request_id", "prompt", "params"),
+    ),
+    Internal(
+        "vllm.exceptions:VLLMValidationError",
+        "class",
+        "raised for a per-request KV field the server cannot honour (vLLM maps it to HTTP 400)",
+    ),
+    Internal(
+        "vllm.sampling_params:SamplingParams.extra_args",
+        "attribute",
+        "where the OpenAI server puts vllm_xargs; the scheduler and the workers read kv_policy there",
+    ),
+    Internal(
+        "vllm.config:CacheConfig.num_gpu_blocks",
+        "attribute",
+        "the API server's check of a full-cache request against the pool (vLLM's start-up handshake "
+        "sets it in the API server's config)",
     ),
     # --- step_requests.py: the step's requests, told to the builders -------------------------
     Internal(

@@ -33,6 +33,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, replace_as
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from cam_vllm.vllm_plugin import metrics
+from cam_vllm.vllm_plugin.request_policy import FULL_CACHE_REQUESTS, release_full
 from cam_vllm.vllm_plugin.startup import KVPolicyStartupError, check_spec_against_config
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +242,10 @@ class PolicyKVCacheManager(FullAttentionManager):
         num_prompt_tokens: int | None = None,
     ) -> None:
         del num_prompt_tokens  # positional policy: the prompt length does not matter
+        if request_id in FULL_CACHE_REQUESTS:  # the request asked for the full cache
+            if self.kv_cache_group_id == 0:
+                metrics.STATS.request_step(request_id, 0, 0)
+            return
         first, last = freeable_blocks(
             processed_computed_tokens, self.sink_end, self.window_tokens, self.block_size
         )
@@ -253,6 +258,15 @@ class PolicyKVCacheManager(FullAttentionManager):
         if self.kv_cache_group_id == 0:
             metrics.STATS.request_step(request_id, 0, max(freed, 0) * self.block_size)
 
+    def get_num_blocks_to_allocate(self, request_id: str, *args: Any, **kwargs: Any) -> int:
+        if request_id not in FULL_CACHE_REQUESTS:
+            return super().get_num_blocks_to_allocate(request_id, *args, **kwargs)
+        cap, self.max_admission_blocks_per_request = self.max_admission_blocks_per_request, None
+        try:  # a full-cache request holds its whole length: admit it only if all of it fits
+            return super().get_num_blocks_to_allocate(request_id, *args, **kwargs)
+        finally:
+            self.max_admission_blocks_per_request = cap
+
     def allocate_new_blocks(self, request_id: str, num_tokens: int, *args: Any, **kwargs: Any) -> list[Any]:
         if self.kv_cache_group_id == 0:  # per-request lengths for the metrics, from one group
             metrics.STATS.request_step(request_id, num_tokens, 0)
@@ -263,6 +277,7 @@ class PolicyKVCacheManager(FullAttentionManager):
         # deferred free (KV connectors), which pops the blocks without calling ``free``.
         if self.kv_cache_group_id == 0:
             metrics.STATS.request_finished(request_id)
+        release_full(request_id)  # registered again if the scheduler allocates for it after a preemption
         return super().pop_blocks_for_free(request_id)
 
     def cache_blocks(self, request: Any, num_tokens: int, *args: Any, **kwargs: Any) -> None:

@@ -66,6 +66,7 @@ COUNTERS = {
     "tokens_merged": "Tokens that left the retained set and went through the merge rule (once per token)",
     "merge_decisions": "Merge decisions (CaM: draws), one per (evicted token, layer, KV head)",
     "merges_accepted": "Merge decisions that merged the evicted value into a retained token",
+    "requests_full_cache": 'Requests accepted with the full KV cache (vllm_xargs {"kv_policy": "none"})',
 }
 GAUGES = {
     "kv_tokens_retained": "KV tokens held for running requests (after eviction)",
@@ -74,6 +75,9 @@ GAUGES = {
     "worker_requests_stashed": (
         "Requests whose decode queries a worker holds for deferred scoring, summed over workers "
         "(0 when idle: none leaked)"
+    ),
+    "requests_full_cache_running": (
+        "Requests the scheduler holds with the full KV cache (per-request kv_policy none; 0 when idle)"
     ),
 }
 RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)

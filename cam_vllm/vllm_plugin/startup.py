@@ -336,6 +336,9 @@ def install_engine_core_check() -> None:
         kv_cache_config = original(self, vllm_config)
         check_kv_cache_config(vllm_config, kv_cache_config)
         set_step_tokens(vllm_config, kv_cache_config)
+        from cam_vllm.vllm_plugin.request_policy import configure_engine
+
+        configure_engine(vllm_config)  # per-request full cache: allowed or not, in this engine core
         if (policy := policy_from_vllm_config(vllm_config)) is not None:
             import logging
 

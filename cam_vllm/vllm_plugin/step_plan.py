@@ -57,9 +57,14 @@ class StepTokens:
     context_lens: torch.Tensor  # [R] int64, tokens cached before this step
     token_req: torch.Tensor  # [T] int64
     token_pos: torch.Tensor  # [T] int64
+    # [R] bool: the request asked for the full cache (``vllm_xargs={"kv_policy": "none"}``): it
+    # keeps every token, so nothing of it leaves, is scored for a decision, or merges. None: no such row.
+    full: torch.Tensor | None = None
 
     @staticmethod
-    def from_batch(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_reqs: int) -> StepTokens:
+    def from_batch(
+        query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_reqs: int, full: torch.Tensor | None = None
+    ) -> StepTokens:
         qsl = query_start_loc[: num_reqs + 1].to(torch.int64)
         lens = seq_lens[:num_reqs].to(torch.int64)
         qlens = qsl[1:] - qsl[:-1]
@@ -67,7 +72,17 @@ class StepTokens:
         total = int(qsl[-1])
         req = torch.repeat_interleave(torch.arange(num_reqs), qlens, output_size=total)
         pos = ctx[req] + torch.arange(total) - qsl[:-1][req]
-        return StepTokens(qsl, lens, ctx, req, pos)
+        return StepTokens(qsl, lens, ctx, req, pos, full)
+
+    def kept(
+        self, retained: Retained, positions: torch.Tensor, num_tokens: torch.Tensor, req: torch.Tensor
+    ) -> torch.Tensor:
+        """``retained(positions, num_tokens)``, and everything for full-cache requests (``req``
+        gives each row's request, shaped to broadcast like ``num_tokens``)."""
+        out = retained(positions, num_tokens)
+        if self.full is not None:
+            out = out | self.full[req]
+        return out
 
     @property
     def query_lens(self) -> torch.Tensor:
@@ -102,7 +117,8 @@ def split_waves(policy: KVPolicy, tokens: StepTokens) -> list[Wave]:
         qsl[1:] = counts.cumsum(0)
         last = pos[qsl[1:] - 1]
         local = torch.repeat_interleave(torch.arange(reqs.numel()), counts)
-        step = StepTokens(qsl, last + 1, pos[qsl[:-1]], local, pos)
+        full = None if tokens.full is None else tokens.full[reqs]
+        step = StepTokens(qsl, last + 1, pos[qsl[:-1]], local, pos, full)
         out.append(Wave(rows, reqs, step))
     return out
 
@@ -145,7 +161,9 @@ def compact_for_kernel(
     nblk = int(seg_qb.max()) + 1
     j = torch.arange(nblk)
     # vis[s, j]: block j holds keys the queries of segment s see (retained and not in the future)
-    vis = retained(j[None, :] * b, seg_q[:, None] + 1) & (j[None, :] <= seg_qb[:, None])
+    vis = tokens.kept(retained, j[None, :] * b, seg_q[:, None] + 1, seg_req[:, None]) & (
+        j[None, :] <= seg_qb[:, None]
+    )
     causal = j[None, :] <= seg_qb[:, None]
     if bool((vis == causal).all()):
         return None  # every query sees its whole causal prefix: the stock batch is exact
@@ -245,7 +263,7 @@ def plan_decodes(
         lens = first + count  # keys up to the last query
     nblk = (lens + b - 1) // b
     j = torch.arange(int(nblk.max()))
-    vis = retained(j[None, :] * b, lens[:, None]) & (j[None, :] < nblk[:, None])
+    vis = tokens.kept(retained, j[None, :] * b, lens[:, None], reqs[:, None]) & (j[None, :] < nblk[:, None])
     kept_blocks = vis.sum(dim=1)
     order = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)[:, : int(kept_blocks.max())]
     width = order.shape[1]
@@ -254,7 +272,9 @@ def plan_decodes(
     blocks = torch.where(kept, torch.gather(rows, 1, order), torch.zeros_like(order))
     offs = torch.arange(b)
     pos = ((order * b)[:, :, None] + offs).flatten(1)  # [R, N] key positions
-    keys = kept[:, :, None].expand(-1, -1, b).flatten(1) & retained(pos, lens[:, None])
+    keys = kept[:, :, None].expand(-1, -1, b).flatten(1) & tokens.kept(
+        retained, pos, lens[:, None], reqs[:, None]
+    )
     qpos = first[:, None] + torch.arange(int(count.max()))  # [R, S]
     real = torch.arange(qpos.shape[1])[None, :] < count[:, None]
     valid = keys[:, None, :] & (pos[:, None, :] <= qpos[:, :, None]) & real[:, :, None]
@@ -369,13 +389,16 @@ def _cached_tokens(
     nblk = int(((lens + b - 1) // b).max()) if lens.numel() else 0
     j = torch.arange(nblk)
     start = j[None, :] * b
-    blocks = (start < lens[:, None]) & (retained(start, ctx[:, None] + 1) | (start + b > ctx[:, None]))
+    all_reqs = torch.arange(lens.numel())[:, None]
+    blocks = (start < lens[:, None]) & (
+        tokens.kept(retained, start, ctx[:, None] + 1, all_reqs) | (start + b > ctx[:, None])
+    )
     if active is not None:
         blocks &= active[:, None]
     r, jb = torch.nonzero(blocks, as_tuple=True)
     pos = jb[:, None] * b + torch.arange(b)[None, :]  # [P, B]
     rr = r[:, None].expand_as(pos)
-    keep = (pos < lens[rr]) & (retained(pos, ctx[rr] + 1) | (pos >= ctx[rr]))
+    keep = (pos < lens[rr]) & (tokens.kept(retained, pos, ctx[rr] + 1, rr) | (pos >= ctx[rr]))
     slots = block_table[r, jb].to(torch.int64)[:, None] * b + torch.arange(b)[None, :]
     return rr[keep], pos[keep], slots.expand_as(pos)[keep]
 
@@ -459,7 +482,11 @@ def plan_scores(
         for s0 in range(q0, q1, max(step, 1)):
             s1 = min(s0 + step, q1)
             q_req, q_pos = tokens.token_req[s0:s1], tokens.token_pos[s0:s1]
-            visible = ev.visible(q_pos, kv_pos[k0:k1]) & (q_req[:, None] == kv_req[None, k0:k1])
+            kv = kv_pos[None, k0:k1]
+            visible = tokens.kept(ev.retained, kv, q_pos[:, None] + 1, q_req[:, None]) & (
+                kv <= q_pos[:, None]
+            )
+            visible &= q_req[:, None] == kv_req[None, k0:k1]
             packs.append(ScorePack(slice(s0, s1), kv_slot[k0:k1], visible))
         first = last + 1
 
@@ -469,7 +496,7 @@ def plan_scores(
         return StepPlan(reset, packs, merges, reset_pos, heavy, decode, stash)
     if policy.merge is not None and kv_req.numel():
         next_n = tokens.seq_lens[kv_req] + 1  # the next query's length, per cached token
-        evicted = ~ev.retained(kv_pos, next_n)
+        evicted = ~tokens.kept(ev.retained, kv_pos, next_n, kv_req)
         target = ~evicted & (kv_pos >= ev.window_start(next_n))
         reach = merge_rule(policy.merge.rule).reach(policy.merge)
         chains = []
@@ -497,7 +524,7 @@ def _plan_heavy(
     if not kv_req.numel():
         return []
     next_n = tokens.seq_lens[kv_req] + 1
-    evicted = ~ev.retained(kv_pos, next_n)
+    evicted = ~tokens.kept(ev.retained, kv_pos, next_n, kv_req)
     reach = None
     if policy.merge is not None:
         reach = merge_rule(policy.merge.rule).reach(policy.merge)

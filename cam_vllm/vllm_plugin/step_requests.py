@@ -9,6 +9,9 @@ on ``GPUModelRunner`` (the CPU runner inherits both) publish what the builders n
 * in ``_update_states``: the requests that finished or were aborted, to every registered
   listener (the builders' deferred-scoring stash drops their queries, ``query_stash.py``).
 
+A request that asked for the full cache (``vllm_xargs={"kv_policy": "none"}``,
+``request_policy.py``) is flagged per row; the builders then keep all of its tokens.
+
 A request's own ``seed`` keys its merge draws (CaM's Bernoulli draws and target choices); a
 request without one uses the policy's ``--kv-seed``. Draws are keyed by (seed, layer, position,
 KV head), so a request's merges depend on its own seed only: never on the batch it runs in, its
@@ -31,6 +34,8 @@ from typing import Any
 
 import torch
 
+from cam_vllm.vllm_plugin.request_policy import wants_full_cache
+
 logger = logging.getLogger("cam_vllm")
 
 
@@ -42,6 +47,7 @@ class StepRequests:
     req_ids: tuple[str, ...]
     seeds: tuple[int | None, ...]
     seq_lens: tuple[int, ...]  # tokens with KV at the end of the step, per row
+    full: tuple[bool, ...] = ()  # per row: the request asked for the full cache (request_policy.py)
 
 
 _step: StepRequests | None = None
@@ -50,9 +56,16 @@ _installed = False
 _listeners: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def publish(req_ids: Iterable[str], seeds: Iterable[int | None], seq_lens: Iterable[int]) -> None:
+def publish(
+    req_ids: Iterable[str],
+    seeds: Iterable[int | None],
+    seq_lens: Iterable[int],
+    full: Iterable[bool] = (),
+) -> None:
     global _step
-    _step = StepRequests(next(_serials), tuple(req_ids), tuple(seeds), tuple(int(n) for n in seq_lens))
+    _step = StepRequests(
+        next(_serials), tuple(req_ids), tuple(seeds), tuple(int(n) for n in seq_lens), tuple(full)
+    )
 
 
 def current(num_reqs: int, seq_lens: torch.Tensor) -> StepRequests | None:
@@ -72,6 +85,13 @@ def seeds_of(step: StepRequests | None) -> list[int | None] | None:
     return list(step.seeds)
 
 
+def full_of(step: StepRequests | None) -> torch.Tensor | None:
+    """[R] bool, True for the rows whose request keeps the full cache; None when no row does."""
+    if step is None or not any(step.full):
+        return None
+    return torch.tensor(step.full, dtype=torch.bool)
+
+
 def on_finished(listener: Any) -> None:
     """Call ``listener.finished(req_ids)`` whenever the runner drops finished requests."""
     _listeners.add(listener)
@@ -87,6 +107,10 @@ def finished(req_ids: Iterable[str]) -> None:
 def _seed_of(state: Any) -> int | None:
     params = getattr(state, "sampling_params", None)
     return getattr(params, "seed", None)
+
+
+def _full_of(state: Any) -> bool:
+    return wants_full_cache(getattr(state, "sampling_params", None))
 
 
 def _wrap(cls: Any, name: str, after: Callable[..., None]) -> None:
@@ -106,7 +130,8 @@ def _after_prepare_inputs(runner: Any, scheduler_output: Any, num_scheduled_toke
     n = batch.num_reqs
     ids = batch.req_ids[:n]
     lens = batch.num_computed_tokens_cpu[:n] + num_scheduled_tokens[:n]
-    publish(ids, (_seed_of(runner.requests.get(rid)) for rid in ids), lens.tolist())
+    states = [runner.requests.get(rid) for rid in ids]
+    publish(ids, (_seed_of(s) for s in states), lens.tolist(), (_full_of(s) for s in states))
 
 
 def _after_update_states(runner: Any, scheduler_output: Any, *_: Any) -> None:

@@ -1,0 +1,241 @@
+"""Per-request KV policy: one request may ask for the full cache on a server that evicts.
+
+A request sends ``vllm_xargs={"kv_policy": "none"}`` (vLLM's per-request extension field, stored
+in ``SamplingParams.extra_args``), e.g. a request whose answer needs every token of a long
+document. Three processes must agree on it, and each reads the same field of the same request:
+
+* API server (:func:`install_request_check`): after vLLM's own input processing
+  (``InputProcessor.process_inputs``, where the prompt is tokenized and ``max_tokens`` resolved),
+  :func:`check_request` accepts the field or raises vLLM's ``VLLMValidationError``, which the
+  OpenAI server answers with HTTP 400 naming the problem;
+* engine core (:func:`install_scheduler_hook`, ``kv_manager.PolicyKVCacheManager``): such a request
+  is registered in :data:`FULL_CACHE_REQUESTS` whenever the scheduler allocates for it (also after a
+  preemption), and its blocks are never freed nor capped at admission; the entry goes when its blocks do;
+* workers (``step_requests``, ``step_plan.StepTokens.full``): its rows keep every token, so its
+  queries attend to the whole prefix and nothing of it leaves, merges or moves to a heavy region.
+
+The server decides what it allows: ``allow_full_cache_requests`` (``--kv-allow-full-cache-requests
+true``) must be set, since one such request can hold as much of the pool as a full-cache vLLM
+would. A full-cache request must fit in the pool as a whole (prompt + ``max_tokens``), or it could
+never finish; the check uses the pool size the engine reported to the API server at start-up.
+Asking for the server's own policy is accepted (it changes nothing); any other policy, and any
+other per-request ``kv_*`` setting, gets a 400: policies differ per layer and step in the
+workers' plan, and a different window would need its own block arithmetic in the scheduler.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+logger = logging.getLogger("cam_vllm")
+
+XARG_POLICY = "kv_policy"
+FULL_CACHE = "none"
+# Per-request keys that look like ours but are not supported (the flags' names, as a user would try them).
+_UNSUPPORTED = (
+    "kv_window",
+    "kv_window_tokens",
+    "kv_budget",
+    "kv_sinks",
+    "kv_sink_tokens",
+    "kv_heavy_tokens",
+    "kv_merge",
+    "kv_merge_targets",
+    "kv_seed",
+)
+
+# Engine core: ids of the running requests that keep the full cache (see the module docstring).
+FULL_CACHE_REQUESTS: set[str] = set()
+# Engine core: whether this engine's policy allows them (set at start-up, :func:`configure_engine`).
+# The scheduler and the workers each read it from their own copy of the config, never from the
+# API server, so the two agree even where an API server's check did not run.
+_engine_allows_full = False
+
+
+def allows_full(vllm_config: Any) -> bool:
+    """Whether ``vllm_config``'s KV policy lets requests keep the full cache."""
+    from cam_vllm.vllm_plugin.settings import policy_config_from_additional
+
+    try:
+        config = policy_config_from_additional(getattr(vllm_config, "additional_config", None))
+    except ValueError:
+        return False
+    return bool(config is not None and config.evicts and config.allow_full_cache_requests)
+
+
+def configure_engine(vllm_config: Any) -> None:
+    global _engine_allows_full
+    _engine_allows_full = allows_full(vllm_config)
+
+
+def requested_policy(params: Any) -> Any:
+    """The request's ``vllm_xargs["kv_policy"]`` (None when absent)."""
+    extra = getattr(params, "extra_args", None)
+    if not isinstance(extra, Mapping):
+        return None
+    return extra.get(XARG_POLICY)
+
+
+def wants_full_cache(params: Any) -> bool:
+    return requested_policy(params) == FULL_CACHE
+
+
+def check_request(
+    extra_args: Mapping[str, Any] | None,
+    *,
+    server_policy: str,
+    allow_full: bool,
+    aliases: tuple[str, ...] = (),
+    num_tokens: int,
+    pool_tokens: int | None,
+) -> bool:
+    """Accept the request's per-request KV fields or raise ValueError naming the problem.
+
+    ``server_policy``: the server's policy by its canonical name (``cam-h2o``), ``aliases`` the
+    names it was configured with (``h2o`` with ``--kv-merge cam``); ``num_tokens``: prompt +
+    ``max_tokens``; ``pool_tokens``: the KV pool in tokens (None: not known yet). Returns True
+    when the request keeps the full cache.
+    """
+    if not extra_args:
+        return False
+    unsupported = sorted(k for k in extra_args if k in _UNSUPPORTED)
+    if unsupported:
+        raise ValueError(
+            f"vllm_xargs {unsupported} cannot be set per request; this server's KV policy is "
+            f"{server_policy!r}. Per request: 'kv_policy' ('none' for the full cache) and 'seed' "
+            "(keys the merge draws)"
+        )
+    if XARG_POLICY not in extra_args:
+        return False
+    asked = extra_args[XARG_POLICY]
+    if asked == server_policy or asked in aliases:
+        return False
+    if asked != FULL_CACHE:
+        raise ValueError(
+            f"vllm_xargs kv_policy={asked!r} is not available per request: this server runs "
+            f"{server_policy!r}; a request may ask for {server_policy!r} or 'none' (the full cache)"
+        )
+    if not allow_full:
+        raise ValueError(
+            "vllm_xargs kv_policy='none' (the full KV cache for this request) is not allowed by this "
+            "server; its operator can allow it with --kv-allow-full-cache-requests true"
+        )
+    if pool_tokens is not None and num_tokens > pool_tokens:
+        raise ValueError(
+            f"vllm_xargs kv_policy='none': the prompt and max_tokens need {num_tokens} KV tokens with "
+            f"the full cache, but the server's KV pool holds {pool_tokens}; lower max_tokens or the "
+            "prompt, or let the server's policy evict"
+        )
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# API server: the 400
+# --------------------------------------------------------------------------------------------
+
+_frontend_installed = False
+
+
+def install_request_check() -> None:
+    """Wrap ``InputProcessor.process_inputs`` to check per-request KV fields (idempotent)."""
+    global _frontend_installed
+    if _frontend_installed:
+        return
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = InputProcessor.process_inputs
+
+    @functools.wraps(original)
+    def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
+        request = original(self, *args, **kwargs)
+        _check_engine_request(self.vllm_config, request, VLLMValidationError)
+        return request
+
+    InputProcessor.process_inputs = process_inputs
+    _frontend_installed = True
+
+
+def _check_engine_request(vllm_config: Any, request: Any, error: type[Exception]) -> None:
+    params = getattr(request, "sampling_params", None)
+    extra = getattr(params, "extra_args", None)
+    if not extra:
+        return
+    from cam_vllm.vllm_plugin import metrics
+    from cam_vllm.vllm_plugin.settings import policy_config_from_additional
+
+    config = policy_config_from_additional(getattr(vllm_config, "additional_config", None))
+    if config is None or not config.evicts:
+        return  # no policy: plain vLLM, which ignores these fields
+    cache = vllm_config.cache_config
+    pool = cache.num_gpu_blocks * cache.block_size if cache.num_gpu_blocks else None
+    prompt = len(getattr(request, "prompt_token_ids", None) or ())
+    num_tokens = prompt + int(getattr(params, "max_tokens", None) or 0)
+    from cam_vllm.policies import resolve_merge
+
+    base, rule = resolve_merge(config.policy, config.merge)
+    try:
+        full = check_request(
+            extra,
+            server_policy=f"{rule}-{base}" if rule else base,
+            aliases=(config.policy,),
+            allow_full=config.allow_full_cache_requests,
+            num_tokens=num_tokens,
+            pool_tokens=pool,
+        )
+    except ValueError as exc:
+        raise error(str(exc), parameter="vllm_xargs") from None
+    if full:
+        metrics.STATS.add("requests_full_cache", 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Engine core: the scheduler registers full-cache requests before it allocates for them
+# --------------------------------------------------------------------------------------------
+
+_scheduler_installed = False
+
+
+def install_scheduler_hook() -> None:
+    """Wrap ``KVCacheManager.allocate_slots`` to register full-cache requests (idempotent).
+
+    ``allocate_slots`` is the scheduler's one way to give a request blocks, and it calls
+    ``remove_skipped_blocks`` (where the policy frees) before it allocates, so the registration
+    is in place before any block of the request could be freed.
+    """
+    global _scheduler_installed
+    if _scheduler_installed:
+        return
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    original = KVCacheManager.allocate_slots
+
+    @functools.wraps(original)
+    def allocate_slots(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if _engine_allows_full and wants_full_cache(getattr(request, "sampling_params", None)):
+            register_full(request.request_id)
+        return original(self, request, *args, **kwargs)
+
+    KVCacheManager.allocate_slots = allocate_slots
+    _scheduler_installed = True
+
+
+def register_full(request_id: str) -> None:
+    if request_id not in FULL_CACHE_REQUESTS:
+        FULL_CACHE_REQUESTS.add(request_id)
+        _report()
+
+
+def release_full(request_id: str) -> None:
+    if request_id in FULL_CACHE_REQUESTS:
+        FULL_CACHE_REQUESTS.discard(request_id)
+        _report()
+
+
+def _report() -> None:
+    from cam_vllm.vllm_plugin import metrics
+
+    metrics.STATS.set_gauge("requests_full_cache_running", 0, len(FULL_CACHE_REQUESTS))

@@ -1,0 +1,119 @@
+"""Per-request full cache (``vllm_xargs={"kv_policy": "none"}``): the API server's check, and the
+workers' plan for a batch that mixes full-cache and evicting requests (pure logic, no engine).
+Through HTTP with a real server: ``tests/test_vllm_load.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cam_vllm.config import KVPolicyConfig
+from cam_vllm.policies import build_policy
+from cam_vllm.vllm_plugin.request_policy import check_request
+from cam_vllm.vllm_plugin.step_plan import StepTokens, compact_for_kernel, plan_scores
+
+BLOCK, SINKS, WINDOW = 16, 4, 32
+
+
+def _check(extra, allow=True, num_tokens=100, pool=1000):
+    return check_request(
+        extra, server_policy="cam-streaming", allow_full=allow, num_tokens=num_tokens, pool_tokens=pool
+    )
+
+
+def test_the_full_cache_is_granted_only_where_the_server_allows_it_and_it_fits():
+    assert _check({"kv_policy": "none"}) is True
+    assert _check({"kv_policy": "cam-streaming"}) is False  # the server's own policy: nothing changes
+    assert _check({"session_id": "x"}) is False  # other extensions are not ours
+    assert _check(None) is False
+    with pytest.raises(ValueError, match="not allowed by this server.*--kv-allow-full-cache-requests"):
+        _check({"kv_policy": "none"}, allow=False)
+    with pytest.raises(ValueError, match="need 1300 KV tokens.*pool holds 1000"):
+        _check({"kv_policy": "none"}, num_tokens=1300)
+    with pytest.raises(ValueError, match="kv_policy='h2o' is not available per request"):
+        _check({"kv_policy": "h2o"})
+    with pytest.raises(ValueError, match=r"\['kv_window'\] cannot be set per request"):
+        _check({"kv_window": 32})
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["kv_policy", "kv_window", "kv_seed", "kv_budget", "seed", "other", "kv_x"]),
+        st.one_of(st.none(), st.integers(), st.text(max_size=12), st.sampled_from(["none", "cam-streaming"])),
+        max_size=4,
+    ),
+    st.booleans(),
+    st.integers(0, 5000),
+)
+def test_any_per_request_fields_are_accepted_or_refused_by_name(extra, allow, num_tokens):
+    try:
+        full = _check(extra, allow=allow, num_tokens=num_tokens)
+    except ValueError as exc:
+        assert "vllm_xargs" in str(exc)
+        return
+    assert full == (extra.get("kv_policy") == "none")
+    assert not full or (allow and num_tokens <= 1000)
+
+
+def _policy(name: str):
+    heavy = {"heavy_tokens": 32} if "h2o" in name else {}
+    return build_policy(
+        KVPolicyConfig(policy=name, sink_tokens=SINKS, window_tokens=WINDOW, block_size=BLOCK, **heavy)
+    )
+
+
+def _batch(full):
+    """Two requests decoding far past the window (200 and 150 tokens cached), one block each of
+    their own physical blocks; ``full`` flags which keep the full cache."""
+    qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
+    seq_lens = torch.tensor([208, 160], dtype=torch.int32)  # both end a block: tokens leave now
+    table = torch.arange(1, 27, dtype=torch.int32).view(2, 13)
+    flags = None if full is None else torch.tensor(full)
+    return StepTokens.from_batch(qsl, seq_lens, 2, flags), table
+
+
+@pytest.mark.parametrize("name", ["streaming", "cam-streaming", "h2o", "cam-h2o"])
+def test_a_full_cache_row_sees_its_whole_prefix_and_the_other_row_is_unchanged(name):
+    policy = _policy(name)
+    evicting, table = _batch(None)
+    mixed, _ = _batch([True, False])
+    base = compact_for_kernel(policy.eviction.retained, evicting, table, BLOCK)
+    got = compact_for_kernel(policy.eviction.retained, mixed, table, BLOCK)
+    assert base is not None and got is not None
+    # request 0 keeps every block, in order; request 1 gets exactly the row it had without the flag
+    assert got.request.tolist() == [0, 1]
+    assert int(got.seq_lens[0]) == 208
+    assert got.block_table[0, :13].tolist() == table[0].tolist()
+    assert int(got.seq_lens[1]) == int(base.seq_lens[1]) < 160
+    assert (
+        got.block_table[1].tolist()[: int(base.seq_lens[1]) // BLOCK + 1]
+        == (base.block_table[1].tolist()[: int(base.seq_lens[1]) // BLOCK + 1])
+    )
+    both, _ = _batch([True, True])
+    assert compact_for_kernel(policy.eviction.retained, both, table, BLOCK) is None  # the stock batch
+
+
+@pytest.mark.parametrize("name", ["cam-streaming", "h2o", "cam-h2o"])
+def test_a_full_cache_row_never_merges_nor_fills_a_heavy_region(name):
+    policy = _policy(name)
+    slots = torch.tensor([208 * 0 + 12 * BLOCK + 15, 13 * BLOCK + 9 * BLOCK + 15])
+    evicting, table = _batch(None)
+    mixed, _ = _batch([True, False])
+    plain = plan_scores(policy, evicting, table, slots, BLOCK)
+    got = plan_scores(policy, mixed, table, slots, BLOCK)
+    events = plain.heavy if plain.heavy is not None and len(plain.heavy) else plain.merges
+    assert len(events) >= 1, "without the flag both requests lose tokens in this step"
+    request0 = set((table[0].to(torch.int64)[:, None] * BLOCK + torch.arange(BLOCK)).flatten().tolist())
+    if got.heavy is not None and len(got.heavy):
+        assert len(plain.heavy) == 2 and len(got.heavy) == 1
+        touched = {
+            s for e in got.heavy for t in (e.heavy_slots, e.leaving_slots, e.receivers) for s in t.tolist()
+        }
+    else:
+        assert sum(m.slots.shape[0] for m in plain.merges) == 2
+        assert sum(m.slots.shape[0] for m in got.merges) == 1
+        touched = {s for m in got.merges for s in m.slots.flatten().tolist()}
+    assert touched and not touched & request0
