@@ -13,6 +13,7 @@ from cam_vllm.core.attention import (
     attention_totals,
     attention_with_probs,
     reduce_to_kv_heads,
+    totals_bias,
 )
 from cam_vllm.core.kvmerger import kvmerger_merge, merging_sets
 from cam_vllm.core.merge import MergeConfig, cam_merge, merge_probability, merge_values
@@ -77,11 +78,14 @@ def test_attention_totals_equal_the_summed_probabilities(nq, nk, hkv, group, blo
     core_attention.TOTALS_BLOCK_ELEMENTS = block
     try:
         got = attention_totals(q, k, visible, 0.35)
+        # the mask made once and kept across layers (ScorePack.totals_bias) gives the same numbers
+        shared = attention_totals(q, k, visible, 0.35, totals_bias(visible, group))
     finally:
         core_attention.TOTALS_BLOCK_ELEMENTS = old
     _, probs = attention_with_probs(q, k, torch.zeros(nk, hkv, 1), visible, 0.35)
     want = accumulate_attention(torch.zeros(nk, hkv), reduce_to_kv_heads(probs, hkv))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(shared, got)
 
 
 def test_accumulate_modes():

@@ -69,11 +69,22 @@ def accumulate_attention(
 TOTALS_BLOCK_ELEMENTS = 1 << 17
 
 
-def attention_totals(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+def totals_bias(visible: torch.Tensor, group: int) -> torch.Tensor:
+    """The additive mask of :func:`attention_totals`, one row per (query, head of a KV group):
+    [Nq * group, Nk] float32, 0 where visible, -inf elsewhere. Made once per step and shared by
+    every layer (the same visibility), so a layer only reads it."""
+    bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
+    return bias.repeat_interleave(group, dim=0) if group > 1 else bias
+
+
+def attention_totals(
+    q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """What ``accumulate_attention`` adds in ``accumulated`` mode, without the probabilities.
 
     q: [Nq, Hq, D]; k: [Nk, Hkv, D]; visible: [Nq, Nk] bool. Returns [Nk, Hkv] float32: the sum
-    over queries of each KV head's mean probability, the same numbers as
+    over queries of each KV head's mean probability (``bias``: :func:`totals_bias` of ``visible``,
+    when the caller keeps it across layers), the same numbers as
     ``reduce_to_kv_heads(attention_with_probs(...)[1], Hkv).sum(0).T`` up to float rounding.
     Why: scoring a prefill chunk needs only these totals; going block by block over the query
     rows (mask added inside the matmul, softmax and the sum over rows done in place, the row
@@ -85,13 +96,14 @@ def attention_totals(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, sc
     g = hq // hkv
     kt = k.float().permute(1, 2, 0)  # [Hkv, D, Nk]
     qf = q.float().view(nq, hkv, g, d).transpose(0, 1)  # [Hkv, Nq, G, D]
-    bias = torch.zeros(nq, nk).masked_fill_(~visible, float("-inf"))
+    if bias is None:
+        bias = totals_bias(visible, g)
     total = q.new_zeros(hkv, 1, nk, dtype=torch.float32)
     step = max(1, TOTALS_BLOCK_ELEMENTS // max(hq * nk, 1))
     for s in range(0, nq, step):
         e = min(s + step, nq)
         rows = (e - s) * g
-        b = bias[s:e, None, :].expand(e - s, g, nk).reshape(1, rows, nk)
+        b = bias[s * g : e * g][None]  # [1, rows, Nk], a view
         x = torch.baddbmm(b, qf[:, s:e].reshape(hkv, rows, d), kt, alpha=scale)  # [Hkv, rows, Nk]
         # a row with no visible key: max -inf, clamped so that exp gives 0 (not NaN) and adds 0
         x.sub_(x.amax(dim=-1, keepdim=True).clamp_min_(-3e38)).exp_()

@@ -102,7 +102,8 @@ def score_and_merge(
     for pack in packs:
         k = paged.gather_k(pack.kv_slots)
         if PREFILL_TOTALS and policy.score_mode == "accumulated" and not fields:  # totals suffice
-            abar[pack.kv_slots] += attention_totals(query[pack.q_rows], k, pack.visible, scale)
+            bias = pack.totals_bias(query.shape[1] // k.shape[1])
+            abar[pack.kv_slots] += attention_totals(query[pack.q_rows], k, pack.visible, scale, bias)
             continue
         # only the probabilities are used (the output is the kernel's), so the values passed
         # are a 1-wide zero tensor: the unused output costs nothing and V is not gathered

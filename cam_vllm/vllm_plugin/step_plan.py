@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cam_vllm.core.attention import totals_bias
 from cam_vllm.core.merge import build_chain
 from cam_vllm.core.rules import merge_rule
 from cam_vllm.policies import HeavyPolicy, KVPolicy
@@ -206,6 +207,14 @@ class ScorePack:
     q_rows: slice  # rows of the step's query tensor
     kv_slots: torch.Tensor  # [Nk] physical slots of the scored tokens
     visible: torch.Tensor  # [Nq, Nk] bool (policy visibility within the same request)
+    _bias: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def totals_bias(self, group: int) -> torch.Tensor:
+        """``core.attention.totals_bias`` of ``visible``, made by the step's first layer, then reused."""
+        bias = self._bias.get(group)
+        if bias is None:
+            bias = self._bias[group] = totals_bias(self.visible, group)
+        return bias
 
 
 @dataclass(frozen=True)
