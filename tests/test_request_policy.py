@@ -117,3 +117,35 @@ def test_a_full_cache_row_never_merges_nor_fills_a_heavy_region(name):
         assert sum(m.slots.shape[0] for m in got.merges) == 1
         touched = {s for m in got.merges for s in m.slots.flatten().tolist()}
     assert touched and not touched & request0
+
+
+def test_the_engine_serves_a_full_cache_request_that_cannot_fit_with_its_policy(monkeypatch):
+    """Where the API server's check did not run, a full-cache request longer than the pool is not
+    registered (it could never finish) and loses the field before its first scheduling, so the
+    workers plan it with the policy too; one that fits is registered."""
+    from types import SimpleNamespace
+
+    from cam_vllm.vllm_plugin import request_policy as rp
+
+    monkeypatch.setattr(rp, "_engine_block_size", 32)
+    assert rp.pool_tokens(40, 32) == 39 * 32 and rp.pool_tokens(80, 32, engines=2) == 39 * 32
+    assert rp.pool_tokens(None, 32) is None
+    manager = SimpleNamespace(block_pool=SimpleNamespace(num_gpu_blocks=40))
+
+    def request(rid, prompt, max_tokens):
+        params = SimpleNamespace(extra_args={"kv_policy": "none", "other": 1})
+        return SimpleNamespace(
+            request_id=rid, num_prompt_tokens=prompt, max_tokens=max_tokens, sampling_params=params
+        )
+
+    fits, too_long = request("a", 1000, 248), request("b", 1000, 249)
+    assert rp._fits(manager, fits) and not rp._fits(manager, too_long)
+    rp.on_allocate(manager, fits)
+    rp.on_allocate(manager, too_long)
+    try:
+        assert "a" in rp.FULL_CACHE_REQUESTS and "b" not in rp.FULL_CACHE_REQUESTS
+        assert too_long.sampling_params.extra_args == {"other": 1}  # what the workers will see
+        assert fits.sampling_params.extra_args["kv_policy"] == "none"
+    finally:
+        rp.release_full("a")
+    assert not rp.FULL_CACHE_REQUESTS

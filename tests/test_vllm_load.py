@@ -395,7 +395,7 @@ def test_a_request_can_ask_for_the_full_cache(server, model):
         ({"kv_policy": "tova"}, 50, 8, "is not available per request"),
         ({"kv_policy": 3}, 50, 8, "is not available per request"),
         ({"kv_window_tokens": 32}, 50, 8, "cannot be set per request"),
-        ({"kv_policy": "none"}, 1200, 200, "pool holds 1280"),  # 40 blocks of 32
+        ({"kv_policy": "none"}, 1200, 200, "pool holds 1248"),  # 40 blocks of 32, one is the null block
     ],
 )
 def test_a_per_request_kv_field_the_server_cannot_honour_is_a_400(

@@ -53,6 +53,7 @@ FULL_CACHE_REQUESTS: set[str] = set()
 # The scheduler and the workers each read it from their own copy of the config, never from the
 # API server, so the two agree even where an API server's check did not run.
 _engine_allows_full = False
+_engine_block_size = 0
 
 
 def allows_full(vllm_config: Any) -> bool:
@@ -67,8 +68,17 @@ def allows_full(vllm_config: Any) -> bool:
 
 
 def configure_engine(vllm_config: Any) -> None:
-    global _engine_allows_full
+    global _engine_allows_full, _engine_block_size
     _engine_allows_full = allows_full(vllm_config)
+    _engine_block_size = int(vllm_config.cache_config.block_size)
+
+
+def pool_tokens(num_gpu_blocks: int | None, block_size: int, engines: int = 1) -> int | None:
+    """Tokens one engine's KV pool holds (vLLM keeps one block as its null block; the API
+    server's ``num_gpu_blocks`` is the sum over data-parallel engines)."""
+    if not num_gpu_blocks:
+        return None
+    return (num_gpu_blocks // max(engines, 1) - 1) * block_size
 
 
 def requested_policy(params: Any) -> Any:
@@ -171,7 +181,8 @@ def _check_engine_request(vllm_config: Any, request: Any, error: type[Exception]
     if config is None or not config.evicts:
         return  # no policy: plain vLLM, which ignores these fields
     cache = vllm_config.cache_config
-    pool = cache.num_gpu_blocks * cache.block_size if cache.num_gpu_blocks else None
+    engines = getattr(getattr(vllm_config, "parallel_config", None), "data_parallel_size", 1) or 1
+    pool = pool_tokens(cache.num_gpu_blocks, cache.block_size, engines)
     prompt = len(getattr(request, "prompt_token_ids", None) or ())
     num_tokens = prompt + int(getattr(params, "max_tokens", None) or 0)
     from cam_vllm.policies import resolve_merge
@@ -215,12 +226,43 @@ def install_scheduler_hook() -> None:
 
     @functools.wraps(original)
     def allocate_slots(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        if _engine_allows_full and wants_full_cache(getattr(request, "sampling_params", None)):
-            register_full(request.request_id)
+        if _engine_allows_full:
+            on_allocate(self, request)
         return original(self, request, *args, **kwargs)
 
     KVCacheManager.allocate_slots = allocate_slots
     _scheduler_installed = True
+
+
+def on_allocate(manager: Any, request: Any) -> None:
+    """Before the scheduler allocates for ``request``: register it if it keeps the full cache."""
+    if not wants_full_cache(getattr(request, "sampling_params", None)):
+        return
+    if _fits(manager, request):
+        register_full(request.request_id)
+    else:  # the workers read the same field from the request's first scheduling: drop it there
+        params = request.sampling_params
+        params.extra_args = {k: v for k, v in params.extra_args.items() if k != XARG_POLICY}
+
+
+def _fits(manager: Any, request: Any) -> bool:
+    """Whether the whole request fits this engine's pool; the API server refuses a request that
+    does not (HTTP 400), but a server whose check did not run (an API server without the policy in
+    its config) must not admit a request that could never finish: it is served by the policy (the
+    field is dropped before the request's first scheduling, so the workers, which read it from
+    the scheduler's output, plan it as the scheduler does)."""
+    pool = pool_tokens(manager.block_pool.num_gpu_blocks, _engine_block_size)
+    need = int(request.num_prompt_tokens) + int(getattr(request, "max_tokens", 0) or 0)
+    if pool is None or need <= pool:
+        return True
+    logger.warning(
+        "request %s asked for the full KV cache but needs %d tokens and the pool holds %d; "
+        "it is served with the server's policy",
+        request.request_id,
+        need,
+        pool,
+    )
+    return False
 
 
 def register_full(request_id: str) -> None:
