@@ -128,6 +128,7 @@ def test_the_engine_serves_a_full_cache_request_that_cannot_fit_with_its_policy(
     from cam_vllm.vllm_plugin import request_policy as rp
 
     monkeypatch.setattr(rp, "_engine_block_size", 32)
+    monkeypatch.setattr(rp, "_engine_allows_full", True)
     assert rp.pool_tokens(40, 32) == 39 * 32 and rp.pool_tokens(80, 32, engines=2) == 39 * 32
     assert rp.pool_tokens(None, 32) is None
     manager = SimpleNamespace(block_pool=SimpleNamespace(num_gpu_blocks=40))
@@ -149,3 +150,63 @@ def test_the_engine_serves_a_full_cache_request_that_cannot_fit_with_its_policy(
     finally:
         rp.release_full("a")
     assert not rp.FULL_CACHE_REQUESTS
+
+
+def test_a_requests_own_window_is_read_alike_by_scheduler_and_workers():
+    from types import SimpleNamespace
+
+    from cam_vllm.vllm_plugin.request_policy import request_window
+
+    def params(**extra):
+        return SimpleNamespace(extra_args=extra)
+
+    assert request_window(params(kv_window_tokens=32), "streaming", 64, 16) == 32
+    assert request_window(params(kv_window_tokens=64), "streaming", 64, 16) == 0  # the server's own
+    for bad in (24, 80, 0, "32", True, None):  # what the API server refuses counts as none
+        assert request_window(params(kv_window_tokens=bad), "streaming", 64, 16) == 0
+    assert request_window(params(kv_window_tokens=32), "cam-streaming", 64, 16) == 0
+    assert request_window(params(kv_window_tokens=32, kv_policy="none"), "streaming", 64, 16) == 0
+    assert request_window(SimpleNamespace(extra_args=None), "streaming", 64, 16) == 0
+    assert _check_window({"kv_window_tokens": 16}) is False
+    for value, message in (
+        (24, "multiple of the block size 16"),
+        (96, "server's window 64"),
+        ("x", "integer"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            _check_window({"kv_window_tokens": value})
+    with pytest.raises(ValueError, match="'streaming' server only"):
+        _check({"kv_window_tokens": 16})
+
+
+def _check_window(extra):
+    return check_request(
+        extra, server_policy="streaming", allow_full=True, num_tokens=10, pool_tokens=100, window_tokens=64,
+        block_size=16,
+    )  # fmt: skip
+
+
+def test_a_row_with_its_own_window_is_planned_as_under_a_policy_with_that_window():
+    """Row 1 keeps a 16-token window on a 32-token streaming policy: its compacted row equals the
+    row a 16-token policy gives it, row 0 is unchanged."""
+    qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
+    seq_lens = torch.tensor([200, 150], dtype=torch.int32)
+    table = torch.arange(1, 27, dtype=torch.int32).view(2, 13)
+    wide, narrow = (
+        _policy("streaming"),
+        build_policy(
+            KVPolicyConfig(policy="streaming", sink_tokens=SINKS, window_tokens=16, block_size=BLOCK)
+        ),
+    )
+    cut = (wide.eviction.prefix_end, BLOCK)
+    own = StepTokens.from_batch(qsl, seq_lens, 2, window=torch.tensor([0, 16]), cut=cut)
+    got = compact_for_kernel(wide.eviction.retained, own, table, BLOCK)
+    base_wide = compact_for_kernel(
+        wide.eviction.retained, StepTokens.from_batch(qsl, seq_lens, 2), table, BLOCK
+    )
+    base_narrow = compact_for_kernel(
+        narrow.eviction.retained, StepTokens.from_batch(qsl, seq_lens, 2), table, BLOCK
+    )
+    assert got.seq_lens.tolist() == [int(base_wide.seq_lens[0]), int(base_narrow.seq_lens[1])]
+    assert got.block_table[0].tolist() == base_wide.block_table[0].tolist()
+    assert got.block_table[1].tolist() == base_narrow.block_table[1].tolist()

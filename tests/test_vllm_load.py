@@ -394,7 +394,8 @@ def test_a_request_can_ask_for_the_full_cache(server, model):
     [
         ({"kv_policy": "tova"}, 50, 8, "is not available per request"),
         ({"kv_policy": 3}, 50, 8, "is not available per request"),
-        ({"kv_window_tokens": 32}, 50, 8, "cannot be set per request"),
+        ({"kv_window_tokens": 32}, 50, 8, "own window on a 'streaming' server only"),
+        ({"kv_budget": 0.1}, 50, 8, "cannot be set per request"),
         ({"kv_policy": "none"}, 1200, 200, "pool holds 1248"),  # 40 blocks of 32, one is the null block
     ],
 )
@@ -412,3 +413,65 @@ def test_a_per_request_kv_field_the_server_cannot_honour_is_a_400(
     assert r.status_code == 400, r.text
     assert message in r.json()["error"]["message"]
     assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+
+
+# --------------------------------------------------------------------------------------------
+# Per-request smaller window (vllm_xargs {"kv_window_tokens": N}, plain streaming servers)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def streaming_server(model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-streaming") / "serve.log"
+    with served(model, log, *FLAGS, "--kv-policy", "streaming") as base:
+        yield base
+
+
+def test_a_request_can_keep_a_smaller_window_on_a_streaming_server(streaming_server, model):
+    """A 400-token prompt with its own 32-token window (the server keeps 64) equals the oracle
+    with a 32-token window, next to a request with the server's window that gets what it gets
+    alone; values the server cannot honour are 400s; the scheduler frees the smaller window's
+    blocks (fewer tokens retained) and keeps no state afterwards."""
+    from vllm_helpers import reference_greedy
+
+    from cam_vllm.config import KVPolicyConfig
+    from cam_vllm.policies import build_policy
+
+    server = streaming_server
+    model_name = httpx.get(f"{server}/v1/models", timeout=10).json()["data"][0]["id"]
+    report = httpx.get(f"{server}/v1/kv_policy", timeout=10).json()
+    assert report["per_request"]["vllm_xargs"]["kv_window_tokens"] == {
+        "multiple_of": 32,
+        "min": 32,
+        "max": 64,
+    }
+    prompt, other = token_prompts(2, 400, seed=21)
+    alone = _greedy_with(server, model_name, other, None)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        small = [
+            pool.submit(_greedy_with, server, model_name, prompt, {"kv_window_tokens": 32}) for _ in range(2)
+        ]
+        others = [pool.submit(_greedy_with, server, model_name, other, None) for _ in range(2)]
+        small_results = [f.result() for f in small]
+        other_results = [f.result() for f in others]
+    config = KVPolicyConfig(policy="streaming", sink_tokens=4, window_tokens=32, block_size=32)
+    ref_tokens, ref_logprobs, _ = reference_greedy(model, build_policy(config), prompt, 12)
+    for tokens, logprobs in small_results:
+        assert tokens == ref_tokens
+        assert logprobs == pytest.approx(ref_logprobs, abs=2e-3)
+    for tokens, logprobs in other_results:
+        assert tokens == alone[0]
+        assert logprobs == pytest.approx(alone[1], abs=2e-3)
+    assert _greedy_with(server, model_name, prompt, None)[1] != pytest.approx(ref_logprobs, abs=2e-3)
+    for bad in (48, 96, "32"):
+        body = {
+            "model": model_name,
+            "prompt": prompt[:50],
+            "max_tokens": 4,
+            "vllm_xargs": {"kv_window_tokens": bad},
+        }
+        r = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "kv_window_tokens" in r.json()["error"]["message"], r.text
+    time.sleep(1.0)
+    after = parse_metrics(httpx.get(f"{server}/metrics", timeout=10).text)
+    assert after["cam_vllm:requests_tracked"] == 0

@@ -52,7 +52,7 @@ from cam_vllm.vllm_plugin.query_stash import (
     ensure_rows,
     stash_for_wave,
 )
-from cam_vllm.vllm_plugin.request_policy import allows_full
+from cam_vllm.vllm_plugin.request_policy import allows_full, own_windows
 from cam_vllm.vllm_plugin.scoring import new_score_state, reset_slots, score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 from cam_vllm.vllm_plugin.step_plan import (
@@ -169,7 +169,8 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             raise NotImplementedError("KV policies support causal decoder attention only")
         step = step_requests.current(cm.num_reqs, cm.seq_lens)
         full = step_requests.full_of(step) if self.allow_full else None  # rows keeping the full cache
-        tokens = StepTokens.from_batch(cm.query_start_loc, cm.seq_lens, cm.num_reqs, full)
+        window, cut = own_windows(self.policy, step)  # rows with a smaller window of their own
+        tokens = StepTokens.from_batch(cm.query_start_loc, cm.seq_lens, cm.num_reqs, full, window, cut)
         seeds = step_requests.seeds_of(step) if self.policy.merge is not None else None
         stash = None
         if step is not None and self.stash_planner is not None:

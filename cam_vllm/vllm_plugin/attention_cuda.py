@@ -57,7 +57,7 @@ from cam_vllm.vllm_plugin.impl_common import (
     wave_common_metadata,
 )
 from cam_vllm.vllm_plugin.paged import NHDPagedKV
-from cam_vllm.vllm_plugin.request_policy import allows_full
+from cam_vllm.vllm_plugin.request_policy import allows_full, own_windows
 from cam_vllm.vllm_plugin.scoring import score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 from cam_vllm.vllm_plugin.step_plan import (
@@ -369,7 +369,8 @@ def build_policy_metadata(
         raise NotImplementedError("KV policies support causal decoder attention only")
     step = step_requests.current(cm.num_reqs, cm.seq_lens_cpu_upper_bound)
     full = step_requests.full_of(step) if getattr(builder, "allow_full", False) else None
-    tokens = step_tokens(cm, full)
+    window, cut = own_windows(policy, step)  # rows with a smaller window of their own
+    tokens = dataclasses.replace(step_tokens(cm, full), window=window, cut=cut)
     seeds = step_requests.seeds_of(step) if policy.merge is not None else None
     meta, plan = _build_one(builder, policy, common_prefix_len, cm, tokens, fast_build, seeds)
     fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}

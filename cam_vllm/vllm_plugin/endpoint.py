@@ -40,6 +40,14 @@ def policy_report(vllm_config: Any) -> dict[str, Any]:
     allowed = [config.policy] + (["none"] if config.evicts and config.allow_full_cache_requests else [])
     report["per_request"] = {"vllm_xargs": {"kv_policy": allowed}, "seed": "keys the merge draws"}
     policy = policy_from_vllm_config(vllm_config)
+    if policy is not None and policy.name == "streaming":  # request_policy.WINDOW_POLICY
+        b = vllm_config.cache_config.block_size
+        report["per_request"]["vllm_xargs"]["kv_window_tokens"] = {
+            "multiple_of": b,
+            "min": b,
+            "max": getattr(policy.eviction, "window_tokens", None),
+        }
+    policy = policy_from_vllm_config(vllm_config)
     if policy is not None:
         eviction = policy.eviction
         report["resolved"] = {

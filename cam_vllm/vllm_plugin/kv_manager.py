@@ -33,7 +33,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, replace_as
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from cam_vllm.vllm_plugin import metrics
-from cam_vllm.vllm_plugin.request_policy import FULL_CACHE_REQUESTS, release_full
+from cam_vllm.vllm_plugin.request_policy import FULL_CACHE_REQUESTS, REQUEST_WINDOWS, release_full
 from cam_vllm.vllm_plugin.startup import KVPolicyStartupError, check_spec_against_config
 
 # --------------------------------------------------------------------------------------------
@@ -246,9 +246,8 @@ class PolicyKVCacheManager(FullAttentionManager):
             if self.kv_cache_group_id == 0:
                 metrics.STATS.request_step(request_id, 0, 0)
             return
-        first, last = freeable_blocks(
-            processed_computed_tokens, self.sink_end, self.window_tokens, self.block_size
-        )
+        window = REQUEST_WINDOWS.get(request_id, self.window_tokens)  # a request's own smaller window
+        first, last = freeable_blocks(processed_computed_tokens, self.sink_end, window, self.block_size)
         free_before = self.block_pool.get_num_free_blocks()
         self._remove_blocks_in_range(request_id, first, last)
         freed = self.block_pool.get_num_free_blocks() - free_before  # evicted blocks are never shared

@@ -33,11 +33,14 @@ from typing import Any
 logger = logging.getLogger("cam_vllm")
 
 XARG_POLICY = "kv_policy"
+XARG_WINDOW = "kv_window_tokens"
 FULL_CACHE = "none"
+# The one policy whose window a request may shrink: plain eviction plans nothing between the
+# blocks of a chunk (no waves, no scores, no merges), so a per-row window is all it needs.
+WINDOW_POLICY = "streaming"
 # Per-request keys that look like ours but are not supported (the flags' names, as a user would try them).
 _UNSUPPORTED = (
     "kv_window",
-    "kv_window_tokens",
     "kv_budget",
     "kv_sinks",
     "kv_sink_tokens",
@@ -54,6 +57,9 @@ FULL_CACHE_REQUESTS: set[str] = set()
 # API server, so the two agree even where an API server's check did not run.
 _engine_allows_full = False
 _engine_block_size = 0
+_engine_policy: tuple[str, int] = ("", 0)  # (canonical name, window tokens) of this engine's policy
+# Engine core: request id -> its own smaller window (plain streaming; see request_window).
+REQUEST_WINDOWS: dict[str, int] = {}
 
 
 def allows_full(vllm_config: Any) -> bool:
@@ -68,9 +74,14 @@ def allows_full(vllm_config: Any) -> bool:
 
 
 def configure_engine(vllm_config: Any) -> None:
-    global _engine_allows_full, _engine_block_size
+    global _engine_allows_full, _engine_block_size, _engine_policy
+    from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
+
     _engine_allows_full = allows_full(vllm_config)
     _engine_block_size = int(vllm_config.cache_config.block_size)
+    policy = policy_from_vllm_config(vllm_config)
+    if policy is not None:
+        _engine_policy = (policy.name, int(getattr(policy.eviction, "window_tokens", 0) or 0))
 
 
 def pool_tokens(num_gpu_blocks: int | None, block_size: int, engines: int = 1) -> int | None:
@@ -93,6 +104,24 @@ def wants_full_cache(params: Any) -> bool:
     return requested_policy(params) == FULL_CACHE
 
 
+def request_window(params: Any, policy_name: str, window_tokens: int, block_size: int) -> int:
+    """The request's own smaller window (``vllm_xargs["kv_window_tokens"]``), 0 for none.
+
+    The scheduler and the workers both call this on the same request fields with the same engine
+    settings, so they agree on every request, also one whose value the API server did not check:
+    anything :func:`check_request` would refuse counts as no window of its own here.
+    """
+    extra = getattr(params, "extra_args", None)
+    if not isinstance(extra, Mapping) or policy_name != WINDOW_POLICY or extra.get(XARG_POLICY) == FULL_CACHE:
+        return 0
+    value = extra.get(XARG_WINDOW)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0
+    if value % block_size or not block_size <= value <= window_tokens:
+        return 0
+    return 0 if value == window_tokens else value
+
+
 def check_request(
     extra_args: Mapping[str, Any] | None,
     *,
@@ -101,22 +130,27 @@ def check_request(
     aliases: tuple[str, ...] = (),
     num_tokens: int,
     pool_tokens: int | None,
+    window_tokens: int = 0,
+    block_size: int = 1,
 ) -> bool:
     """Accept the request's per-request KV fields or raise ValueError naming the problem.
 
     ``server_policy``: the server's policy by its canonical name (``cam-h2o``), ``aliases`` the
     names it was configured with (``h2o`` with ``--kv-merge cam``); ``num_tokens``: prompt +
     ``max_tokens``; ``pool_tokens``: the KV pool in tokens (None: not known yet). Returns True
-    when the request keeps the full cache.
+    when the request keeps the full cache. ``window_tokens`` / ``block_size``: the server's window
+    and block, for a request's own smaller window (plain ``streaming`` servers only).
     """
     if not extra_args:
         return False
+    if XARG_WINDOW in extra_args:
+        _check_window(extra_args, server_policy, window_tokens, block_size)
     unsupported = sorted(k for k in extra_args if k in _UNSUPPORTED)
     if unsupported:
         raise ValueError(
             f"vllm_xargs {unsupported} cannot be set per request; this server's KV policy is "
-            f"{server_policy!r}. Per request: 'kv_policy' ('none' for the full cache) and 'seed' "
-            "(keys the merge draws)"
+            f"{server_policy!r}. Per request: 'kv_policy' ('none' for the full cache), "
+            "'kv_window_tokens' (a smaller window, on a 'streaming' server) and 'seed' (keys the merge draws)"
         )
     if XARG_POLICY not in extra_args:
         return False
@@ -140,6 +174,37 @@ def check_request(
             "prompt, or let the server's policy evict"
         )
     return True
+
+
+def _check_window(extra_args: Mapping[str, Any], server_policy: str, window: int, block: int) -> None:
+    value = extra_args[XARG_WINDOW]
+    if server_policy != WINDOW_POLICY:
+        raise ValueError(
+            f"vllm_xargs kv_window_tokens: a request may choose its own window on a {WINDOW_POLICY!r} "
+            f"server only; this server runs {server_policy!r} (its window is planned with scores or "
+            "merges across the whole batch)"
+        )
+    if extra_args.get(XARG_POLICY) == FULL_CACHE:
+        raise ValueError("vllm_xargs: kv_window_tokens and kv_policy='none' contradict each other")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"vllm_xargs kv_window_tokens must be an integer, got {value!r}")
+    if value % block or not block <= value <= window:
+        raise ValueError(
+            f"vllm_xargs kv_window_tokens={value}: must be a multiple of the block size {block} "
+            f"between {block} and the server's window {window} (a request may only keep less)"
+        )
+
+
+def own_windows(policy: Any, step: Any) -> tuple[Any, tuple[int, int]]:
+    """Workers: (each row's own smaller window or None, (prefix end, block size)) for a step."""
+    from cam_vllm.vllm_plugin import step_requests
+
+    eviction = policy.eviction
+    window = int(getattr(eviction, "window_tokens", 0) or 0)
+    if policy.name != WINDOW_POLICY or not window:
+        return None, (0, 1)
+    cut = (int(eviction.prefix_end), int(eviction.block_size))
+    return step_requests.windows_of(step, policy.name, window, cut[1]), cut
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,27 +240,27 @@ def _check_engine_request(vllm_config: Any, request: Any, error: type[Exception]
     if not extra:
         return
     from cam_vllm.vllm_plugin import metrics
-    from cam_vllm.vllm_plugin.settings import policy_config_from_additional
+    from cam_vllm.vllm_plugin.settings import policy_config_from_additional, policy_from_vllm_config
 
     config = policy_config_from_additional(getattr(vllm_config, "additional_config", None))
     if config is None or not config.evicts:
         return  # no policy: plain vLLM, which ignores these fields
+    policy = policy_from_vllm_config(vllm_config)
     cache = vllm_config.cache_config
     engines = getattr(getattr(vllm_config, "parallel_config", None), "data_parallel_size", 1) or 1
     pool = pool_tokens(cache.num_gpu_blocks, cache.block_size, engines)
     prompt = len(getattr(request, "prompt_token_ids", None) or ())
     num_tokens = prompt + int(getattr(params, "max_tokens", None) or 0)
-    from cam_vllm.policies import resolve_merge
-
-    base, rule = resolve_merge(config.policy, config.merge)
     try:
         full = check_request(
             extra,
-            server_policy=f"{rule}-{base}" if rule else base,
+            server_policy=policy.name,
             aliases=(config.policy,),
             allow_full=config.allow_full_cache_requests,
             num_tokens=num_tokens,
             pool_tokens=pool,
+            window_tokens=int(getattr(policy.eviction, "window_tokens", 0) or 0),
+            block_size=cache.block_size,
         )
     except ValueError as exc:
         raise error(str(exc), parameter="vllm_xargs") from None
@@ -226,7 +291,7 @@ def install_scheduler_hook() -> None:
 
     @functools.wraps(original)
     def allocate_slots(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        if _engine_allows_full:
+        if _engine_policy[0]:
             on_allocate(self, request)
         return original(self, request, *args, **kwargs)
 
@@ -235,8 +300,13 @@ def install_scheduler_hook() -> None:
 
 
 def on_allocate(manager: Any, request: Any) -> None:
-    """Before the scheduler allocates for ``request``: register it if it keeps the full cache."""
-    if not wants_full_cache(getattr(request, "sampling_params", None)):
+    """Before the scheduler allocates for ``request``: register it if it keeps the full cache or
+    a smaller window of its own."""
+    params = getattr(request, "sampling_params", None)
+    window = request_window(params, *_engine_policy, _engine_block_size)
+    if window:
+        REQUEST_WINDOWS[request.request_id] = window
+    if not (_engine_allows_full and wants_full_cache(params)):
         return
     if _fits(manager, request):
         register_full(request.request_id)
@@ -272,6 +342,7 @@ def register_full(request_id: str) -> None:
 
 
 def release_full(request_id: str) -> None:
+    REQUEST_WINDOWS.pop(request_id, None)
     if request_id in FULL_CACHE_REQUESTS:
         FULL_CACHE_REQUESTS.discard(request_id)
         _report()

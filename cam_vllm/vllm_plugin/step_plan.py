@@ -61,10 +61,19 @@ class StepTokens:
     # [R] bool: the request asked for the full cache (``vllm_xargs={"kv_policy": "none"}``): it
     # keeps every token, so nothing of it leaves, is scored for a decision, or merges. None: no such row.
     full: torch.Tensor | None = None
+    # [R] int64: a request's own smaller window (0: the policy's), plain streaming only
+    # (``vllm_xargs={"kv_window_tokens": N}``); ``cut`` = (policy's prefix end, block size) for it.
+    window: torch.Tensor | None = None
+    cut: tuple[int, int] = (0, 1)
 
     @staticmethod
     def from_batch(
-        query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_reqs: int, full: torch.Tensor | None = None
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        num_reqs: int,
+        full: torch.Tensor | None = None,
+        window: torch.Tensor | None = None,
+        cut: tuple[int, int] = (0, 1),
     ) -> StepTokens:
         qsl = query_start_loc[: num_reqs + 1].to(torch.int64)
         lens = seq_lens[:num_reqs].to(torch.int64)
@@ -73,7 +82,7 @@ class StepTokens:
         total = int(qsl[-1])
         req = torch.repeat_interleave(torch.arange(num_reqs), qlens, output_size=total)
         pos = ctx[req] + torch.arange(total) - qsl[:-1][req]
-        return StepTokens(qsl, lens, ctx, req, pos, full)
+        return StepTokens(qsl, lens, ctx, req, pos, full, window, cut)
 
     def kept(
         self, retained: Retained, positions: torch.Tensor, num_tokens: torch.Tensor, req: torch.Tensor
@@ -81,6 +90,11 @@ class StepTokens:
         """``retained(positions, num_tokens)``, and everything for full-cache requests (``req``
         gives each row's request, shaped to broadcast like ``num_tokens``)."""
         out = retained(positions, num_tokens)
+        if self.window is not None:  # also drop what the request's own window no longer holds
+            prefix, b = self.cut
+            own = self.window[req]
+            start = (((num_tokens + b - 1) // b) * b - own).clamp(min=prefix)
+            out = out & ~((own > 0) & (positions >= prefix) & (positions < start))
         if self.full is not None:
             out = out | self.full[req]
         return out
@@ -119,7 +133,8 @@ def split_waves(policy: KVPolicy, tokens: StepTokens) -> list[Wave]:
         last = pos[qsl[1:] - 1]
         local = torch.repeat_interleave(torch.arange(reqs.numel()), counts)
         full = None if tokens.full is None else tokens.full[reqs]
-        step = StepTokens(qsl, last + 1, pos[qsl[:-1]], local, pos, full)
+        window = None if tokens.window is None else tokens.window[reqs]
+        step = StepTokens(qsl, last + 1, pos[qsl[:-1]], local, pos, full, window, tokens.cut)
         out.append(Wave(rows, reqs, step))
     return out
 

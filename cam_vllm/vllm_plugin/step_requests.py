@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from cam_vllm.vllm_plugin.request_policy import wants_full_cache
+from cam_vllm.vllm_plugin.request_policy import request_window, wants_full_cache
 
 logger = logging.getLogger("cam_vllm")
 
@@ -48,6 +48,7 @@ class StepRequests:
     seeds: tuple[int | None, ...]
     seq_lens: tuple[int, ...]  # tokens with KV at the end of the step, per row
     full: tuple[bool, ...] = ()  # per row: the request asked for the full cache (request_policy.py)
+    params: tuple[Any, ...] = ()  # per row: the request's SamplingParams (its own window: request_policy.py)
 
 
 _step: StepRequests | None = None
@@ -61,10 +62,16 @@ def publish(
     seeds: Iterable[int | None],
     seq_lens: Iterable[int],
     full: Iterable[bool] = (),
+    params: Iterable[Any] = (),
 ) -> None:
     global _step
     _step = StepRequests(
-        next(_serials), tuple(req_ids), tuple(seeds), tuple(int(n) for n in seq_lens), tuple(full)
+        next(_serials),
+        tuple(req_ids),
+        tuple(seeds),
+        tuple(int(n) for n in seq_lens),
+        tuple(full),
+        tuple(params),
     )
 
 
@@ -90,6 +97,14 @@ def full_of(step: StepRequests | None) -> torch.Tensor | None:
     if step is None or not any(step.full):
         return None
     return torch.tensor(step.full, dtype=torch.bool)
+
+
+def windows_of(step: StepRequests | None, policy_name: str, window: int, block: int) -> torch.Tensor | None:
+    """[R] int64, each row's own smaller window (0: the policy's); None when no row has one."""
+    if step is None or not step.params:
+        return None
+    own = [request_window(p, policy_name, window, block) for p in step.params]
+    return torch.tensor(own, dtype=torch.int64) if any(own) else None
 
 
 def on_finished(listener: Any) -> None:
@@ -131,7 +146,13 @@ def _after_prepare_inputs(runner: Any, scheduler_output: Any, num_scheduled_toke
     ids = batch.req_ids[:n]
     lens = batch.num_computed_tokens_cpu[:n] + num_scheduled_tokens[:n]
     states = [runner.requests.get(rid) for rid in ids]
-    publish(ids, (_seed_of(s) for s in states), lens.tolist(), (_full_of(s) for s in states))
+    publish(
+        ids,
+        (_seed_of(s) for s in states),
+        lens.tolist(),
+        (_full_of(s) for s in states),
+        (getattr(s, "sampling_params", None) for s in states),
+    )
 
 
 def _after_update_states(runner: Any, scheduler_output: Any, *_: Any) -> None:
