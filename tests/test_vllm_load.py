@@ -346,11 +346,32 @@ def _greedy_with(
     return choice["token_ids"], choice["logprobs"]["token_logprobs"]
 
 
+def _two_beside_two(server, model_name, model, prompt, xargs, oracle, other) -> list[float]:
+    """Two requests of ``prompt`` with ``xargs`` sent together with two of ``other`` without:
+    the first equal the reference engine under ``oracle``, the others their output alone.
+    Returns the oracle's logprobs."""
+    from vllm_helpers import reference_greedy
+
+    alone = _greedy_with(server, model_name, other, None)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        asked = [pool.submit(_greedy_with, server, model_name, prompt, xargs) for _ in range(2)]
+        others = [pool.submit(_greedy_with, server, model_name, other, None) for _ in range(2)]
+        asked_results = [f.result() for f in asked]
+        other_results = [f.result() for f in others]
+    ref_tokens, ref_logprobs, _ = reference_greedy(model, oracle, prompt, 12)
+    for tokens, logprobs in asked_results:
+        assert tokens == ref_tokens
+        assert logprobs == pytest.approx(ref_logprobs, abs=2e-3)
+    for tokens, logprobs in other_results:
+        assert tokens == alone[0]
+        assert logprobs == pytest.approx(alone[1], abs=2e-3)
+    return ref_logprobs
+
+
 def test_a_request_can_ask_for_the_full_cache(server, model):
     """A 400-token prompt (window 64) with kv_policy none equals the full-cache oracle, while an
     evicting request runs in the same batches and gets what it gets alone; the route and the
     metrics show it, and nothing is left registered afterwards."""
-    from vllm_helpers import reference_greedy
 
     from cam_vllm.config import KVPolicyConfig
     from cam_vllm.policies import build_policy
@@ -359,24 +380,9 @@ def test_a_request_can_ask_for_the_full_cache(server, model):
     report = httpx.get(f"{server}/v1/kv_policy", timeout=10).json()
     assert "none" in report["per_request"]["vllm_xargs"]["kv_policy"]
     prompt, other = token_prompts(2, 400, seed=13)
-    alone = _greedy_with(server, model_name, other, None)
     before = parse_metrics(httpx.get(f"{server}/metrics", timeout=10).text)
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        fulls = [
-            pool.submit(_greedy_with, server, model_name, prompt, {"kv_policy": "none"}) for _ in range(2)
-        ]
-        others = [pool.submit(_greedy_with, server, model_name, other, None) for _ in range(2)]
-        full_results = [f.result() for f in fulls]
-        other_results = [f.result() for f in others]
-    ref_tokens, ref_logprobs, _ = reference_greedy(
-        model, build_policy(KVPolicyConfig(policy="none")), prompt, 12
-    )
-    for tokens, logprobs in full_results:
-        assert tokens == ref_tokens
-        assert logprobs == pytest.approx(ref_logprobs, abs=2e-3)
-    for tokens, logprobs in other_results:
-        assert tokens == alone[0]
-        assert logprobs == pytest.approx(alone[1], abs=2e-3)
+    oracle = build_policy(KVPolicyConfig(policy="none"))
+    ref_logprobs = _two_beside_two(server, model_name, model, prompt, {"kv_policy": "none"}, oracle, other)
     evicted = _greedy_with(server, model_name, prompt, None)
     assert evicted[1] != pytest.approx(ref_logprobs, abs=2e-3), "the policy must matter for this prompt"
     for own in {report["policy"], report["resolved"]["name"]}:  # e.g. h2o (--kv-merge cam) and cam-h2o
@@ -432,7 +438,6 @@ def test_a_request_can_keep_a_smaller_window_on_a_streaming_server(streaming_ser
     with a 32-token window, next to a request with the server's window that gets what it gets
     alone; values the server cannot honour are 400s; the scheduler frees the smaller window's
     blocks (fewer tokens retained) and keeps no state afterwards."""
-    from vllm_helpers import reference_greedy
 
     from cam_vllm.config import KVPolicyConfig
     from cam_vllm.policies import build_policy
@@ -446,22 +451,8 @@ def test_a_request_can_keep_a_smaller_window_on_a_streaming_server(streaming_ser
         "max": 64,
     }
     prompt, other = token_prompts(2, 400, seed=21)
-    alone = _greedy_with(server, model_name, other, None)
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        small = [
-            pool.submit(_greedy_with, server, model_name, prompt, {"kv_window_tokens": 32}) for _ in range(2)
-        ]
-        others = [pool.submit(_greedy_with, server, model_name, other, None) for _ in range(2)]
-        small_results = [f.result() for f in small]
-        other_results = [f.result() for f in others]
-    config = KVPolicyConfig(policy="streaming", sink_tokens=4, window_tokens=32, block_size=32)
-    ref_tokens, ref_logprobs, _ = reference_greedy(model, build_policy(config), prompt, 12)
-    for tokens, logprobs in small_results:
-        assert tokens == ref_tokens
-        assert logprobs == pytest.approx(ref_logprobs, abs=2e-3)
-    for tokens, logprobs in other_results:
-        assert tokens == alone[0]
-        assert logprobs == pytest.approx(alone[1], abs=2e-3)
+    oracle = build_policy(KVPolicyConfig(policy="streaming", sink_tokens=4, window_tokens=32, block_size=32))
+    ref_logprobs = _two_beside_two(server, model_name, model, prompt, {"kv_window_tokens": 32}, oracle, other)
     assert _greedy_with(server, model_name, prompt, None)[1] != pytest.approx(ref_logprobs, abs=2e-3)
     for bad in (48, 96, "32"):
         body = {

@@ -132,11 +132,11 @@ def _host_seq_lens(cm: CommonAttentionMetadata) -> torch.Tensor:
     return lens[: cm.num_reqs]
 
 
-def step_tokens(cm: CommonAttentionMetadata, full: torch.Tensor | None = None) -> StepTokens:
-    """The step's queries from the host copies of the batch (no device sync); ``full``: the rows
-    whose request keeps the full cache (``step_requests.full_of``)."""
+def step_tokens(cm: CommonAttentionMetadata, *per_row: Any) -> StepTokens:
+    """The step's queries from the host copies of the batch (no device sync); ``per_row``: the
+    rows' full-cache flags and own windows, as ``StepTokens.from_batch`` takes them."""
     n = cm.num_reqs
-    return StepTokens.from_batch(cm.query_start_loc_cpu[: n + 1], _host_seq_lens(cm), n, full)
+    return StepTokens.from_batch(cm.query_start_loc_cpu[: n + 1], _host_seq_lens(cm), n, *per_row)
 
 
 def compact_common_metadata(
@@ -370,7 +370,7 @@ def build_policy_metadata(
     step = step_requests.current(cm.num_reqs, cm.seq_lens_cpu_upper_bound)
     full = step_requests.full_of(step) if getattr(builder, "allow_full", False) else None
     window, cut = own_windows(policy, step)  # rows with a smaller window of their own
-    tokens = dataclasses.replace(step_tokens(cm, full), window=window, cut=cut)
+    tokens = step_tokens(cm, full, window, cut)
     seeds = step_requests.seeds_of(step) if policy.merge is not None else None
     meta, plan = _build_one(builder, policy, common_prefix_len, cm, tokens, fast_build, seeds)
     fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}

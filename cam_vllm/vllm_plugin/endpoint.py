@@ -47,7 +47,6 @@ def policy_report(vllm_config: Any) -> dict[str, Any]:
             "min": b,
             "max": getattr(policy.eviction, "window_tokens", None),
         }
-    policy = policy_from_vllm_config(vllm_config)
     if policy is not None:
         eviction = policy.eviction
         report["resolved"] = {

@@ -115,11 +115,21 @@ def request_window(params: Any, policy_name: str, window_tokens: int, block_size
     if not isinstance(extra, Mapping) or policy_name != WINDOW_POLICY or extra.get(XARG_POLICY) == FULL_CACHE:
         return 0
     value = extra.get(XARG_WINDOW)
-    if isinstance(value, bool) or not isinstance(value, int):
-        return 0
-    if value % block_size or not block_size <= value <= window_tokens:
+    if value is None or _window_problem(value, window_tokens, block_size):
         return 0
     return 0 if value == window_tokens else value
+
+
+def _window_problem(value: Any, window: int, block: int) -> str | None:
+    """What is wrong with a requested window (None: it can be honoured)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"must be an integer, got {value!r}"
+    if value % block or not block <= value <= window:
+        return (
+            f"={value}: must be a multiple of the block size {block} between {block} and the "
+            f"server's window {window} (a request may only keep less)"
+        )
+    return None
 
 
 def check_request(
@@ -186,13 +196,9 @@ def _check_window(extra_args: Mapping[str, Any], server_policy: str, window: int
         )
     if extra_args.get(XARG_POLICY) == FULL_CACHE:
         raise ValueError("vllm_xargs: kv_window_tokens and kv_policy='none' contradict each other")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"vllm_xargs kv_window_tokens must be an integer, got {value!r}")
-    if value % block or not block <= value <= window:
-        raise ValueError(
-            f"vllm_xargs kv_window_tokens={value}: must be a multiple of the block size {block} "
-            f"between {block} and the server's window {window} (a request may only keep less)"
-        )
+    problem = _window_problem(value, window, block)
+    if problem:
+        raise ValueError(f"vllm_xargs kv_window_tokens{'' if problem.startswith('=') else ' '}{problem}")
 
 
 def own_windows(policy: Any, step: Any) -> tuple[Any, tuple[int, int]]:
@@ -227,25 +233,39 @@ def install_request_check() -> None:
     @functools.wraps(original)
     def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
         request = original(self, *args, **kwargs)
-        _check_engine_request(self.vllm_config, request, VLLMValidationError)
+        if getattr(getattr(request, "sampling_params", None), "extra_args", None):
+            server = self.__dict__.get("_cam_vllm_policy")
+            if server is None:  # resolved once per input processor, not per request
+                server = self.__dict__["_cam_vllm_policy"] = _server_policy(self.vllm_config)
+            _check_engine_request(self.vllm_config, server, request, VLLMValidationError)
         return request
 
     InputProcessor.process_inputs = process_inputs
     _frontend_installed = True
 
 
-def _check_engine_request(vllm_config: Any, request: Any, error: type[Exception]) -> None:
+def _server_policy(vllm_config: Any) -> tuple[Any, Any]:
+    """(settings, resolved policy) of an API server's config (None, None: no policy)."""
+    from cam_vllm.vllm_plugin.settings import policy_config_from_additional, policy_from_vllm_config
+
+    config = policy_config_from_additional(getattr(vllm_config, "additional_config", None))
+    if config is None or not config.evicts:
+        return config, None
+    return config, policy_from_vllm_config(vllm_config)
+
+
+def _check_engine_request(
+    vllm_config: Any, server: tuple[Any, Any], request: Any, error: type[Exception]
+) -> None:
     params = getattr(request, "sampling_params", None)
     extra = getattr(params, "extra_args", None)
     if not extra:
         return
     from cam_vllm.vllm_plugin import metrics
-    from cam_vllm.vllm_plugin.settings import policy_config_from_additional, policy_from_vllm_config
 
-    config = policy_config_from_additional(getattr(vllm_config, "additional_config", None))
-    if config is None or not config.evicts:
+    config, policy = server
+    if policy is None:
         return  # no policy: plain vLLM, which ignores these fields
-    policy = policy_from_vllm_config(vllm_config)
     cache = vllm_config.cache_config
     engines = getattr(getattr(vllm_config, "parallel_config", None), "data_parallel_size", 1) or 1
     pool = pool_tokens(cache.num_gpu_blocks, cache.block_size, engines)

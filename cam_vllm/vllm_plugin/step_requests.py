@@ -47,8 +47,8 @@ class StepRequests:
     req_ids: tuple[str, ...]
     seeds: tuple[int | None, ...]
     seq_lens: tuple[int, ...]  # tokens with KV at the end of the step, per row
-    full: tuple[bool, ...] = ()  # per row: the request asked for the full cache (request_policy.py)
-    params: tuple[Any, ...] = ()  # per row: the request's SamplingParams (its own window: request_policy.py)
+    # per row: the request's SamplingParams (its vllm_xargs: full cache, own window; request_policy.py)
+    params: tuple[Any, ...] = ()
 
 
 _step: StepRequests | None = None
@@ -61,17 +61,11 @@ def publish(
     req_ids: Iterable[str],
     seeds: Iterable[int | None],
     seq_lens: Iterable[int],
-    full: Iterable[bool] = (),
     params: Iterable[Any] = (),
 ) -> None:
     global _step
     _step = StepRequests(
-        next(_serials),
-        tuple(req_ids),
-        tuple(seeds),
-        tuple(int(n) for n in seq_lens),
-        tuple(full),
-        tuple(params),
+        next(_serials), tuple(req_ids), tuple(seeds), tuple(int(n) for n in seq_lens), tuple(params)
     )
 
 
@@ -94,9 +88,10 @@ def seeds_of(step: StepRequests | None) -> list[int | None] | None:
 
 def full_of(step: StepRequests | None) -> torch.Tensor | None:
     """[R] bool, True for the rows whose request keeps the full cache; None when no row does."""
-    if step is None or not any(step.full):
+    if step is None or not step.params:
         return None
-    return torch.tensor(step.full, dtype=torch.bool)
+    full = [wants_full_cache(p) for p in step.params]
+    return torch.tensor(full, dtype=torch.bool) if any(full) else None
 
 
 def windows_of(step: StepRequests | None, policy_name: str, window: int, block: int) -> torch.Tensor | None:
@@ -119,15 +114,6 @@ def finished(req_ids: Iterable[str]) -> None:
             listener.finished(ids)
 
 
-def _seed_of(state: Any) -> int | None:
-    params = getattr(state, "sampling_params", None)
-    return getattr(params, "seed", None)
-
-
-def _full_of(state: Any) -> bool:
-    return wants_full_cache(getattr(state, "sampling_params", None))
-
-
 def _wrap(cls: Any, name: str, after: Callable[..., None]) -> None:
     original = getattr(cls, name)
 
@@ -146,13 +132,8 @@ def _after_prepare_inputs(runner: Any, scheduler_output: Any, num_scheduled_toke
     ids = batch.req_ids[:n]
     lens = batch.num_computed_tokens_cpu[:n] + num_scheduled_tokens[:n]
     states = [runner.requests.get(rid) for rid in ids]
-    publish(
-        ids,
-        (_seed_of(s) for s in states),
-        lens.tolist(),
-        (_full_of(s) for s in states),
-        (getattr(s, "sampling_params", None) for s in states),
-    )
+    params = [getattr(s, "sampling_params", None) for s in states]
+    publish(ids, (getattr(p, "seed", None) for p in params), lens.tolist(), params)
 
 
 def _after_update_states(runner: Any, scheduler_output: Any, *_: Any) -> None:
