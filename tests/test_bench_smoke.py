@@ -38,3 +38,23 @@ def test_a_workload_longer_than_the_pool_is_refused_by_name(tmp_path, capsys):
     argv = ["bench", "--model", str(tmp_path), "--input-len", "4000", "--pool-blocks", "40"]
     assert main(argv) == 1
     assert "does not fit max_model_len 1248" in capsys.readouterr().err
+
+
+def test_step_vs_context_times_only_decode_steps(tmp_path):
+    """scripts/bench_step_vs_context.py (docs/benchmarks.md's ms/step against context plot): it
+    runs, and the steps it times are exactly the decode steps of the batch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_step_vs_context.py"
+    argv = [sys.executable, str(script), "--lengths", "64,160", "--new-tokens", "5", "--batch", "2"]
+    argv += ["--policies", "none,streaming", "--window", "64", "--out", str(tmp_path), "--no-progress"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "step_vs_context.json").read_text())["results"]
+    assert set(results) == {"none", "streaming"}
+    for by_len in results.values():
+        assert set(by_len) == {"64", "160"}
+        assert all(r["steps"] == 5 and r["mean_ms"] > 0 for r in by_len.values())
+    assert "last / first" in done.stdout

@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cam_vllm.config import KVPolicyConfig
-from cam_vllm.core.scores import last_visible_attention, popcount, push_history, trailing_zeros
+from cam_vllm.core.scores import (
+    history_bits,
+    last_visible_attention,
+    popcount,
+    push_history,
+    store_bits,
+    trailing_zeros,
+)
 from cam_vllm.core.selection import select_heavy
 from cam_vllm.policies import SCORES, build_policy
 from cam_vllm.reference.cache import PolicyCache
@@ -35,6 +42,35 @@ def test_history_of_a_chunk_equals_its_queries_one_by_one(nq, nk, history, seed)
     for i in range(nq):
         last = last_visible_attention(last, probs[i : i + 1], visible[i : i + 1])
     assert torch.equal(last_visible_attention(torch.zeros(nk, 2), probs, visible), last)
+
+
+@settings(max_examples=40, deadline=None)
+@given(history=st.integers(1, 62), seed=st.integers(0, 99))
+def test_history_stored_narrow_updates_like_the_int64_one(history, seed):
+    """A history of <= 32 bits is stored in an int32 (bit 31 as its sign); updating the stored
+    form gives the same bits, and the same ranks, as computing on the int64 history throughout."""
+    from cam_vllm.policies.corm import CORMScore
+    from cam_vllm.policies.scissorhands import ScissorhandsScore
+
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randint(0, 1 << history, (16, 2), generator=g)
+    wide[0] = (1 << history) - 1  # every bit set, bit 31 included at history 32
+    for score in (ScissorhandsScore(history=history), CORMScore(history=history)):
+        dtype = score.fields["hist"]
+        assert dtype == (torch.int32 if history <= 32 else torch.int64)
+        stored = store_bits(wide, dtype)
+        assert stored.dtype == dtype and torch.equal(history_bits(stored), wide)
+        probs = torch.rand(5, 2, 16, generator=g) / 8
+        visible = torch.rand(5, 16, generator=g) < 0.8
+        got = score.update({"hist": stored}, probs, visible)["hist"]
+        assert got.dtype == dtype
+        want = score.update({"hist": wide}, probs, visible)["hist"]
+        assert torch.equal(history_bits(got), want)
+        seen = torch.full((16, 2), 100)
+        assert torch.equal(
+            score.rank({"hist": got}, torch.zeros(16, 2), seen),
+            score.rank({"hist": want}, torch.zeros(16, 2), seen),
+        )
 
 
 def test_bit_counts():

@@ -585,3 +585,20 @@ def test_merge_chains_of_one_shape_run_side_by_side_as_they_would_one_by_one(rul
     run(kv, abar, [e for c in chains for e in group_merges([c])])
     assert torch.equal(together[0], kv) and torch.equal(together[1], abar)
     assert not torch.equal(kv, before), "nothing was merged"
+
+
+@pytest.mark.parametrize("name", ["streaming", "cam-streaming", "h2o", "tova", "scissorhands", "cam-corm"])
+def test_slot_state_bytes_are_what_the_worker_allocates_and_within_five_percent(name):
+    """``slot_state_bytes`` (docs/benchmarks.md's per-model table) counts the tensors ``_bind``
+    allocates per slot and KV head; issue 11's bound: at most 5 % of the KV it describes, also for
+    the smallest case, a 16-bit KV at head_dim 64 (Scissorhands/CORM: int32 history)."""
+    from cam_vllm.vllm_plugin.scoring import new_score_state, slot_state_bytes
+
+    policy = build_policy(KVPolicyConfig(policy=name, sink_tokens=4, window_tokens=64))
+    state = new_score_state(policy, 10, 3)
+    allocated = sum(t.element_size() * t.numel() for t in state.values()) + (
+        4 * 10 * 3 if policy.tracks_scores else 0  # Abar, float32 [slots, Hkv]
+    )
+    assert slot_state_bytes(policy) * 10 * 3 == allocated
+    assert (slot_state_bytes(policy) == 0) == (name == "streaming")
+    assert slot_state_bytes(policy) / (2 * 64 * 2) <= 0.05

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from cam_vllm.core.scores import ImportanceScore, State, trailing_zeros
+from cam_vllm.core.scores import ImportanceScore, State, history_bits, trailing_zeros
 
 
 @dataclass(frozen=True)
@@ -22,5 +22,5 @@ class CORMScore(ImportanceScore):
     summary: ClassVar[str] = "CORM: evict keys no recent query found important, per KV head"
 
     def rank(self, state: State, abar: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        since = torch.minimum(trailing_zeros(state["hist"], self.history), seen)
+        since = torch.minimum(trailing_zeros(history_bits(state["hist"]), self.history), seen)
         return -since.float()

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from cam_vllm.core.scores import ImportanceScore, State, popcount
+from cam_vllm.core.scores import ImportanceScore, State, history_bits, popcount
 
 
 @dataclass(frozen=True)
@@ -22,5 +22,5 @@ class ScissorhandsScore(ImportanceScore):
 
     def rank(self, state: State, abar: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         window = seen.clamp(max=self.history)
-        unimportant = window - popcount(state["hist"], self.history)
+        unimportant = window - popcount(history_bits(state["hist"]), self.history)
         return -unimportant.float()

@@ -52,6 +52,15 @@ def new_score_state(
     return {n: torch.zeros(num_slots, num_kv_heads, dtype=dt, device=device) for n, dt in fields.items()}
 
 
+def slot_state_bytes(policy: KVPolicy) -> int:
+    """Worker bytes per KV slot and KV head besides the KV itself (what ``_bind`` allocates):
+    ``Abar`` (float32) for a policy that tracks scores, plus a score-driven policy's ``pos`` and
+    score fields. Plain eviction keeps none."""
+    if not policy.tracks_scores:
+        return 0
+    return 4 + sum(t.element_size() for t in new_score_state(policy, 1, 1).values())
+
+
 def reset_slots(
     abar: torch.Tensor, state: dict[str, torch.Tensor], slots: torch.Tensor, positions: torch.Tensor | None
 ) -> None:
