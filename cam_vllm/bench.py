@@ -87,18 +87,16 @@ def server_flags(args: argparse.Namespace, policy: str) -> list[str]:
     flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens), "--served-model-name", "bench"]
     flags += ["--no-enable-prefix-caching", "--max-num-seqs", str(args.max_num_seqs)]
     if policy != "none":
-        from cam_vllm.policies import base_policy_name, is_score_driven
+        from cam_vllm.policies import same_memory_settings
 
-        score_driven = is_score_driven(base_policy_name(policy))
-        window, heavy = args.window, args.heavy
-        if heavy is None and score_driven:
-            # the same memory as a positional policy: sinks + heavy + window = sinks + --window
-            heavy = args.window // 2 // args.block_size * args.block_size
-            window = args.window - heavy
+        # the same memory as a positional policy: sinks + heavy + window = sinks + --window
+        kv = same_memory_settings(policy, args.sinks, args.window, args.block_size)
+        if args.heavy is not None and "heavy_tokens" in kv:  # given: on top of --window
+            kv.update(heavy_tokens=args.heavy, window_tokens=args.window)
         flags += ["--kv-policy", policy, "--kv-sink-tokens", str(args.sinks)]
-        flags += ["--kv-window-tokens", str(window)]
-        if score_driven:
-            flags += ["--kv-heavy-tokens", str(heavy)]
+        flags += ["--kv-window-tokens", str(kv["window_tokens"])]
+        if "heavy_tokens" in kv:
+            flags += ["--kv-heavy-tokens", str(kv["heavy_tokens"])]
     return flags + list(args.server_arg or [])
 
 

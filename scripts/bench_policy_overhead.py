@@ -65,7 +65,7 @@ def _kernel(q: torch.Tensor, kv: torch.Tensor, batch, scale: float) -> torch.Ten
 def run(name: str, args: argparse.Namespace) -> dict[str, float]:
     """Prefill ``batch`` prompts (untimed), then ``steps`` decode steps; seconds per step of each part."""
     from cam_vllm.config import KVPolicyConfig
-    from cam_vllm.policies import build_policy, is_score_driven, split_policy_name
+    from cam_vllm.policies import build_policy, same_memory_settings
     from cam_vllm.vllm_plugin import step_requests
     from cam_vllm.vllm_plugin.paged import _write
     from cam_vllm.vllm_plugin.query_stash import StashPlanner, stash_for_wave
@@ -75,12 +75,11 @@ def run(name: str, args: argparse.Namespace) -> dict[str, float]:
     deferred = variant != "eager"
     b, hq, hkv, d, layers = args.block_size, args.q_heads, args.kv_heads, args.head_size, args.layers
     scale = d**-0.5
-    settings = {"policy": policy_name, "sink_tokens": args.sinks, "block_size": b}
-    if is_score_driven(split_policy_name(policy_name)[0]):
-        half = args.window // 2 // b * b
-        settings.update(heavy_tokens=half, window_tokens=args.window - half)
-    elif policy_name != "none":
-        settings["window_tokens"] = args.window
+    settings = {
+        "sink_tokens": args.sinks,
+        "block_size": b,
+        **same_memory_settings(policy_name, args.sinks, args.window, b),
+    }
     policy = build_policy(KVPolicyConfig(**settings))
     r = args.batch
     total = args.prompt_len + args.steps + 1

@@ -63,18 +63,6 @@ def machine() -> dict:
     }
 
 
-def policy_config(name: str, sinks: int, window: int) -> dict:
-    from cam_vllm.policies import is_score_driven, split_policy_name
-
-    policy: dict = {"policy": name}
-    if is_score_driven(split_policy_name(name)[0]):  # the same memory as streaming
-        half = window // 2
-        policy.update(sink_tokens=sinks, heavy_tokens=half, window_tokens=window - half)
-    elif name != "none":
-        policy.update(sink_tokens=sinks, window_tokens=window)
-    return policy
-
-
 def plot(results: dict[str, dict[int, dict]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -121,6 +109,8 @@ def main() -> None:
     from tqdm import tqdm
     from vllm_helpers import make_llm, make_peaky_model, token_prompts
 
+    from cam_vllm.policies import same_memory_settings
+
     tmp = Path(tempfile.mkdtemp(prefix="cam-bench-"))
     out = Path(args.out) if args.out else tmp
     out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +129,7 @@ def main() -> None:
             enable_prefix_caching=False,
             disable_log_stats=True,
             max_num_seqs=args.batch,
-            additional_config={"kv_policy": policy_config(name, args.sinks, args.window)},
+            additional_config={"kv_policy": same_memory_settings(name, args.sinks, args.window)},
         )
         decode_steps(llm, token_prompts(args.batch, 64, seed=1), 8, "warm")
         results[name] = {}

@@ -55,7 +55,7 @@ def main() -> None:
     model = args.model or make_peaky_model(tmp / "tiny")
     prompts = token_prompts(args.batch, args.prompt_len, seed=0)
     names = args.policies.split(",")
-    from cam_vllm.policies import is_score_driven, split_policy_name
+    from cam_vllm.policies import same_memory_settings
 
     # one engine at a time: an idle vLLM engine's worker keeps polling (~25 % of a core here), so
     # engines kept alive side by side slow each other down on a small machine
@@ -64,12 +64,7 @@ def main() -> None:
     for name in names:
         policy_name, _, variant = name.partition("@")
         os.environ["CAM_VLLM_DEFERRED_SCORING"] = "0" if variant == "eager" else "1"  # the engine inherits it
-        policy = {"policy": policy_name}
-        if is_score_driven(split_policy_name(policy_name)[0]):
-            half = args.window // 2
-            policy.update(sink_tokens=args.sinks, heavy_tokens=half, window_tokens=args.window - half)
-        elif policy_name != "none":
-            policy.update(sink_tokens=args.sinks, window_tokens=args.window)
+        policy = same_memory_settings(policy_name, args.sinks, args.window)
         llm = make_llm(
             model,
             block_size=32,

@@ -58,3 +58,32 @@ def test_step_vs_context_times_only_decode_steps(tmp_path):
         assert set(by_len) == {"64", "160"}
         assert all(r["steps"] == 5 and r["mean_ms"] > 0 for r in by_len.values())
     assert "last / first" in done.stdout
+
+
+def test_every_policy_is_benchmarked_at_the_memory_of_sinks_plus_window():
+    """``same_memory_settings`` (every benchmark's policy set-up) and the server flags built from it."""
+    import argparse
+
+    from cam_vllm.bench import server_flags
+    from cam_vllm.policies import same_memory_settings
+
+    assert same_memory_settings("none", 4, 128) == {"policy": "none"}
+    assert same_memory_settings("cam-streaming", 4, 128) == {
+        "policy": "cam-streaming",
+        "sink_tokens": 4,
+        "window_tokens": 128,
+    }
+    h2o = same_memory_settings("cam-h2o", 4, 200, block_size=32)
+    assert (h2o["heavy_tokens"], h2o["window_tokens"]) == (96, 104)  # half, rounded down to blocks
+
+    def flags(policy: str, heavy: int | None) -> list[str]:
+        ns = dict(dtype="float32", block_size=32, pool_blocks=24, max_model_len=640)
+        ns |= dict(
+            max_num_batched_tokens=256, max_num_seqs=8, sinks=4, window=128, heavy=heavy, server_arg=None
+        )
+        got = server_flags(argparse.Namespace(**ns), policy)
+        return got[got.index("--kv-window-tokens") :]
+
+    assert flags("h2o", None) == ["--kv-window-tokens", "64", "--kv-heavy-tokens", "64"]
+    assert flags("h2o", 32) == ["--kv-window-tokens", "128", "--kv-heavy-tokens", "32"]  # on top
+    assert flags("streaming", 32) == ["--kv-window-tokens", "128"]

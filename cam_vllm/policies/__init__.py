@@ -97,6 +97,21 @@ def base_policy_name(name: str) -> str:
     return split_policy_name(name)[0]
 
 
+def same_memory_settings(name: str, sinks: int, window: int, block_size: int = 1) -> dict[str, Any]:
+    """KVPolicyConfig fields under which policy ``name`` holds sinks + ``window`` tokens per
+    request, so that benchmarks compare policies at one memory: a score-driven policy gets half of
+    ``window`` (rounded down to ``block_size``) as its heavy region and the rest as its window; the
+    full cache (``none``) gets no settings besides its name."""
+    settings: dict[str, Any] = {"policy": name}
+    if name == "none":
+        return settings
+    settings.update(sink_tokens=sinks, window_tokens=window)
+    if is_score_driven(base_policy_name(name)):
+        heavy = window // 2 // block_size * block_size
+        settings.update(heavy_tokens=heavy, window_tokens=window - heavy)
+    return settings
+
+
 def resolve_merge(policy: str, merge: str | None) -> tuple[str, str | None]:
     """The eviction policy and merge rule that ``policy`` plus an explicit ``merge`` ask for.
 
