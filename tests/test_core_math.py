@@ -330,6 +330,45 @@ def test_weighted_rule_through_the_registry_and_unknown_rules():
         merge_leaving(values, keys, abar, leaving, torch.arange(6), 0, MergeConfig(rule="avg"))
 
 
+def test_value_growth_counts_the_staying_values_a_merge_changed():
+    """merge_leaving reports sum / count of ||after|| / ||before|| over staying, changed values."""
+    values, keys = torch.randn(6, 2, 4), torch.randn(6, 2, 4)
+    keys[4] = keys[0] * 3
+    leaving = torch.tensor([True, False, False, False, False, False])
+    res = merge_leaving(
+        values, keys, torch.ones(6, 2), leaving, torch.arange(6), 0, MergeConfig(rule="weighted")
+    )
+    changed = [
+        (t, h) for t in range(1, 6) for h in range(2) if not torch.equal(res.values[t, h], values[t, h])
+    ]
+    assert res.decisions.growth_count == len(changed) >= 1  # head 0 merged into receiver 4
+    want = sum(float(res.values[t, h].norm() / values[t, h].norm()) for t, h in changed)
+    assert res.decisions.growth_sum == pytest.approx(want)
+    # CaM always merging (clamp 1, 1): V_0 / 2 into tokens 1 and 2 of each head, norm x 1.5
+    cam = merge_leaving(
+        torch.ones(6, 2, 4),
+        None,
+        torch.ones(6, 2),
+        leaving,
+        torch.arange(6),
+        0,
+        MergeConfig(rule="cam", num_targets=2, clamp=(1.0, 1.0)),
+        seed=0,
+    )
+    assert cam.decisions.growth_count == 4 and cam.decisions.growth_sum / 4 == pytest.approx(1.5)
+    # nothing leaving: nothing counted
+    none = merge_leaving(
+        values,
+        keys,
+        torch.ones(6, 2),
+        torch.zeros(6, dtype=torch.bool),
+        torch.arange(6),
+        0,
+        MergeConfig(rule="weighted"),
+    )
+    assert (none.decisions.growth_sum, none.decisions.growth_count) == (0.0, 0)
+
+
 # --- the kvmerger rule -----------------------------------------------------------------------------
 
 

@@ -56,6 +56,7 @@ def test_vllm_perplexity_equals_the_block_granular_oracle(tiny, ids):
         for policy in ("streaming", "cam-streaming", "weighted-streaming", "kvmerger-streaming"):
             cfg = KVPolicyConfig(policy=policy, budget=0.3, seed=5, merge_similarity=0.0)
             merged_before = (backend.stats.merged, oracle.stats.merged)
+            growth_before = (backend.stats.growth_sum, oracle.stats.growth_sum)
             got = backend.token_nlls(ids, cfg, seed=5)
             want = oracle.token_nlls(ids, cfg.model_copy(update={"block_size": CPU_BLOCK_SIZE}), seed=5)
             assert got.shape == want.shape == (LENGTH - 1,)
@@ -63,6 +64,11 @@ def test_vllm_perplexity_equals_the_block_granular_oracle(tiny, ids):
             # the same merges: vLLM's worker counts them in the engine core, the oracle in-process
             merged = backend.stats.merged - merged_before[0], oracle.stats.merged - merged_before[1]
             assert merged[0] == merged[1] and (merged[0] > 0) == (policy != "streaming"), (policy, merged)
+            # and the same value growth where the oracle measures it (its CaM closed form does not)
+            growth = backend.stats.growth_sum - growth_before[0], oracle.stats.growth_sum - growth_before[1]
+            if policy in ("weighted-streaming", "kvmerger-streaming"):
+                assert growth[0] == pytest.approx(growth[1], rel=1e-3) and growth[0] > 0, (policy, growth)
+            assert (growth[0] > 0) == (policy != "streaming"), (policy, growth)
         # the cache really evicted and merged, counted by the plugin's metrics in the engine core
         assert backend.stats.evicted > 0
         assert 0 < backend.stats.merged <= backend.stats.merge_decisions

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -209,7 +211,9 @@ def test_steps_in_one_forward_equal_one_call_per_step(tiny_llama, ids, cfg):
         [eng_b.feed(ids[:cut], steps=steps[:33]), eng_b.feed(ids[cut:], steps=steps[33:])]
     )
     torch.testing.assert_close(layer_major, per_step, atol=1e-4, rtol=1e-4)
-    assert eng_a.cache.stats == eng_b.cache.stats and eng_b.cache.stats.evicted_tokens > 0
+    a, b = eng_a.cache.stats, eng_b.cache.stats  # the same merges; growth sums to float error
+    assert replace(a, growth_sum=0.0) == replace(b, growth_sum=0.0) and b.evicted_tokens > 0
+    assert a.growth_sum == pytest.approx(b.growth_sum, rel=1e-6)
     if cfg.policy.startswith("cam"):
         assert eng_b.cache.stats.merged > 0
     for layer, st in eng_a.cache.layers.items():

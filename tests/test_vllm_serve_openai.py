@@ -275,6 +275,8 @@ def test_metrics_are_scraped_after_real_requests(base, client):
     decisions, accepted = delta("cam_vllm:merge_decisions_total"), delta("cam_vllm:merges_accepted_total")
     assert decisions >= delta("cam_vllm:tokens_merged_total") and 0 < accepted <= decisions
     assert 0.0 < after["cam_vllm:merge_acceptance_rate"] <= 1.0
+    changed = delta("cam_vllm:merge_value_growth_count_total")  # CaM's receivers, per layer and head
+    assert changed > 0 and 0.5 < delta("cam_vllm:merge_value_growth_sum_total") / changed < 10
     # per request: one observation, retained << logical
     assert delta("cam_vllm:request_kv_retained_ratio_count") == 1
     ratio = delta("cam_vllm:request_kv_retained_ratio_sum")

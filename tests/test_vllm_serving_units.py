@@ -44,7 +44,14 @@ def test_process_stats_files_are_summed_by_the_collector(tmp_path, monkeypatch):
     stats.flush()
     # a second (exited) process's file: counters count, gauges do not
     other = dict(stats.snapshot(), pid=2**22 + 12345)
-    other["counters"] = dict(other["counters"], kv_blocks_evicted=5, merge_decisions=10, merges_accepted=4)
+    other["counters"] = dict(
+        other["counters"],
+        kv_blocks_evicted=5,
+        merge_decisions=10,
+        merges_accepted=4,
+        merge_value_growth_sum=4.5,
+        merge_value_growth_count=3,
+    )
     (tmp_path / "dead.json").write_text(__import__("json").dumps(other))
 
     totals = metrics.read_totals(tmp_path)
@@ -66,6 +73,7 @@ def test_process_stats_files_are_summed_by_the_collector(tmp_path, monkeypatch):
     labels = 'model_name="m",policy="cam-streaming"'
     assert f"cam_vllm:kv_blocks_evicted_total{{{labels}}} 8.0" in text
     assert f"cam_vllm:merge_acceptance_rate{{{labels}}} 0.4" in text
+    assert f"cam_vllm:merge_value_growth{{{labels}}} 1.5" in text
     assert f"cam_vllm:request_kv_retained_ratio_count{{{labels}}} 1.0" in text
     assert f"cam_vllm:request_kv_retained_ratio_sum{{{labels}}} {(1000 - 96) / 1000}" in text
     assert f'cam_vllm:request_logical_tokens_bucket{{le="1024.0",{labels}}} 1.0' in text

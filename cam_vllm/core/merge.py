@@ -143,6 +143,10 @@ class MergeDecisions:
 
     mask: torch.Tensor  # [E, H] bool: merged
     num_targets: torch.Tensor  # [E] int64: receivers the token could go to (0: none, no decision)
+    # value growth of this event (``rules.merge_leaving`` fills it): the sum over the staying
+    # (token, KV head) values it changed of ||v after|| / ||v before||, and how many there were
+    growth_sum: float = 0.0
+    growth_count: int = 0
 
     @property
     def decisions(self) -> int:

@@ -10,7 +10,7 @@ plus one line in ``MERGE_RULES``; the policy names ``<rule>-<policy>`` then exis
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -105,4 +105,17 @@ def merge_leaving(
     rule = merge_rule(config.rule)
     if rule.needs_keys and keys is None:
         raise ValueError(f"merge rule {rule.name!r} needs the chain's keys")
-    return rule.run(values, keys, abar, leaving, positions, layer, config, seed, heads)
+    res = rule.run(values, keys, abar, leaving, positions, layer, config, seed, heads)
+    total, count = value_growth(values, res.values, leaving)
+    return replace(res, decisions=replace(res.decisions, growth_sum=total, growth_count=count))
+
+
+def value_growth(before: torch.Tensor, after: torch.Tensor, leaving: torch.Tensor) -> tuple[float, int]:
+    """``(sum, count)`` of ``||after|| / ||before||`` over the staying (token, head) values a merge
+    changed: how much a rule inflates what stays (CaM adds mass: > 1; a convex average of
+    dissimilar vectors shrinks them: usually < 1). Leaving entries are skipped (their slots are
+    freed), and so are zero values."""
+    b, a = before[~leaving].float(), after[~leaving].float()
+    norm_b = b.norm(dim=-1)
+    hit = (a != b).any(dim=-1) & (norm_b > 0)
+    return float((a.norm(dim=-1)[hit] / norm_b[hit]).sum()), int(hit.sum())

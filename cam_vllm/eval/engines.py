@@ -62,11 +62,19 @@ class EngineStats:
     evicted: int = 0
     merge_decisions: int = 0
     merged: int = 0
+    growth_sum: float = 0.0  # merges' ||v after|| / ||v before||, summed (``core.rules.value_growth``)
+    growth_count: int = 0
     extra: dict = field(default_factory=dict)
 
     @property
     def merge_rate(self) -> float:
         return self.merged / self.merge_decisions if self.merge_decisions else float("nan")
+
+    @property
+    def value_growth(self) -> float:
+        """Mean norm ratio after / before of the retained values one merge event changed (NaN:
+        none; the parallel engine's CaM path does not count it)."""
+        return self.growth_sum / self.growth_count if self.growth_count else float("nan")
 
     @property
     def mean_budget(self) -> float:
@@ -83,6 +91,7 @@ class EngineStats:
             "mean_budget": self.mean_budget,
             "evicted": self.evicted,
             "merge_rate": self.merge_rate,
+            "value_growth": self.value_growth,
         }
 
 
@@ -188,6 +197,8 @@ class ReferenceBackend:
         self.stats.evicted += st.evicted_tokens
         self.stats.merge_decisions += st.merge_decisions
         self.stats.merged += st.merged
+        self.stats.growth_sum += st.growth_sum
+        self.stats.growth_count += st.growth_count
         return torch.cat(logits), eng
 
     def loglikelihoods(

@@ -8,6 +8,7 @@ full cache and plain StreamingLLM are deterministic and run once (seed 0).
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 import time
@@ -32,6 +33,11 @@ ABLATIONS: dict[str, dict] = {
     "block16": {"block_size": 16},  # eviction and merging a block at a time (vLLM CUDA blocks)
     "block32": {"block_size": 32},  # (the smallest block vLLM's CPU backend accepts)
 }
+
+
+def _finite(x: float) -> float | None:
+    """None for NaN (JSON has no NaN): the statistic was not measured."""
+    return None if math.isnan(x) else x
 
 
 def random_merges(spec: RunSpec) -> bool:
@@ -163,6 +169,7 @@ def run_grid(
             "n_items": n_items,
             "metrics": {k: aggregate(v) for k, v in per_metric.items()},
             "merge_rate": stats.merge_rate if merge_rule_of(spec.policy) else None,
+            "value_growth": _finite(stats.value_growth) if merge_rule_of(spec.policy) else None,
             "mean_budget": stats.mean_budget,
             "seconds": round(time.perf_counter() - t0, 2),
             **extra,

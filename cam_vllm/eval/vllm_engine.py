@@ -140,6 +140,8 @@ class VllmBackend:
         self.stats.evicted += int(after["kv_tokens_evicted"] - before["kv_tokens_evicted"])
         self.stats.merge_decisions += int(after["merge_decisions"] - before["merge_decisions"])
         self.stats.merged += int(after["merges_accepted"] - before["merges_accepted"])
+        self.stats.growth_sum += after["merge_value_growth_sum"] - before["merge_value_growth_sum"]
+        self.stats.growth_count += int(after["merge_value_growth_count"] - before["merge_value_growth_count"])
         return out
 
     # --- the protocol -------------------------------------------------------------------------

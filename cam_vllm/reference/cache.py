@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cam_vllm.core.attention import accumulate_attention, attention_with_probs, reduce_to_kv_heads
-from cam_vllm.core.merge import build_chain
+from cam_vllm.core.merge import MergeDecisions, build_chain
 from cam_vllm.core.rules import merge_leaving, merge_rule
 from cam_vllm.core.selection import Tokens, heavy_step
 from cam_vllm.policies import HeavyPolicy, KVPolicy
@@ -66,11 +66,20 @@ class CacheStats:
     evicted_tokens: int = 0
     merge_decisions: int = 0  # (token, KV head) pairs that were considered for merging
     merged: int = 0  # of those, how many were merged (Bernoulli draw was 1)
+    growth_sum: float = 0.0  # sum of ||v after|| / ||v before|| over the staying values merges changed
+    growth_count: int = 0
     max_retained: int = 0  # largest number of tokens any layer held after an append
 
     @property
     def merge_rate(self) -> float:
         return self.merged / self.merge_decisions if self.merge_decisions else 0.0
+
+    def add(self, decided: MergeDecisions) -> None:
+        """Count one merge event."""
+        self.merge_decisions += decided.decisions
+        self.merged += decided.merged
+        self.growth_sum += decided.growth_sum
+        self.growth_count += decided.growth_count
 
 
 @dataclass
@@ -180,8 +189,7 @@ class PolicyCache:
             st.v[idx], st.abar[idx] = res.values, res.abar
             if res.keys is not None:
                 st.k[idx] = res.keys
-            self.stats.merge_decisions += res.decisions.decisions
-            self.stats.merged += res.decisions.merged
+            self.stats.add(res.decisions)
         st.select(keep)
 
     def _choose_heavy(self, layer: int, st: LayerCache, gone: torch.Tensor, next_num_tokens: int) -> None:
@@ -212,5 +220,4 @@ class PolicyCache:
             if res.receiver_k is not None:
                 st.k[recv_idx] = res.receiver_k
         for d in res.decisions:
-            self.stats.merge_decisions += d.decisions
-            self.stats.merged += d.merged
+            self.stats.add(d)

@@ -29,7 +29,9 @@ Metrics (labels ``model_name``, ``policy``):
   rule, counted once per token; ``cam_vllm:merge_decisions_total`` /
   ``cam_vllm:merges_accepted_total`` - decisions per (token, layer, KV head) (CaM: its Bernoulli
   draws; weighted: whether a similar receiver was found) and how many merged;
-  ``cam_vllm:merge_acceptance_rate`` = accepted / decisions;
+  ``cam_vllm:merge_acceptance_rate`` = accepted / decisions; ``cam_vllm:merge_value_growth`` - the
+  mean norm ratio after / before of the retained values a merge changed (from the counters
+  ``..._value_growth_sum`` / ``_count``): > 1 where merges add mass (CaM), usually < 1 for convex rules;
 * ``cam_vllm:kv_tokens_retained`` / ``cam_vllm:kv_tokens_logical`` - summed over running requests;
   ``cam_vllm:requests_tracked`` - requests the KV manager holds per-request state for (0 when the
   engine is idle; anything else is a leak, which ``cam-vllm load-test`` checks);
@@ -66,6 +68,8 @@ COUNTERS = {
     "tokens_merged": "Tokens that left the retained set and went through the merge rule (once per token)",
     "merge_decisions": "Merge decisions (CaM: draws), one per (evicted token, layer, KV head)",
     "merges_accepted": "Merge decisions that merged the evicted value into a retained token",
+    "merge_value_growth_sum": "Sum over retained values a merge changed of ||v after|| / ||v before||",
+    "merge_value_growth_count": "Retained (token, layer, KV head) values changed by a merge",
     "requests_full_cache": 'Requests accepted with the full KV cache (vllm_xargs {"kv_policy": "none"})',
 }
 GAUGES = {
@@ -143,11 +147,11 @@ class ProcessStats:
             self._thread.start()
             atexit.register(self.flush)
 
-    def add(self, name: str, value: int) -> None:
+    def add(self, name: str, value: float) -> None:
         if value:
             with self._lock:
                 self._touch()
-                self.counters[name] += int(value)
+                self.counters[name] += value
 
     def set_gauge(self, name: str, owner: int, value: float) -> None:
         """This owner's part of gauge ``name`` (the process reports the sum over its owners)."""
@@ -219,12 +223,15 @@ class ProcessStats:
 STATS = ProcessStats()
 
 
-def record_merge(num_tokens: int, decisions: int, accepted: int, count_tokens: bool) -> None:
-    """One CaM merge event of a layer (worker). ``count_tokens``: this layer/rank counts tokens."""
+def record_merge(num_tokens: int, decided: Any, count_tokens: bool) -> None:
+    """One merge event of a layer (worker; ``decided``: its ``core.merge.MergeDecisions``).
+    ``count_tokens``: this layer/rank counts tokens."""
     if count_tokens:
         STATS.add("tokens_merged", num_tokens)
-    STATS.add("merge_decisions", decisions)
-    STATS.add("merges_accepted", accepted)
+    STATS.add("merge_decisions", decided.decisions)
+    STATS.add("merges_accepted", decided.merged)
+    STATS.add("merge_value_growth_sum", decided.growth_sum)
+    STATS.add("merge_value_growth_count", decided.growth_count)
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,6 +305,15 @@ class CamCollector:
         )
         rate.add_metric(values, totals["counters"]["merges_accepted"] / decisions if decisions else 0.0)
         yield rate
+        changed = totals["counters"]["merge_value_growth_count"]
+        growth = GaugeMetricFamily(
+            PREFIX + "merge_value_growth",
+            "Mean ||v after|| / ||v before|| of the retained values merges changed (0 before any; "
+            "CaM adds mass: > 1, convex rules usually < 1)",
+            labels=names,
+        )
+        growth.add_metric(values, totals["counters"]["merge_value_growth_sum"] / changed if changed else 0.0)
+        yield growth
         for name, doc in GAUGES.items():
             family = GaugeMetricFamily(PREFIX + name, doc, labels=names)
             family.add_metric(values, totals["gauges"][name])

@@ -153,12 +153,7 @@ def score_and_merge(
         abar[kept] = _per_event(res.abar[stays], ev).to(abar.dtype)
         if res.keys is not None:
             paged.scatter_k(kept, _per_event(res.keys[stays], ev))
-        record_merge(
-            num_tokens=int((res.decisions.num_targets > 0).sum()) * ev,
-            decisions=res.decisions.decisions,
-            accepted=res.decisions.merged,
-            count_tokens=count_tokens,
-        )
+        record_merge(int((res.decisions.num_targets > 0).sum()) * ev, res.decisions, count_tokens)
 
 
 # Set by the CUDA worker side (``attention_cuda.install_triton_kernels``) or a test: the Triton
@@ -328,9 +323,4 @@ def _choose_heavy(
             if res.receiver_k is not None:
                 paged.scatter_k(rs, _per_event(res.receiver_k, ev))
         for d in res.decisions:
-            record_merge(
-                num_tokens=int((d.num_targets > 0).sum()) * ev,
-                decisions=d.decisions,
-                accepted=d.merged,
-                count_tokens=count_tokens,
-            )
+            record_merge(int((d.num_targets > 0).sum()) * ev, d, count_tokens)
