@@ -118,4 +118,6 @@ def value_growth(before: torch.Tensor, after: torch.Tensor, leaving: torch.Tenso
     b, a = before[~leaving].float(), after[~leaving].float()
     norm_b = b.norm(dim=-1)
     hit = (a != b).any(dim=-1) & (norm_b > 0)
-    return float((a.norm(dim=-1)[hit] / norm_b[hit]).sum()), int(hit.sum())
+    ratio = torch.where(hit, a.norm(dim=-1) / norm_b.clamp_min(torch.finfo(b.dtype).tiny), 0.0)
+    total, count = torch.stack([ratio.sum(), hit.sum().to(ratio.dtype)]).tolist()  # one device sync
+    return total, int(count)
