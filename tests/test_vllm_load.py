@@ -264,9 +264,10 @@ def test_a_requests_seed_gives_the_oracles_output_for_that_seed(server, model):
 
 def test_data_parallel_engine_cores_each_run_the_policy(model, tmp_path):
     """`--data-parallel-size 2` on the CPU build: two engine cores, each with the policy, and two
-    API servers (vLLM's default for DP), whose /v1/kv_policy must name the policy too (their own
-    configs are built before the plugin's flag hook is installed there; the flags are taken from
-    the parsed arguments). Outputs do not depend on which core served them."""
+    API servers (vLLM's default for DP), whose /v1/kv_policy must name the policy too and which
+    must refuse per-request fields the policy cannot honour with a 400 (vLLM spawns them with the
+    parsed arguments; cam-vllm registers in each before it builds its config). Outputs do not
+    depend on which core served them."""
     log = tmp_path / "serve.log"
     flags = ("--enforce-eager", "--dtype", "float32", "--block-size", "32", "--max-model-len", "2048")
     flags += ("--kv-policy", "cam-streaming", "--kv-window-tokens", "64", "--data-parallel-size", "2")
@@ -283,6 +284,16 @@ def test_data_parallel_engine_cores_each_run_the_policy(model, tmp_path):
         for _ in range(4):  # each API server answers some of these
             report = httpx.get(f"{base}/v1/kv_policy", timeout=10).json()
             assert report["policy"] == "cam-streaming" and report["resolved"]["name"] == "cam-streaming"
+        bad = {
+            "model": model_name,
+            "prompt": prompts[0][:50],
+            "max_tokens": 4,
+            "vllm_xargs": {"kv_budget": 0.1},
+        }
+        for _ in range(6):  # a new connection each: both API servers answer some
+            r = httpx.post(f"{base}/v1/completions", json=bad, timeout=60)
+            assert r.status_code == 400, r.text
+            assert "cannot be set per request" in r.json()["error"]["message"]
         metrics = parse_metrics(httpx.get(f"{base}/metrics", timeout=10).text)
         assert metrics["vllm:kv_cache_usage_perc"] == 0
     assert log.read_text().count("cam-vllm KV policy active: policy cam-streaming") == 2

@@ -92,9 +92,10 @@ def register() -> None:
         register_kv_spec()
 
     def engine_args() -> None:
-        from cam_vllm.vllm_plugin.cli import install_engine_args_hooks
+        from cam_vllm.vllm_plugin.cli import install_api_server_hook, install_engine_args_hooks
 
         install_engine_args_hooks()
+        install_api_server_hook()
 
     def engine_core() -> None:
         from cam_vllm.vllm_plugin.startup import install_engine_core_check
@@ -108,7 +109,7 @@ def register() -> None:
 
     _step("setting up the metrics directory (metrics.py)", metrics_dir)
     _step("registering the KV policy spec", kv_spec)
-    _step("hooking EngineArgs (--kv-* flags, start-up checks)", engine_args)
+    _step("hooking EngineArgs (--kv-* flags, start-up checks, API server processes)", engine_args)
     _step("hooking the engine core's KV-cache check", engine_core)
     _step(f"registering the worker side ({WORKER_MODULE})", _register_worker_side)
     _step(f"registering the CUDA worker side ({CUDA_WORKER_MODULE})", _register_cuda_worker_side)

