@@ -93,9 +93,9 @@ def config_with_flags(vllm_config: Any, args: Namespace | None) -> Any:
     """The engine's config, with the ``--kv-*`` flags of ``args`` where it has no policy.
 
     With several API servers (``--api-server-count``, which ``--data-parallel-size`` raises by
-    default) each API server process builds its own config from the parsed arguments before the
-    plugin's EngineArgs hook is installed there, so its config lacks the policy the engine cores
-    run (they get the front process's config). The flags are still in ``args``.
+    default) each API server process builds its own config from the parsed arguments;
+    ``cli.install_api_server_hook`` registers cam-vllm there first, so that config carries the
+    policy. This is the fallback should a config still lack it: the flags are in ``args``.
     """
     from types import SimpleNamespace
 
