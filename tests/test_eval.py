@@ -256,6 +256,24 @@ def test_make_specs():
     assert [s.variant for s in make_specs(["cam-streaming"], [0.2], [], {"merge_targets": 4})] == [
         "merge_targets=4"
     ]
+    # count-weighted attention: rows for the single-receiver rules only
+    counted = make_specs(
+        ["streaming", "cam-streaming", "weighted-streaming", "kvmerger-streaming"], [0.2], ["count-attn"]
+    )
+    assert [s.policy for s in counted] == ["weighted-streaming", "kvmerger-streaming"]
+    assert all(s.config().merge_count_attention for s in counted)
+    # an ablation that does not apply gives no row, also with flags on top (no mislabelled copy)
+    blocks = make_specs(
+        ["streaming", "weighted-streaming"], [0.2], ["count-attn", "no-mask"], {"block_size": 32}
+    )
+    assert [(s.policy, s.variant) for s in blocks] == [("weighted-streaming", "count-attn,block_size=32")]
+
+
+def test_cli_ablation_names_are_the_runner_ablations():
+    from cam_vllm.eval.cli import ABLATION_NAMES
+    from cam_vllm.eval.runner import ABLATIONS
+
+    assert list(ABLATIONS) == ABLATION_NAMES
 
 
 def _row(policy, budget, acc, variant=""):
@@ -372,11 +390,21 @@ def test_more_seeds_from_a_later_file_are_pooled(tmp_path):
     assert row["metrics"]["acc"]["values"] == [0.5, 0.6, 0.7]
     assert row["metrics"]["acc"]["mean"] == pytest.approx(0.6)
     assert row["merge_rate"] == pytest.approx((0.5 * 2 + 0.8) / 3)
-    # the same seeds again (a re-run) do not pool: the later file wins
+    # a re-run of one seed replaces that seed's value and keeps the others
     write_json(tmp_path / "c.json", {}, [{**_row("cam-streaming", 0.2, [0.1]), "seeds": [2]}])
     os.utime(tmp_path / "c.json", (3, 3))
-    rows = load_rows(tmp_path)
-    assert len(rows) == 1 and rows[0]["metrics"]["acc"]["values"] == [0.1]
+    (row,) = load_rows(tmp_path)
+    assert row["seeds"] == [0, 1, 2] and row["metrics"]["acc"]["values"] == [0.5, 0.6, 0.1]
+    # a re-run of every seed replaces the row
+    write_json(tmp_path / "d.json", {}, [{**_row("cam-streaming", 0.2, [0.2, 0.3, 0.4]), "seeds": [2, 0, 1]}])
+    os.utime(tmp_path / "d.json", (4, 4))
+    (row,) = load_rows(tmp_path)
+    assert row["seeds"] == [2, 0, 1] and row["metrics"]["acc"]["values"] == [0.2, 0.3, 0.4]
+    # other items do not pool: the later file wins
+    write_json(tmp_path / "e.json", {}, [{**_row("cam-streaming", 0.2, [0.9]), "seeds": [5], "n_items": 7}])
+    os.utime(tmp_path / "e.json", (5, 5))
+    (row,) = load_rows(tmp_path)
+    assert row["seeds"] == [5] and row["n_items"] == 7
 
 
 def test_cli_parses_an_eval_row():

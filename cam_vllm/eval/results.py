@@ -53,8 +53,8 @@ def _jsonable(x):
 def load_rows(folder: Path) -> list[dict]:
     """Every row of every result file under ``folder``.
 
-    Rows with the same key are pooled when they ran other seeds of the same items (more seeds
-    added by a later command); otherwise the later file wins.
+    Rows with the same key are pooled over their seeds (more seeds added by a later command; a
+    later re-run of some seeds replaces those, :func:`pool_seeds`); otherwise the later file wins.
     """
     rows: dict[tuple, dict] = {}
     for f in sorted(Path(folder).rglob("*.json"), key=lambda p: p.stat().st_mtime):
@@ -71,12 +71,13 @@ def load_rows(folder: Path) -> list[dict]:
 
 
 def pool_seeds(old: dict, new: dict) -> dict:
-    """One row from two runs of other seeds of the same items; ``new`` when they do not pool."""
+    """One row from two runs of seeds of the same items: the union of their seeds, the later run's
+    value where both ran a seed (a re-run of some seeds replaces those, keeps the others);
+    ``new`` alone when they do not pool (other items or metrics, no per-seed values)."""
     a, b = old.get("seeds") or [], new.get("seeds") or []
     poolable = (
         a
         and b
-        and not set(a) & set(b)
         and old.get("n_items") == new.get("n_items")
         and set(old["metrics"]) == set(new["metrics"])
         and all(len(old["metrics"][k]["values"]) == len(a) for k in old["metrics"])
@@ -84,15 +85,25 @@ def pool_seeds(old: dict, new: dict) -> dict:
     )
     if not poolable:
         return new
+    only_old = [s for s in a if s not in b]
+    if not only_old:
+        return new
+    seeds = sorted({*a, *b})
     out = dict(new)
-    out["seeds"] = [*a, *b]
-    out["metrics"] = {
-        k: aggregate(old["metrics"][k]["values"] + v["values"]) for k, v in new["metrics"].items()
-    }
-    rates = [(r["merge_rate"], len(s)) for r, s in ((old, a), (new, b)) if r.get("merge_rate") is not None]
+    out["seeds"] = seeds
+    out["metrics"] = {}
+    for k, v in new["metrics"].items():
+        per_seed = dict(zip(a, old["metrics"][k]["values"], strict=True))
+        per_seed.update(zip(b, v["values"], strict=True))
+        out["metrics"][k] = aggregate([per_seed[s] for s in seeds])
+    rates = [
+        (r["merge_rate"], n)
+        for r, n in ((old, len(only_old)), (new, len(b)))
+        if r.get("merge_rate") is not None
+    ]
     if rates:
         out["merge_rate"] = sum(r * n for r, n in rates) / sum(n for _, n in rates)
-    out["seconds"] = round(old.get("seconds", 0.0) + new.get("seconds", 0.0), 2)
+    out["seconds"] = round(old.get("seconds", 0.0) * len(only_old) / len(a) + new.get("seconds", 0.0), 2)
     return out
 
 
