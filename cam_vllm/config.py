@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cam_vllm.core.merge import COUNTING_RULES
 from cam_vllm.core.scores import MAX_HISTORY
 from cam_vllm.policies import is_score_driven, resolve_merge
 
@@ -63,6 +64,11 @@ class KVPolicyConfig(BaseModel):
     score_threshold: float = Field(
         1.0, gt=0.0, description="scissorhands, corm: important = attention >= threshold / tokens seen"
     )
+    merge_count_attention: bool = Field(
+        False,
+        description="reference engine only (an experiment): attention adds ln(tokens merged into a slot) "
+        "to its logits; weighted or kvmerger on streaming",
+    )
     score_mode: Literal["accumulated", "current"] = "accumulated"
     seed: int = Field(0, description="CaM: default seed of the merge draws")
     allow_full_cache_requests: bool = Field(
@@ -82,6 +88,14 @@ class KVPolicyConfig(BaseModel):
         lo, hi = self.merge_clamp
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"merge_clamp must satisfy 0 <= lo <= hi <= 1, got {self.merge_clamp}")
+        if self.merge_count_attention:
+            base, rule = resolve_merge(self.policy, self.merge)
+            if rule not in COUNTING_RULES or is_score_driven(base):
+                raise ValueError(
+                    f"merge_count_attention needs a merge rule that moves each token into one slot "
+                    f"({', '.join(COUNTING_RULES)}) on positional eviction (streaming); "
+                    f"policy {self.policy!r} with merge {rule!r} is not one"
+                )
         return self
 
     @property

@@ -465,3 +465,81 @@ def test_kvmerger_is_convex_in_keys_and_values(data, similarity):
     gained = new_a[dst].double().sum(dim=0) - abar[dst].sum(dim=0)
     merged_mass = (abar[src] * decided.mask).sum(dim=0) if src.numel() else gained * 0
     torch.testing.assert_close(gained, merged_mass, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# count-weighted attention (reference-engine experiment, docs/results.md section 12)
+# --------------------------------------------------------------------------------------------
+
+
+def test_count_bias_attends_like_copies_of_the_slot():
+    """A logit bias of ln(c) on a key equals that key and value present c times."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(3, 4, 8, generator=g),
+        torch.randn(5, 2, 8, generator=g),
+        torch.randn(5, 2, 8, generator=g),
+    )
+    visible = torch.ones(3, 5, dtype=torch.bool)
+    counts = torch.ones(5, 2)
+    counts[1, 0], counts[3, 1] = 3.0, 2.0
+    out, probs = attention_with_probs(q, k, v, visible, 0.3, bias=counts.log())
+    # head 0 sees token 1 three times, head 1 sees token 3 twice: build each KV head's copies
+    for h, (tok, c) in enumerate(((1, 3), (3, 2))):
+        idx = torch.tensor([0, 1, 2, 3, 4] + [tok] * (c - 1))
+        want, _ = attention_with_probs(
+            q[:, 2 * h : 2 * h + 2],
+            k[idx, h : h + 1],
+            v[idx, h : h + 1],
+            visible[:, :1].expand(3, idx.numel()),
+            0.3,
+        )
+        torch.testing.assert_close(out[:, 2 * h : 2 * h + 2], want)
+    plain, _ = attention_with_probs(q, k, v, visible, 0.3)
+    assert not torch.allclose(plain, out)
+
+
+def test_merged_counts_follow_each_token_to_its_receiver():
+    values, keys = torch.randn(6, 2, 4), torch.randn(6, 2, 4)
+    keys[4, 0], keys[5, 0] = keys[0, 0] * 3, keys[1, 0] * 3  # head 0: token 0 -> 4, token 1 -> 5
+    keys[3, 1], keys[2, 1] = keys[0, 1] * 2, -keys[1, 1] * 2
+    keys[5, 1] = keys[1, 1]  # head 1: token 0 -> 3, token 1 -> 5
+    leaving = torch.tensor([True, True, False, False, False, False])
+    counts = torch.tensor([[2.0, 1.0], [1.0, 4.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [3.0, 1.0]])
+    config = MergeConfig(rule="weighted", count_attention=True)
+    res = merge_leaving(values, keys, torch.ones(6, 2), leaving, torch.arange(6), 0, config, counts=counts)
+    want = counts.clone()
+    want[4, 0] += 2.0
+    want[5, 0] += 1.0
+    want[3, 1] += 1.0
+    want[5, 1] += 4.0
+    assert res.counts is not None
+    torch.testing.assert_close(res.counts[2:], want[2:])
+    # a token that does not merge (weight 0) moves no count
+    res0 = merge_leaving(values, keys, torch.zeros(6, 2), leaving, torch.arange(6), 0, config, counts=counts)
+    assert res0.decisions.merged == 0 and torch.equal(res0.counts, counts)
+
+
+def test_kvmerger_counts_a_whole_set_into_one_receiver():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(1, 1, 8, generator=g)
+    keys = base.repeat(6, 1, 1) + 0.001 * torch.randn(6, 1, 8, generator=g)
+    keys[3] = keys[4] = -base  # receivers 3 and 4 point away: the set goes to receiver 5
+    values, abar = torch.randn(6, 1, 8, generator=g), torch.ones(6, 1)
+    leaving = torch.arange(6) < 3  # one set of three similar, adjacent tokens
+    config = MergeConfig(rule="kvmerger", count_attention=True)
+    res = merge_leaving(values, keys, abar, leaving, torch.arange(6), 0, config, counts=torch.ones(6, 1))
+    assert res.decisions.merged == 3
+    assert res.counts[3:].flatten().tolist() == [1.0, 1.0, 4.0]
+    assert torch.equal(res.values[3:5], values[3:5]) and not torch.equal(res.values[5], values[5])
+
+
+def test_count_attention_needs_a_single_receiver_rule():
+    with pytest.raises(ValueError, match="count-weighted attention needs a rule"):
+        MergeConfig(rule="cam", count_attention=True)
+    from cam_vllm.config import KVPolicyConfig
+
+    KVPolicyConfig(policy="kvmerger-streaming", merge_count_attention=True, window_tokens=64)
+    for policy in ("cam-streaming", "weighted-h2o", "streaming"):
+        with pytest.raises(ValueError, match="merge_count_attention needs"):
+            KVPolicyConfig(policy=policy, merge_count_attention=True, window_tokens=64)

@@ -148,6 +148,11 @@ BAD_SETTINGS = [
         {"enable_prefix_caching": True},
         ["prefix caching were both requested", "Fix: drop --enable-prefix-caching"],
     ),
+    (
+        {"policy": "weighted-streaming", "window_tokens": 64, "merge_count_attention": True},
+        {},
+        ["merge_count_attention is an experiment of the reference engine", "Fix: drop"],
+    ),
 ]
 
 

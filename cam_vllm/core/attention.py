@@ -20,11 +20,18 @@ ScoreMode = Literal["accumulated", "current"]
 
 
 def attention_with_probs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax attention that also returns the probabilities.
 
-    q: [Nq, Hq, D]; k, v: [Nk, Hkv, D]; visible: [Nq, Nk] bool (True = may attend).
+    q: [Nq, Hq, D]; k, v: [Nk, Hkv, D]; visible: [Nq, Nk] bool (True = may attend); bias: None
+    or [Nk, Hkv] float added to every logit of that key and KV head (count-weighted attention:
+    ``ln(count)``, which makes one slot attend like ``count`` copies of itself).
     Returns (output [Nq, Hq, D] in q's dtype, probs [Nq, Hq, Nk] float32).
     Computed in float32; a query row with no visible token gets zeros (never NaN).
     """
@@ -34,6 +41,8 @@ def attention_with_probs(
     qf = q.float().reshape(nq, hkv, group, -1)  # [Nq, Hkv, G, D]
     kf = k.float()
     logits = torch.einsum("qhgd,khd->qhgk", qf, kf) * scale  # [Nq, Hkv, G, Nk]
+    if bias is not None:
+        logits = logits + bias.float().T[None, :, None, :]
     mask = visible[:, None, None, :]
     logits = logits.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(logits, dim=-1)

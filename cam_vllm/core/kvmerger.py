@@ -122,4 +122,4 @@ def kvmerger_merge(
     out_v[dst], out_k[dst] = new_v.to(values.dtype), new_k.to(keys.dtype)
     out_a[dst] = torch.where(received, a_dst + got_w, a_dst).float()
     mask = in_set & live[gid]
-    return out_v, out_k, out_a, MergeDecisions(mask, count)
+    return out_v, out_k, out_a, MergeDecisions(mask, count, receiver=dst[target[gid]])

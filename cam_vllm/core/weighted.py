@@ -68,4 +68,4 @@ def weighted_merge(
     out_v[dst] = v_new.permute(1, 0, 2).to(values.dtype)
     out_a = abar.float().clone()
     out_a[dst] = torch.where(received, total, a_dst).T.float()
-    return out_v, out_a, MergeDecisions(mask.T.contiguous(), count)
+    return out_v, out_a, MergeDecisions(mask.T.contiguous(), count, receiver=dst[best].T.contiguous())

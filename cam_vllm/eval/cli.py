@@ -40,7 +40,8 @@ ABLATION_NAMES = [
     "clamp-0-1",
     "block16",
     "block32",
-]
+    "count-attn",
+]  # = runner.ABLATIONS (kept here so that --help imports no torch; tests check they agree)
 
 
 def _fraction(text: str) -> float:

@@ -212,6 +212,7 @@ def build_policy(config: KVPolicyConfig, length: int | None = None) -> KVPolicy:
             targets=config.merge_target_mode,
             seed=config.seed,
             similarity=config.merge_similarity,
+            count_attention=config.merge_count_attention,
         )
     return KVPolicy(_FACTORIES[base](config), merge, config.score_mode, canonical_name(base, rule))
 
