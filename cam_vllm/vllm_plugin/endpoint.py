@@ -86,35 +86,6 @@ class KVPolicyEndpoint:
         app.include_router(router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
-        self._report = policy_report(config_with_flags(getattr(engine_client, "vllm_config", None), args))
-
-
-def config_with_flags(vllm_config: Any, args: Namespace | None) -> Any:
-    """The engine's config, with the ``--kv-*`` flags of ``args`` where it has no policy.
-
-    With several API servers (``--api-server-count``, which ``--data-parallel-size`` raises by
-    default) each API server process builds its own config from the parsed arguments;
-    ``cli.install_api_server_hook`` registers cam-vllm there first, so that config carries the
-    policy. This is the fallback should a config still lack it: the flags are in ``args``.
-    """
-    from types import SimpleNamespace
-
-    from cam_vllm.vllm_plugin.cli import policy_settings_from_args
-    from cam_vllm.vllm_plugin.settings import ADDITIONAL_CONFIG_KEY
-
-    if vllm_config is None or args is None:
-        return vllm_config
-    additional = getattr(vllm_config, "additional_config", None) or {}
-    if ADDITIONAL_CONFIG_KEY in additional:
-        return vllm_config
-    try:
-        settings = policy_settings_from_args(args)
-    except ValueError:
-        return vllm_config
-    if settings is None:
-        return vllm_config
-    return SimpleNamespace(
-        additional_config={**additional, ADDITIONAL_CONFIG_KEY: settings},
-        cache_config=vllm_config.cache_config,
-        model_config=vllm_config.model_config,
-    )
+        # every API server's config carries the policy, extra API servers' included
+        # (cli.install_api_server_hook registers cam-vllm there before vLLM builds it)
+        self._report = policy_report(getattr(engine_client, "vllm_config", None))
