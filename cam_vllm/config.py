@@ -69,6 +69,11 @@ class KVPolicyConfig(BaseModel):
         description="reference engine only (an experiment): attention adds ln(tokens merged into a slot) "
         "to its logits; weighted or kvmerger on streaming",
     )
+    token_exact: bool = Field(
+        False,
+        description="streaming, with blocks: queries see exactly the per-token policy's sinks and window "
+        "(the blocks held cover them; the engine masks the rest and computes attention itself)",
+    )
     score_mode: Literal["accumulated", "current"] = "accumulated"
     seed: int = Field(0, description="CaM: default seed of the merge draws")
     allow_full_cache_requests: bool = Field(
@@ -96,6 +101,11 @@ class KVPolicyConfig(BaseModel):
                     f"({', '.join(COUNTING_RULES)}) on positional eviction (streaming); "
                     f"policy {self.policy!r} with merge {rule!r} is not one"
                 )
+        if self.token_exact and (base != "streaming" or self.merge_count_attention):
+            raise ValueError(
+                f"token_exact applies to streaming eviction (with or without a merge rule), not to "
+                f"policy {self.policy!r}{' with merge_count_attention' if base == 'streaming' else ''}"
+            )
         return self
 
     @property
@@ -135,7 +145,9 @@ class KVPolicyConfig(BaseModel):
                     f"{b} tokens. Fix: raise the budget or lower the sinks"
                 )
             return self.model_copy(update={"window_tokens": window, "heavy_tokens": heavy, "budget": None})
-        window = (total - self.sink_tokens) // b * b
+        window = total - self.sink_tokens
+        if not self.token_exact:  # token-exact windows need not be whole blocks
+            window = window // b * b
         if window < b or window <= self.sink_tokens:
             raise ValueError(
                 f"budget {self.budget} of {length} tokens is {total} tokens, which leaves a window of "

@@ -12,7 +12,9 @@ other (an idle engine's worker keeps polling), each measured --repeats times, be
 t(max_tokens = 1), the batch's prefill, is printed too.
 
 A name ending in ``@eager`` runs the policy with CAM_VLLM_DEFERRED_SCORING=0 (every decode query
-scored in its own step, as before deferred scoring), e.g. ``--policies streaming,h2o,h2o@eager``.
+scored in its own step, as before deferred scoring), e.g. ``--policies streaming,h2o,h2o@eager``;
+one ending in ``@exact`` runs a streaming policy with ``token_exact`` (same visible window, about
+one block more held per request).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def main() -> None:
         policy_name, _, variant = name.partition("@")
         os.environ["CAM_VLLM_DEFERRED_SCORING"] = "0" if variant == "eager" else "1"  # the engine inherits it
         policy = same_memory_settings(policy_name, args.sinks, args.window)
+        if variant == "exact":  # token-exact window: the plugin computes every query's attention
+            policy["token_exact"] = True
         llm = make_llm(
             model,
             block_size=32,

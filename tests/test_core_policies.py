@@ -154,3 +154,56 @@ def test_merge_rule_is_its_own_axis(policy, merge, name, rule):
 def test_contradictory_or_unknown_merge_settings_are_refused(policy, merge, message):
     with pytest.raises(ValueError, match=message):
         KVPolicyConfig(policy=policy, merge=merge)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sinks=st.integers(0, 40),
+    window=st.integers(32, 200),
+    block=st.sampled_from([2, 16, 32]),
+    n=st.integers(1, 600),
+)
+def test_token_exact_streaming_shows_what_the_per_token_policy_shows(sinks, window, block, n):
+    """Token-exact blocks: the visible set is the per-token policy's, every block holding a
+    visible token counts as retained, and the held blocks (``block_prefix_end`` +
+    ``block_window_tokens``, freed whole) always cover the visible tokens."""
+    if sinks >= window or window < block:
+        return
+    exact = StreamingPolicy(block_size=block, sink_tokens=sinks, window_tokens=window, token_exact=True)
+    per_token = StreamingPolicy(block_size=1, sink_tokens=sinks, window_tokens=window)
+    pos = torch.arange(n)
+    visible = exact.retained(pos, n)
+    assert torch.equal(visible, per_token.retained(pos, n))
+    assert exact.window_start(n) == per_token.window_start(n)
+    nb = -(-n // block)
+    starts = torch.arange(nb) * block
+    padded = torch.zeros(nb * block, dtype=torch.bool)
+    padded[:n] = visible
+    assert torch.equal(exact.block_retained(starts, n), padded.view(nb, block).any(dim=1))
+    # what a block-granular policy with the block-level numbers holds covers every visible token
+    held = StreamingPolicy(
+        block_size=block, sink_tokens=exact.block_prefix_end, window_tokens=exact.block_window_tokens
+    )
+    assert held.sink_end == exact.block_prefix_end
+    assert bool((held.retained(pos, n) | ~visible).all())
+    assert exact.max_held_tokens() <= exact.max_retained_tokens() + 3 * (block - 1)
+
+
+def test_token_exact_settings_are_checked_and_the_window_is_not_rounded():
+    cfg = KVPolicyConfig(policy="cam-streaming", budget=0.1, block_size=32, token_exact=True)
+    pol = build_policy(cfg, length=1024)  # 102 tokens: 4 sinks + 98, not rounded to 96
+    assert pol.eviction.window_tokens == 98 and pol.token_exact and pol.tracks_scores
+    assert pol.eviction.block_window_tokens == 160 and pol.eviction.block_prefix_end == 32
+    assert "token-exact" in pol.describe()
+    plain = build_policy(
+        KVPolicyConfig(policy="streaming", window_tokens=98, block_size=32, token_exact=True)
+    )
+    assert plain.tracks_scores and plain.merge is None and not plain.runs_in_waves
+    assert not build_policy(cfg.model_copy(update={"token_exact": False}), length=1024).token_exact
+    for bad in ({"policy": "h2o"}, {"policy": "cam-tova"}, {"policy": "none"}):
+        with pytest.raises(ValueError, match="token_exact applies to streaming"):
+            KVPolicyConfig(token_exact=True, budget=0.2, **bad) if bad[
+                "policy"
+            ] != "none" else KVPolicyConfig(token_exact=True, **bad)
+    with pytest.raises(ValueError, match="merge_count_attention"):
+        KVPolicyConfig(policy="weighted-streaming", token_exact=True, merge_count_attention=True)

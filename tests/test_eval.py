@@ -267,6 +267,12 @@ def test_make_specs():
         ["streaming", "weighted-streaming"], [0.2], ["count-attn", "no-mask"], {"block_size": 32}
     )
     assert [(s.policy, s.variant) for s in blocks] == [("weighted-streaming", "count-attn,block_size=32")]
+    # token-exact windows: every streaming row (plain and each rule), no score-driven row
+    exact = make_specs(
+        ["streaming", "cam-streaming", "kvmerger-streaming", "h2o", "cam-h2o"], [0.1], ["token-exact"]
+    )
+    assert [s.policy for s in exact] == ["streaming", "cam-streaming", "kvmerger-streaming"]
+    assert all(s.config().token_exact and s.variant == "token-exact" for s in exact)
 
 
 def test_cli_ablation_names_are_the_runner_ablations():

@@ -77,3 +77,46 @@ def test_vllm_perplexity_equals_the_block_granular_oracle(tiny, ids):
         assert not torch.allclose(full.float(), got.float(), atol=1e-2), "eviction changes the NLLs"
     finally:
         backend.close()
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_token_exact_vllm_equals_the_per_token_oracle(tiny, ids):
+    """``token_exact``: vLLM frees whole blocks of 32 but every query sees exactly the per-token
+    sinks and window (the plugin computes the output, masking inside held blocks), and CaM merges
+    a token at every step: the NLLs are the per-token (block size 1) oracle's, which the
+    block-granular policy's are not."""
+    from transformers import AutoModelForCausalLM
+
+    from cam_vllm.eval.parallel import ParallelBackend
+
+    oracle = ParallelBackend(AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval())
+    backend = VllmBackend(tiny, chunk=16, max_model_len=1024)
+    try:
+        for policy in ("cam-streaming", "streaming"):
+            # budget 0.3 of 300 tokens: 4 sinks + a window of 86, not whole blocks
+            cfg = KVPolicyConfig(policy=policy, budget=0.3, seed=5, token_exact=True)
+            merged_before = (backend.stats.merged, oracle.stats.merged)
+            got = backend.token_nlls(ids, cfg, seed=5)
+            per_token = cfg.model_copy(update={"token_exact": False, "block_size": 1})
+            want = oracle.token_nlls(ids, per_token, seed=5)
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=1e-3)
+            merged = backend.stats.merged - merged_before[0], oracle.stats.merged - merged_before[1]
+            if policy == "streaming":
+                assert merged == (0, 0)
+            else:  # the same merges; vLLM also merges the token leaving after the last query
+                assert merged[1] > 0 and 0 <= merged[0] - merged[1] <= 0.01 * merged[1], merged
+            blocks = oracle.token_nlls(
+                ids, per_token.model_copy(update={"block_size": CPU_BLOCK_SIZE}), seed=5
+            )
+            assert not torch.allclose(blocks.float(), want.float(), atol=1e-2), (
+                "blocks of 32 attend differently"
+            )
+        # the engine of token-exact streaming refuses a request's own (block-planned) window by name
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, extra_args={"kv_window_tokens": 32})
+        with pytest.raises(Exception, match="token-exact"):
+            backend._llm.generate([{"prompt_token_ids": list(ids)}], params, use_tqdm=False)
+    finally:
+        backend.close()

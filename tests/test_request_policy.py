@@ -177,6 +177,11 @@ def test_a_requests_own_window_is_read_alike_by_scheduler_and_workers():
             _check_window({"kv_window_tokens": value})
     with pytest.raises(ValueError, match="'streaming' server only"):
         _check({"kv_window_tokens": 16})
+    with pytest.raises(ValueError, match="token-exact"):  # its own window would be planned in blocks
+        check_request(
+            {"kv_window_tokens": 32}, server_policy="streaming", allow_full=True, num_tokens=10,
+            pool_tokens=100, window_tokens=64, block_size=16, token_exact=True,
+        )  # fmt: skip
 
 
 def _check_window(extra):

@@ -84,6 +84,14 @@ def test_flags_land_in_additional_config(serve_parser) -> None:
         "score_history": 16,
         "score_threshold": 0.5,
     }
+    ea = _engine_args(
+        serve_parser, "--kv-policy", "cam-streaming", "--kv-token-exact", "true", "--kv-budget", "0.1"
+    )
+    assert ea.additional_config["kv_policy"] == {
+        "policy": "cam-streaming",
+        "token_exact": True,
+        "budget": 0.1,
+    }
     # no flag: nothing changes
     assert "kv_policy" not in (_engine_args(serve_parser).additional_config or {})
 
@@ -104,6 +112,7 @@ def test_flags_appear_in_help(serve_parser) -> None:
         "--kv-heavy-tokens",
         "--kv-score-history",
         "--kv-score-threshold",
+        "--kv-token-exact",
     } <= flags
 
 

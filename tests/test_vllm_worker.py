@@ -33,12 +33,15 @@ def streaming(
     cam: bool = False,
     rule: str | None = None,
     base: str = "streaming",
+    exact: bool = False,
 ):
     rule = rule or ("cam" if cam else None)
     name = f"{rule}-{base}" if rule else base
-    heavy = {"heavy_tokens": HEAVY} if base != "streaming" else {}
+    extra = {"heavy_tokens": HEAVY} if base != "streaming" else {}
+    if exact:
+        extra["token_exact"] = True
     return build_policy(
-        KVPolicyConfig(policy=name, sink_tokens=SINKS, window_tokens=window, block_size=block, **heavy)
+        KVPolicyConfig(policy=name, sink_tokens=SINKS, window_tokens=window, block_size=block, **extra)
     )
 
 
@@ -229,6 +232,16 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, base,
     _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred=False)
 
 
+@pytest.mark.parametrize("rule", [None, "cam", "weighted", "kvmerger"])
+def test_token_exact_worker_steps_reproduce_the_per_token_cache(rule, monkeypatch):
+    """Token-exact blocks (a 61-token window on blocks of 32): the impl computes every output
+    itself, hiding the tokens of held blocks that the per-token policy no longer shows, and merges
+    a token at every step; against a per-token (block size 1) PolicyCache, with freed blocks
+    poisoned."""
+    chunks = [[150, 1, 1, 37, 1, 1, 1, 40, 1, 1], [1, 70, 1, 1, 1, 100, 1, 30, 1, 1]]
+    _run_worker_steps(rule, "accumulated", "streaming", chunks, monkeypatch, deferred=False, exact=True)
+
+
 @pytest.mark.parametrize(("rule", "mode", "base"), WORKER_CASES)
 def test_deferred_decode_scoring_reproduces_policy_cache_without_an_engine(rule, mode, base, monkeypatch):
     """The same with deferred scoring (``query_stash``: decode queries scored once per block, or
@@ -242,7 +255,7 @@ def test_deferred_decode_scoring_reproduces_policy_cache_without_an_engine(rule,
     _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred=True)
 
 
-def _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred: bool) -> None:
+def _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred: bool, exact: bool = False) -> None:
     pytest.importorskip("vllm")
     import dataclasses
     from types import SimpleNamespace
@@ -255,9 +268,16 @@ def _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred: bool) -> 
 
     monkeypatch.setattr(step_plan, "MAX_PAIRS_PER_CALL", 3000)  # exercise query slicing
     torch.manual_seed(0)
-    policy = dataclasses.replace(streaming(rule=rule, base=base), score_mode=mode)
+    window = 61 if exact else WINDOW  # token-exact: not a whole number of blocks
+    policy = dataclasses.replace(streaming(rule=rule, base=base, window=window, exact=exact), score_mode=mode)
     if rule == "kvmerger":  # random keys are nearly orthogonal: let every adjacent pair form a set
         policy = dataclasses.replace(policy, merge=dataclasses.replace(policy.merge, similarity=-1.0))
+    # the oracle: the same policy per token (token-exact: block size 1, nothing held beyond it)
+    oracle = policy
+    if exact:
+        oracle = dataclasses.replace(
+            policy, eviction=dataclasses.replace(policy.eviction, block_size=1, token_exact=False)
+        )
     hq, hkv, d, scale = 4, 2, 64, 0.125
     lengths = [sum(c) for c in chunks]
     widths = [-(-n // BLOCK) for n in lengths]
@@ -268,7 +288,7 @@ def _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred: bool) -> 
     kv = torch.zeros(num_blocks, hkv, BLOCK, 2 * d)
     impl = _impl_for(policy, hq, hkv, d, scale, monkeypatch)
     layer = SimpleNamespace(isa="vec", layer_name="model.layers.3.self_attn.attn")
-    refs = [PolicyCache(policy) for _ in chunks]
+    refs = [PolicyCache(oracle) for _ in chunks]
     planner = StashPlanner(BLOCK) if deferred and mode == "accumulated" else None
     done = [0, 0]
     waves_seen: list[int] = []
@@ -299,7 +319,14 @@ def _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred: bool) -> 
         waves_seen.append(len(waves))
         for i, wave in enumerate(waves):  # as PolicyImplMixin.forward runs them
             t, rows, bt = wave.tokens, wave.rows, table[wave.requests]
-            batch = compact_for_kernel(policy.eviction.retained, t, bt, BLOCK)
+            w_stash = stash_for_wave(stash, wave) if i == 0 else None
+            plan = plan_scores(policy, t, bt, slot_all[rows], BLOCK, stash=w_stash, defer_decodes=deferred)
+            if exact:  # the stock kernel does not run: the impl writes every row's output
+                w_out = torch.full_like(q_all[rows], float("nan"))
+                impl._score_and_merge(layer, q_all[rows], kv, plan, w_out)
+                out[rows] = w_out
+                continue
+            batch = compact_for_kernel(policy.eviction.block_retained, t, bt, BLOCK)
             if batch is None:
                 batch = SimpleNamespace(
                     query_start_loc=t.query_start_loc.to(torch.int32),
@@ -307,8 +334,6 @@ def _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred: bool) -> 
                     block_table=bt,
                 )
             out[rows] = _kernel(q_all[rows].contiguous(), kv, batch, scale)
-            w_stash = stash_for_wave(stash, wave) if i == 0 else None
-            plan = plan_scores(policy, t, bt, slot_all[rows], BLOCK, stash=w_stash, defer_decodes=deferred)
             impl._score_and_merge(layer, q_all[rows], kv, plan)
         torch.testing.assert_close(out, torch.cat(expected), atol=2e-5, rtol=1e-5)
         for r in range(2):
@@ -324,9 +349,9 @@ def _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred: bool) -> 
                 for name, t in st.state.items():  # score-driven: per-head token positions, scores
                     torch.testing.assert_close(impl._state[name][slot], t, atol=1e-6, rtol=1e-5)
             for j in range(widths[r]):  # blocks the scheduler frees now: poison them
-                if not bool(policy.eviction.retained(torch.tensor(j * BLOCK), done[r] + 1)):
+                if not bool(policy.eviction.block_retained(torch.tensor(j * BLOCK), done[r] + 1)):
                     kv[int(table[r, j])] = float("nan")
-    if rule is not None:
+    if rule is not None and not (exact and rule == "kvmerger"):  # per token kvmerger never merges
         assert sum(ref.stats.merged for ref in refs) > 0
     if planner is not None:
         assert flushed >= 4 and planner.rows <= 2, "stash rows are scored at block ends and reused"

@@ -12,7 +12,8 @@ usual 4 sinks would eat all of it. :func:`resolve_budget` therefore shrinks the 
 
 so a 3-token budget is 1 sink + 2 recent tokens and a 1-token budget is the newest token only.
 With a block size B > 1 the window is rounded down to whole blocks (at least one block) and the
-sinks are capped below it (the block-granular policy keeps the sinks' block as well).
+sinks are capped below it (the block-granular policy keeps the sinks' block as well); a
+token-exact window (``token_exact``) is not rounded, only raised to one block.
 
 Score-driven policies (h2o, tova, scissorhands, corm) split what the sinks leave in half, as the
 H2O and CaM papers do: ``heavy = (total - sinks) // 2`` (whole blocks), the window the rest. An
@@ -67,7 +68,8 @@ def resolve_budget(cfg: KVPolicyConfig, length: int) -> KVPolicyConfig:
         window = max(b, window)
         update = {"sink_tokens": sinks, "heavy_tokens": heavy, "window_tokens": window, "budget": None}
         return cfg.model_copy(update=update)
-    sinks, window = split_budget(total, cfg.sink_tokens, cfg.block_size)
+    sinks, window = split_budget(total, cfg.sink_tokens, 1 if cfg.token_exact else cfg.block_size)
+    window = max(window, cfg.block_size)
     return cfg.model_copy(update={"sink_tokens": sinks, "window_tokens": window, "budget": None})
 
 

@@ -41,6 +41,7 @@ ABLATION_NAMES = [
     "block16",
     "block32",
     "count-attn",
+    "token-exact",
 ]  # = runner.ABLATIONS (kept here so that --help imports no torch; tests check they agree)
 
 

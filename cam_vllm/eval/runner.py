@@ -19,7 +19,7 @@ from pathlib import Path
 from cam_vllm.config import KVPolicyConfig
 from cam_vllm.core.merge import COUNTING_RULES
 from cam_vllm.eval.results import aggregate
-from cam_vllm.policies import merge_rule_of
+from cam_vllm.policies import base_policy_name, merge_rule_of
 
 # Named ablations (paper Tables 2 and 3, and the block-granular merging vLLM needs).
 ABLATIONS: dict[str, dict] = {
@@ -35,6 +35,8 @@ ABLATIONS: dict[str, dict] = {
     "block32": {"block_size": 32},  # (the smallest block vLLM's CPU backend accepts)
     # attention adds ln(tokens merged into a slot): convex single-receiver rules, reference engine
     "count-attn": {"merge_count_attention": True},
+    # queries see exactly the per-token sinks and window inside the held blocks (streaming, any rule)
+    "token-exact": {"token_exact": True},
 }
 
 
@@ -88,9 +90,13 @@ def make_specs(
                 raise ValueError(f"unknown ablation {variant!r}; choose from {', '.join(ABLATIONS)}")
             ov = {**overrides, **ABLATIONS.get(variant, {})}
             rule = merge_rule_of(policy)
+            streaming = base_policy_name(policy) == "streaming"
+            if ov.get("token_exact") and not streaming:
+                continue  # token-exact windows are a streaming setting
             if rule != "cam":
                 counted = ("merge_count_attention",) if rule in COUNTING_RULES else ()
-                ov = {k: v for k, v in ov.items() if k in ("block_size", *counted)}
+                exact = ("token_exact",) if streaming else ()
+                ov = {k: v for k, v in ov.items() if k in ("block_size", *counted, *exact)}
                 if variant and not any(k in ov for k in ABLATIONS[variant]):
                     continue  # a merge ablation on plain eviction (or another rule) does not apply
             elif ov.get("merge_count_attention"):

@@ -63,7 +63,10 @@ def _heavy(name: str) -> Callable[[Any], EvictionPolicy]:
 _FACTORIES: dict[str, Callable[[Any], EvictionPolicy]] = {
     "none": lambda c: FullCache(block_size=c.block_size),
     "streaming": lambda c: StreamingPolicy(
-        block_size=c.block_size, sink_tokens=c.sink_tokens, window_tokens=c.window_tokens or 0
+        block_size=c.block_size,
+        sink_tokens=c.sink_tokens,
+        window_tokens=c.window_tokens or 0,
+        token_exact=getattr(c, "token_exact", False),
     ),
     **{name: _heavy(name) for name in SCORES},
 }
@@ -163,6 +166,11 @@ class KVPolicy:
                 f"({ev.score.describe()}), window {ev.window_tokens} tokens, "
                 f"at most {ev.max_retained_tokens()} tokens per sequence"
             )
+        elif isinstance(ev, StreamingPolicy) and ev.token_exact:
+            parts.append(
+                f"sinks {ev.sink_tokens}, window {ev.window_tokens} tokens, token-exact (attends to at "
+                f"most {ev.max_retained_tokens()} tokens, holds at most {ev.max_held_tokens()} in blocks)"
+            )
         elif isinstance(ev, StreamingPolicy):
             parts.append(
                 f"sinks {ev.sink_tokens} (kept: {ev.sink_end}), window {ev.window_tokens} tokens, "
@@ -190,8 +198,14 @@ class KVPolicy:
 
     @property
     def tracks_scores(self) -> bool:
-        """Whether attention probabilities must be computed at all."""
-        return self.merge is not None or self.score is not None
+        """Whether attention probabilities must be computed at all (token-exact: the engine
+        computes the attention output itself)."""
+        return self.merge is not None or self.score is not None or self.token_exact
+
+    @property
+    def token_exact(self) -> bool:
+        """Queries see the per-token policy's tokens inside held blocks (``StreamingPolicy``)."""
+        return bool(getattr(self.eviction, "token_exact", False))
 
     @property
     def score(self) -> TokenScore | None:

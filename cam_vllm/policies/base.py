@@ -43,6 +43,11 @@ class EvictionPolicy(ABC):
         """Upper bound on retained tokens for any length (None: unbounded)."""
         return None
 
+    def block_retained(self, starts: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
+        """Whether the blocks starting at ``starts`` hold a retained token. Block-granular
+        policies keep or drop a block whole, so its first position decides."""
+        return self.retained(starts, num_tokens)
+
     def visible(self, q_positions: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
         """[Nq, Nk] bool: causal and retained when the query is the newest token.
 

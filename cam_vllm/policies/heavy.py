@@ -40,6 +40,8 @@ class HeavyPolicy(StreamingPolicy):
         b = self.block_size
         if self.score is None:
             raise ValueError("a heavy-region policy needs a score")
+        if self.token_exact:
+            raise ValueError("token_exact applies to streaming eviction, not to a heavy-region policy")
         if self.heavy_tokens < 0 or self.heavy_tokens % b:
             raise ValueError(
                 f"heavy tokens ({self.heavy_tokens}) must be a non-negative multiple of the block size "

@@ -5,6 +5,13 @@ window W counts the query itself, so the cache never holds more than S + W token
 blocks of B tokens, the sink region is rounded up to whole blocks and the window is the last W/B
 blocks (the newest possibly partial), so the window holds between W - B + 1 and W tokens and
 a whole block leaves it at once. Keys keep the rotary position they were written with.
+
+``token_exact`` (blocks of B > 1): queries see exactly what the per-token policy shows (S sinks and
+the last W tokens) while the cache still frees whole blocks: a block is held until its last
+token leaves, so the blocks held cover the sinks rounded up to a block and ``W + B - 1`` window
+tokens rounded up (``block_prefix_end``, ``block_window_tokens``: what vLLM's block manager
+keeps). Tokens of a held block that the policy no longer shows are masked by the engine, which
+therefore computes the attention output itself (the fused kernel has no per-token mask).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ class StreamingPolicy(EvictionPolicy):
     name: ClassVar[str] = "streaming"
     sink_tokens: int = 4
     window_tokens: int = 1024
+    token_exact: bool = False
 
     def __post_init__(self) -> None:
         self._check_blocks()
@@ -42,7 +50,7 @@ class StreamingPolicy(EvictionPolicy):
                 f"window of {self.window_tokens} tokens is smaller than one block ({b} tokens); "
                 "raise the window or lower the block size"
             )
-        if self.window_tokens % b:
+        if self.window_tokens % b and not self.token_exact:
             raise ValueError(
                 f"window of {self.window_tokens} tokens is not a multiple of the block size {b}; "
                 f"use {self.window_tokens // b * b} or {(self.window_tokens // b + 1) * b}"
@@ -56,11 +64,27 @@ class StreamingPolicy(EvictionPolicy):
 
     @property
     def prefix_end(self) -> int:
-        """End of the kept prefix (whole blocks): the sinks here; sinks + heavy region in subclasses."""
-        return self.sink_end
+        """End of the kept prefix (whole blocks): the sinks here; sinks + heavy region in subclasses.
+        Token-exact: the sinks themselves."""
+        return self.sink_tokens if self.token_exact else self.sink_end
+
+    @property
+    def block_prefix_end(self) -> int:
+        """End of the blocks that are never freed (the prefix rounded up to whole blocks)."""
+        b = self.block_size
+        return -(-self.prefix_end // b) * b
+
+    @property
+    def block_window_tokens(self) -> int:
+        """Window tokens the held blocks cover: the window, or (token-exact) enough whole blocks
+        that the last ``window_tokens`` are always in them: ``W + B - 1`` rounded up."""
+        b = self.block_size
+        if not self.token_exact:
+            return self.window_tokens
+        return -(-(self.window_tokens + b - 1) // b) * b
 
     def window_start(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor:
-        b = self.block_size
+        b = 1 if self.token_exact else self.block_size
         start = -(-num_tokens // b) * b - self.window_tokens
         if isinstance(start, torch.Tensor):
             return start.clamp(min=self.prefix_end)
@@ -69,8 +93,20 @@ class StreamingPolicy(EvictionPolicy):
     def retained(self, positions: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
         return (positions < self.prefix_end) | (positions >= self.window_start(num_tokens))
 
+    def block_retained(self, starts: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
+        """Whether the blocks starting at ``starts`` hold any retained token (token-exact: the
+        sinks' block and the oldest window block are partly retained)."""
+        kept = self.retained(starts, num_tokens)
+        if self.token_exact:
+            kept = kept | self.retained(starts + self.block_size - 1, num_tokens)
+        return kept
+
     def max_retained_tokens(self) -> int:
         return self.prefix_end + self.window_tokens
+
+    def max_held_tokens(self) -> int:
+        """Most cached tokens a sequence holds in whole blocks (what its memory costs)."""
+        return self.block_prefix_end + self.block_window_tokens
 
     def waves(self, positions: torch.Tensor, request: torch.Tensor | None = None) -> torch.Tensor:
         """Wave index of each query of a step (0, 1, ...; per request, in position order).

@@ -13,6 +13,9 @@ With a policy (see docs/vllm-worker.md):
   stock ``build``;
 * for merging policies it also plans the scores and merges of the step
   (:func:`~cam_vllm.vllm_plugin.step_plan.plan_scores`);
+* a token-exact policy (``--kv-token-exact``) skips the kernel: the impl computes every query's
+  output from the score packs, whose masks hide the tokens of held blocks that the per-token
+  policy no longer shows;
 * the impl runs the stock kernel, then (merging policies only) scores this step's queries with
   ``attention_with_probs`` over the gathered cached tokens, accumulates ``Abar`` in a per-layer
   side tensor indexed by physical slot, and merges the tokens that leave the retained set into
@@ -153,6 +156,7 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             and policy is not None
             and policy.tracks_scores
             and policy.score_mode == "accumulated"
+            and not policy.token_exact  # every query is attended by the plugin in its own step
         ):
             self.stash_planner = StashPlanner(self.block_size)
 
@@ -211,7 +215,7 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         """Stock metadata of the batch compacted to the retained blocks, and the score plan."""
         assert self.policy is not None
         block_table = cm.block_table_tensor
-        kernel = compact_for_kernel(self.policy.eviction.retained, tokens, block_table, self.block_size)
+        kernel = compact_for_kernel(self.policy.eviction.block_retained, tokens, block_table, self.block_size)
         kernel_cm = cm
         if kernel is not None:
             g = kernel.request
@@ -276,7 +280,14 @@ class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):
         self._bind_heads(layer, num_kv_heads)
         self._cache_key = key
 
-    def _score_and_merge(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, plan: StepPlan) -> None:
+    def _score_and_merge(
+        self,
+        layer,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        plan: StepPlan,
+        output: torch.Tensor | None = None,
+    ) -> None:
         self._bind(layer, kv_cache)
         paged, abar, policy = self._paged, self._abar, self.policy
         assert paged is not None and abar is not None and policy is not None
@@ -307,4 +318,5 @@ class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):
             heavy=plan.heavy,
             decode=plan.decode,
             stash=stash,
+            output=output,
         )

@@ -432,6 +432,10 @@ class PolicyFlashAttentionImpl(PolicyImplMixin, FlashAttentionImpl):
             problems.append("logit soft-capping with score tracking")
         if is_quantized_kv_cache(str(self.kv_cache_dtype)):
             problems.append(f"a quantized ({self.kv_cache_dtype}) KV cache")
+        if policy.token_exact:
+            problems.append(
+                "token-exact windows (--kv-token-exact; its own attention output runs on CPU only)"
+            )
         return problems
 
     def _bind(self, layer, kv_cache: torch.Tensor) -> None:
@@ -449,8 +453,14 @@ class PolicyFlashAttentionImpl(PolicyImplMixin, FlashAttentionImpl):
         self._cache_key = key
 
     def _score_and_merge(
-        self, layer, query: torch.Tensor, kv_cache: torch.Tensor, plan: DeviceStepPlan
+        self,
+        layer,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        plan: DeviceStepPlan,
+        output=None,  # noqa: ANN001
     ) -> None:
+        del output  # token-exact policies are refused on CUDA (``_unsupported_features``)
         self._bind(layer, kv_cache)
         paged, abar, policy = self._paged, self._abar, self.policy
         assert paged is not None and abar is not None and policy is not None

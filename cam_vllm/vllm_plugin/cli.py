@@ -121,6 +121,15 @@ _FLAGS: dict[str, tuple[str, str, Any, str, str]] = {
         "COS",
         "kvmerger: key cosine joining adjacent evicted tokens into a merging set (default: 0.8)",
     ),
+    "--kv-token-exact": (
+        "cam_kv_token_exact",
+        "token_exact",
+        _parse_bool,
+        "{true,false}",
+        "streaming (with a merge rule or not): attend to exactly the per-token sinks and window inside "
+        "the held blocks; holds about one block more per request and computes attention itself "
+        "(default: false)",
+    ),
     "--kv-seed": ("cam_kv_seed", "seed", int, "SEED", "CaM: default seed of the merge draws (default: 0)"),
     "--kv-allow-full-cache-requests": (
         "cam_kv_allow_full_cache_requests",

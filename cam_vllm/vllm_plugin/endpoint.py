@@ -40,7 +40,7 @@ def policy_report(vllm_config: Any) -> dict[str, Any]:
     allowed = [config.policy] + (["none"] if config.evicts and config.allow_full_cache_requests else [])
     report["per_request"] = {"vllm_xargs": {"kv_policy": allowed}, "seed": "keys the merge draws"}
     policy = policy_from_vllm_config(vllm_config)
-    if policy is not None and policy.name == "streaming":  # request_policy.WINDOW_POLICY
+    if policy is not None and policy.name == "streaming" and not policy.token_exact:  # WINDOW_POLICY
         b = vllm_config.cache_config.block_size
         report["per_request"]["vllm_xargs"]["kv_window_tokens"] = {
             "multiple_of": b,
@@ -58,6 +58,8 @@ def policy_report(vllm_config: Any) -> dict[str, Any]:
             "heavy_tokens": getattr(eviction, "heavy_tokens", None),  # score-driven policies
             "score": policy.score.name if policy.score is not None else None,
             "max_retained_tokens": eviction.max_retained_tokens(),
+            "token_exact": policy.token_exact,  # queries see the per-token sinks and window
+            "max_held_tokens": getattr(eviction, "max_held_tokens", eviction.max_retained_tokens)(),
             "merging": policy.merge is not None,
             "name": policy.name,  # canonical: <merge rule>-<policy>
             "merge_rule": policy.merge.rule if policy.merge is not None else None,

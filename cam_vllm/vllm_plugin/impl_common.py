@@ -167,33 +167,58 @@ class PolicyImplMixin(ABC):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):  # noqa: ANN001
         waves = getattr(attn_metadata, "cam_waves", None)
+        # token-exact: the plugin computes the output from its score packs (their masks hide the
+        # tokens of held blocks the policy no longer shows), so the stock kernel does not run
+        exact = self.policy is not None and self.policy.token_exact
         if waves and self.policy is not None:
-            # a score-driven policy's chunk crossing window blocks: attend wave by wave, choosing the
-            # heavy region in between (each wave writes its own tokens' KV, then attends)
+            # a chunk crossing a point where tokens leave the window: attend wave by wave, choosing
+            # the heavy region or merging in between (the KV of the whole step is already cached)
             for part in waves:
                 rows = part.rows
                 out = output.new_empty((rows.numel(), *output.shape[1:]))
-                out = super().forward(  # type: ignore[misc]
-                    layer, query[rows], key[rows], value[rows], kv_cache, part.meta, out, *args, **kwargs
-                )
-                output[rows] = out
+                if not (exact and part.plan is not None):
+                    out = super().forward(  # type: ignore[misc]
+                        layer, query[rows], key[rows], value[rows], kv_cache, part.meta, out, *args, **kwargs
+                    )
                 if part.plan is not None:
-                    self._scored_step(layer, query[rows], kv_cache, part.plan)
+                    self._scored_step(layer, query[rows], kv_cache, part.plan, out if exact else None)
+                output[rows] = out
             return output
-        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)  # type: ignore[misc]
         plan = getattr(attn_metadata, "cam_plan", None)
+        if not (exact and plan is not None):
+            output = super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
+            )  # type: ignore[misc]
         if plan is not None and self.policy is not None:
-            self._scored_step(layer, query, kv_cache, plan)
+            self._scored_step(layer, query, kv_cache, plan, output if exact else None)
         return output
 
-    def _scored_step(self, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, plan: Any) -> None:
+    def _scored_step(
+        self,
+        layer: Any,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        plan: Any,
+        output: torch.Tensor | None = None,
+    ) -> None:
         global _scored_steps
         if FAULT_AFTER_STEPS and self._layer_index in (None, 0):
             _scored_steps += 1
             if _scored_steps >= FAULT_AFTER_STEPS:
                 raise RuntimeError(f"cam-vllm: fault injected by {FAULT_ENV}={FAULT_AFTER_STEPS} (test hook)")
-        self._score_and_merge(layer, query, kv_cache, plan)
+        if output is None:
+            self._score_and_merge(layer, query, kv_cache, plan)
+        else:
+            self._score_and_merge(layer, query, kv_cache, plan, output)
 
     @abstractmethod
-    def _score_and_merge(self, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, plan: Any) -> None:
-        """Score this step's queries and merge what leaves the retained set (backend-specific)."""
+    def _score_and_merge(
+        self,
+        layer: Any,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        plan: Any,
+        output: torch.Tensor | None = None,
+    ) -> None:
+        """Score this step's queries and merge what leaves the retained set (backend-specific);
+        ``output`` (token-exact policies): write every query's attention output into it."""

@@ -385,6 +385,13 @@ CPU_INTERNALS: list[Internal] = [
         params=("layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"),
     ),
     Internal(
+        "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend.forward_includes_kv_cache_update",
+        "value",
+        "K/V are written (do_kv_cache_update) before forward: waves attend over the whole step's "
+        "cached keys, and a token-exact policy skips the stock forward without losing the write",
+        value=False,
+    ),
+    Internal(
         "vllm._custom_ops:cpu_attn_reshape_and_cache",
         "function",
         "paged.probe_layout writes probe tokens with the kernel's own writer to learn the K/V layout",

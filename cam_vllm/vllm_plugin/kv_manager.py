@@ -12,7 +12,9 @@ prefix (``sink_end`` = sinks + heavy); which tokens it holds is the workers' bus
 
 For a StreamingLLM policy with block size ``B`` the retained blocks are the sink blocks
 ``[0, sink_end / B)`` plus the last ``W / B`` blocks of ``n`` tokens, so the freed range is
-``[sink_end / B, window_start(n) / B)``; both ends are block-aligned.
+``[sink_end / B, window_start(n) / B)``; both ends are block-aligned. A token-exact policy
+(``StreamingPolicy.token_exact``) is served with its block-level numbers (``block_prefix_end``,
+``block_window_tokens``): the blocks held always cover the tokens its queries see.
 
 The spec (:class:`PolicyAttentionSpec`) is a :class:`FullAttentionSpec` with the policy fields. The
 worker-side attention backend turns each layer's spec into it with :func:`policy_kv_spec` (from its
@@ -185,8 +187,9 @@ def policy_kv_spec(spec: Any, policy: Any, vllm_config: Any = None) -> Any:
             f"KV policy {name!r} was resolved for block size {eviction.block_size} but the layer "
             f"uses {spec.block_size}; build the policy with policy_from_vllm_config()"
         )
-    sink_end = getattr(eviction, "prefix_end", None)  # sinks (+ the heavy region): never freed
-    window_tokens = getattr(eviction, "window_tokens", None)
+    # sinks (+ the heavy region): never freed; token-exact policies hold their tokens in whole blocks
+    sink_end = getattr(eviction, "block_prefix_end", None)
+    window_tokens = getattr(eviction, "block_window_tokens", None)
     if sink_end is None or window_tokens is None:
         raise KVPolicyStartupError(
             f"KV policy {name!r} ({type(eviction).__name__}) is not a sinks + window policy; the "

@@ -142,6 +142,7 @@ def check_request(
     pool_tokens: int | None,
     window_tokens: int = 0,
     block_size: int = 1,
+    token_exact: bool = False,
 ) -> bool:
     """Accept the request's per-request KV fields or raise ValueError naming the problem.
 
@@ -149,11 +150,17 @@ def check_request(
     names it was configured with (``h2o`` with ``--kv-merge cam``); ``num_tokens``: prompt +
     ``max_tokens``; ``pool_tokens``: the KV pool in tokens (None: not known yet). Returns True
     when the request keeps the full cache. ``window_tokens`` / ``block_size``: the server's window
-    and block, for a request's own smaller window (plain ``streaming`` servers only).
+    and block, for a request's own smaller window (plain ``streaming`` servers only, not
+    token-exact ones: ``token_exact``).
     """
     if not extra_args:
         return False
     if XARG_WINDOW in extra_args:
+        if token_exact:
+            raise ValueError(
+                "vllm_xargs kv_window_tokens: this server's window is token-exact (--kv-token-exact); "
+                "a request's own window is planned in whole blocks and cannot be combined with it"
+            )
         _check_window(extra_args, server_policy, window_tokens, block_size)
     unsupported = sorted(k for k in extra_args if k in _UNSUPPORTED)
     if unsupported:
@@ -207,7 +214,7 @@ def own_windows(policy: Any, step: Any) -> tuple[Any, tuple[int, int]]:
 
     eviction = policy.eviction
     window = int(getattr(eviction, "window_tokens", 0) or 0)
-    if policy.name != WINDOW_POLICY or not window:
+    if policy.name != WINDOW_POLICY or not window or policy.token_exact:
         return None, (0, 1)
     cut = (int(eviction.prefix_end), int(eviction.block_size))
     return step_requests.windows_of(step, policy.name, window, cut[1]), cut
@@ -281,6 +288,7 @@ def _check_engine_request(
             pool_tokens=pool,
             window_tokens=int(getattr(policy.eviction, "window_tokens", 0) or 0),
             block_size=cache.block_size,
+            token_exact=policy.token_exact,
         )
     except ValueError as exc:
         raise error(str(exc), parameter="vllm_xargs") from None

@@ -98,26 +98,39 @@ def score_and_merge(
     heavy: Iterable[Any] = (),
     decode: Any = None,
     stash: torch.Tensor | None = None,
+    output: torch.Tensor | None = None,
 ) -> None:
     """Accumulate this step's attention into ``abar`` (and the score state, per slot), then merge
     each leaving chain, or choose each heavy region (score-driven policies). ``stash``: the
     layer's deferred decode queries ``[rows, length, Hq, D]`` (``query_stash``), this step's
-    already written."""
+    already written. ``output`` (token-exact policies, whose packs hold every query): the
+    attention output of each query is written into it (the stock kernel did not run)."""
     score = policy.score
     state = state or {}
     if decode is not None:
+        if output is not None:
+            raise ValueError("a token-exact step scores its decodes in packs (plan_scores)")
         _score_decodes(paged, abar, state, query, decode, score, scale, num_kv_heads, stash)
     fields = score is not None and bool(score.fields)
+    scoring = policy.merge is not None or score is not None  # token-exact streaming: output only
     for pack in packs:
         k = paged.gather_k(pack.kv_slots)
-        if PREFILL_TOTALS and policy.score_mode == "accumulated" and not fields:  # totals suffice
+        if output is not None:
+            out, probs = attention_with_probs(
+                query[pack.q_rows], k, paged.gather_v(pack.kv_slots), pack.visible, scale
+            )
+            output[pack.q_rows] = out.reshape(out.shape[0], *output.shape[1:])
+            if not scoring:
+                continue
+        elif PREFILL_TOTALS and policy.score_mode == "accumulated" and not fields:  # totals suffice
             bias = pack.totals_bias(query.shape[1] // k.shape[1])
             abar[pack.kv_slots] += attention_totals(query[pack.q_rows], k, pack.visible, scale, bias)
             continue
-        # only the probabilities are used (the output is the kernel's), so the values passed
-        # are a 1-wide zero tensor: the unused output costs nothing and V is not gathered
-        v = k.new_zeros(k.shape[0], k.shape[1], 1)
-        _, probs = attention_with_probs(query[pack.q_rows], k, v, pack.visible, scale)
+        else:
+            # only the probabilities are used (the output is the kernel's), so the values passed
+            # are a 1-wide zero tensor: the unused output costs nothing and V is not gathered
+            v = k.new_zeros(k.shape[0], k.shape[1], 1)
+            _, probs = attention_with_probs(query[pack.q_rows], k, v, pack.visible, scale)
         probs_kv = reduce_to_kv_heads(probs, num_kv_heads)
         abar[pack.kv_slots] = accumulate_attention(abar[pack.kv_slots], probs_kv, policy.score_mode)
         if fields:

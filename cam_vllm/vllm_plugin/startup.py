@@ -261,8 +261,8 @@ def check_spec_against_config(spec: Any, vllm_config: Any) -> None:
     eviction = policy.eviction
     expected = (
         eviction.block_size,
-        getattr(eviction, "prefix_end", None),
-        getattr(eviction, "window_tokens", None),
+        getattr(eviction, "block_prefix_end", None),
+        getattr(eviction, "block_window_tokens", None),
     )
     got = (spec.block_size, spec.sink_end, spec.window_tokens)
     if expected != got:

@@ -18,7 +18,11 @@ positional policy, this module computes, once per step for all layers:
 
 Everything is vectorised over requests and tokens except for the list of merge events (a
 request only has one in the step its oldest window block leaves) and the greedy packing.
-Decisions are block-granular: the policy's ``block_size`` must equal the kernel block size.
+Decisions are block-granular: the policy's ``block_size`` must equal the kernel block size. A
+token-exact policy (``StreamingPolicy.token_exact``) frees whole blocks but hides tokens inside
+them: the kernel batch holds every block with a retained token (``block_retained``), every
+query is in a score pack (whose ``visible`` is exact per token, and from which the engine
+computes the output), and tokens leave, and merge, at every step.
 """
 
 from __future__ import annotations
@@ -275,10 +279,13 @@ def plan_decodes(
     first: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     stash_rows: torch.Tensor | None = None,
+    block_retained: Retained | None = None,
 ) -> DecodeBatch:
     """The :class:`DecodeBatch` of requests ``reqs``: their newest token's query (the default),
-    or ``count`` stashed queries at positions ``first, first + 1, ...`` (``stash_rows``)."""
+    or ``count`` stashed queries at positions ``first, first + 1, ...`` (``stash_rows``).
+    ``block_retained`` as in :func:`_cached_tokens`."""
     b = block_size
+    block_retained = block_retained or retained
     if count is None:
         lens = tokens.seq_lens[reqs]
         first, count = lens - 1, torch.ones_like(lens)
@@ -287,7 +294,9 @@ def plan_decodes(
         lens = first + count  # keys up to the last query
     nblk = (lens + b - 1) // b
     j = torch.arange(int(nblk.max()))
-    vis = tokens.kept(retained, j[None, :] * b, lens[:, None], reqs[:, None]) & (j[None, :] < nblk[:, None])
+    vis = tokens.kept(block_retained, j[None, :] * b, lens[:, None], reqs[:, None]) & (
+        j[None, :] < nblk[:, None]
+    )
     kept_blocks = vis.sum(dim=1)
     order = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)[:, : int(kept_blocks.max())]
     width = order.shape[1]
@@ -402,12 +411,16 @@ def _cached_tokens(
     block_table: torch.Tensor,
     block_size: int,
     active: torch.Tensor | None = None,
+    block_retained: Retained | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(request, position, slot) of every token the reference cache holds during this step.
 
     That is the retained set of the step's first query (position = context length) plus the
     step's own tokens, ordered by request, then position; of the ``active`` requests only.
+    ``block_retained``: whether a block (by its first position) holds a retained token (default:
+    ``retained`` of its first position, block-granular policies).
     """
+    block_retained = block_retained or retained
     b = block_size
     ctx, lens = tokens.context_lens, tokens.seq_lens
     nblk = int(((lens + b - 1) // b).max()) if lens.numel() else 0
@@ -415,7 +428,7 @@ def _cached_tokens(
     start = j[None, :] * b
     all_reqs = torch.arange(lens.numel())[:, None]
     blocks = (start < lens[:, None]) & (
-        tokens.kept(retained, start, ctx[:, None] + 1, all_reqs) | (start + b > ctx[:, None])
+        tokens.kept(block_retained, start, ctx[:, None] + 1, all_reqs) | (start + b > ctx[:, None])
     )
     if active is not None:
         blocks &= active[:, None]
@@ -450,6 +463,13 @@ def plan_scores(
     step that fills its block. Either way scores are read only where tokens leave a window,
     which a decoding request does only in the step that fills its newest block."""
     ev = policy.eviction
+    exact = policy.token_exact
+    if exact:  # every query's output is computed from the packs, and tokens leave at every step
+        if stash is not None:
+            raise ValueError(
+                "deferred scoring cannot serve a token-exact policy (every query is attended now)"
+            )
+        batch_decodes = defer_decodes = False
     num_tokens = tokens.token_pos.numel()
     nq = tokens.query_lens
     num_reqs = tokens.seq_lens.numel()
@@ -458,6 +478,8 @@ def plan_scores(
     if stash is not None:  # the stash scores its decodes; any other row (a one-token wave) is scored now
         decoding = stash.deferred
     block_end = tokens.seq_lens % block_size == 0  # a decode that fills its block: tokens may leave
+    if exact:
+        block_end = torch.ones_like(block_end)
     if one_per_pack:  # decodes too, one request per pack (deferred: only those filling a block)
         in_packs = ~decoding | block_end if defer_decodes else torch.ones_like(decoding)
     else:
@@ -468,7 +490,9 @@ def plan_scores(
         written = torch.where(stash.deferred[tokens.token_req], -1, written)  # reset when scored
     reset = written[written >= 0]
     reset_pos = tokens.token_pos[: written.numel()][written >= 0]
-    kv_req, kv_pos, kv_slot = _cached_tokens(ev.retained, tokens, block_table, block_size, active)
+    kv_req, kv_pos, kv_slot = _cached_tokens(
+        ev.retained, tokens, block_table, block_size, active, ev.block_retained
+    )
 
     nk = torch.bincount(kv_req, minlength=num_reqs)
     kv_start = torch.zeros(num_reqs + 1, dtype=torch.int64)
@@ -479,7 +503,7 @@ def plan_scores(
     if stash is not None and stash.flush_req.numel():
         decode = plan_decodes(
             ev.retained, tokens, block_table, block_size, stash.flush_req,
-            stash.flush_first, stash.flush_count, stash.flush_row,
+            stash.flush_first, stash.flush_count, stash.flush_row, ev.block_retained,
         )  # fmt: skip
         scored = torch.arange(stash.flush_count.max())[None, :] < stash.flush_count[:, None]
         spos = (stash.flush_first[:, None] + torch.arange(scored.shape[1]))[scored]
@@ -487,7 +511,10 @@ def plan_scores(
         sslot = block_table[sreq, spos // block_size].to(torch.int64) * block_size + spos % block_size
         reset, reset_pos = torch.cat([reset, sslot]), torch.cat([reset_pos, spos])
     elif stash is None and batch_decodes and not one_per_pack and bool(decoding.any()):
-        decode = plan_decodes(ev.retained, tokens, block_table, block_size, torch.nonzero(decoding).flatten())
+        decode = plan_decodes(
+            ev.retained, tokens, block_table, block_size, torch.nonzero(decoding).flatten(),
+            block_retained=ev.block_retained,
+        )  # fmt: skip
     nq_l, nk_l, pack_l = nq.tolist(), nk.tolist(), in_packs.tolist()
     first = 0
     while first < num_reqs:
