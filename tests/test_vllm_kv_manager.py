@@ -41,6 +41,32 @@ def test_freeable_blocks_match_policy_retained(sinks: int, window: int, block: i
         assert list(range(first, max(first, last))) == expected, (processed, first, last, expected)
 
 
+@pytest.mark.parametrize("sinks,window,block", [(4, 98, 32), (4, 61, 32), (0, 32, 32), (40, 130, 16)])
+def test_token_exact_policies_free_a_block_once_its_last_token_is_hidden(sinks, window, block) -> None:
+    """Token-exact: a block is freeable exactly when none of its tokens is visible any more
+    (the per-token window), and what is held never exceeds the spec's bound."""
+    from cam_vllm.policies import KVPolicy
+
+    policy = StreamingPolicy(block_size=block, sink_tokens=sinks, window_tokens=window, token_exact=True)
+    spec = policy_kv_spec(_full_attention_spec(block), KVPolicy(policy, None, name="streaming"))
+    assert (spec.sink_end, spec.window_tokens, spec.exact_window) == (
+        policy.block_prefix_end,
+        policy.block_window_tokens,
+        window,
+    )
+    for processed in range(0, 12 * block + 3):
+        n = processed + 1
+        num_blocks = -(-n // block)
+        pos = torch.arange(num_blocks * block)
+        kept = policy.retained(pos, n).view(num_blocks, block).any(dim=1)
+        first, last = freeable_blocks(processed, spec.sink_end, spec.window_tokens, block, spec.exact_window)
+        assert list(range(first, max(first, last))) == [i for i in range(num_blocks) if not kept[i]], (
+            processed
+        )
+        held = num_blocks - max(last - first, 0)
+        assert held <= (spec.sink_end + spec.window_tokens) // block
+
+
 def _full_attention_spec(block: int = B):
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 

@@ -206,10 +206,7 @@ class PolicyImplMixin(ABC):
             _scored_steps += 1
             if _scored_steps >= FAULT_AFTER_STEPS:
                 raise RuntimeError(f"cam-vllm: fault injected by {FAULT_ENV}={FAULT_AFTER_STEPS} (test hook)")
-        if output is None:
-            self._score_and_merge(layer, query, kv_cache, plan)
-        else:
-            self._score_and_merge(layer, query, kv_cache, plan, output)
+        self._score_and_merge(layer, query, kv_cache, plan, output)
 
     @abstractmethod
     def _score_and_merge(

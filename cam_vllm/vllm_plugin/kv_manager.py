@@ -53,16 +53,22 @@ def window_start(num_tokens: int, sink_end: int, window_tokens: int, block_size:
 
 
 def freeable_blocks(
-    processed_tokens: int, sink_end: int, window_tokens: int, block_size: int
+    processed_tokens: int, sink_end: int, window_tokens: int, block_size: int, exact_window: int = 0
 ) -> tuple[int, int]:
     """``[first, last)`` block indices that no query from now on attends to.
 
     ``processed_tokens`` counts tokens whose forward has completed; the next query sits at that
     position and sees ``retained(., processed_tokens + 1)``, so everything outside that set can
-    go. Empty (first >= last) while the window still reaches the sinks.
+    go. Empty (first >= last) while the window still reaches the sinks. ``exact_window`` (a
+    token-exact policy's window ``W``, 0: none): a block goes once its last token is older than
+    the last ``W`` tokens (``window_tokens`` is then only the bound on what is held).
     """
     first = sink_end // block_size
-    last = window_start(processed_tokens + 1, sink_end, window_tokens, block_size) // block_size
+    n = processed_tokens + 1
+    if exact_window:
+        last = max(sink_end, (n - exact_window) // block_size * block_size) // block_size
+    else:
+        last = window_start(n, sink_end, window_tokens, block_size) // block_size
     return first, last
 
 
@@ -92,7 +98,8 @@ class PolicyAttentionSpec(FullAttentionSpec):
     ``sink_end`` and ``window_tokens`` are in tokens and multiples of ``block_size``. ``sink_end``
     is the end of the kept prefix: the sink blocks, plus the heavy region of a score-driven
     policy (whose contents the workers choose; to the scheduler it is just kept).
-    ``step_tokens`` bounds the tokens a request can add before its old blocks are freed
+    ``exact_window``: a token-exact policy's own window (``window_tokens`` then bounds the blocks
+    held). ``step_tokens`` bounds the tokens a request can add before its old blocks are freed
     (vLLM's ``max_in_flight_tokens``: one ``max_num_batched_tokens`` chunk per in-flight batch);
     it sizes the per-request admission cap, which must agree with :meth:`max_memory_usage_bytes`.
     """
@@ -101,6 +108,7 @@ class PolicyAttentionSpec(FullAttentionSpec):
     sink_end: int
     window_tokens: int
     step_tokens: int
+    exact_window: int = 0  # a token-exact policy's window (freeable_blocks); 0: block-granular
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,6 +137,7 @@ class PolicyAttentionSpec(FullAttentionSpec):
             "sink_end": self.sink_end,
             "window_tokens": self.window_tokens,
             "step_tokens": self.step_tokens,
+            "exact_window": self.exact_window,
         }
 
     def max_blocks(self, max_model_len: int, step_tokens: int | None = None) -> int:
@@ -207,6 +216,7 @@ def policy_kv_spec(spec: Any, policy: Any, vllm_config: Any = None) -> Any:
         sink_end=sink_end,
         window_tokens=window_tokens,
         step_tokens=step_tokens,
+        exact_window=eviction.window_tokens if getattr(eviction, "token_exact", False) else 0,
     )
 
 
@@ -228,6 +238,7 @@ class PolicyKVCacheManager(FullAttentionManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.sink_end = kv_cache_spec.sink_end
         self.window_tokens = kv_cache_spec.window_tokens
+        self.exact_window = kv_cache_spec.exact_window
         if self.dcp_world_size != 1 or self.pcp_world_size != 1:
             raise ValueError("KV policies do not support decode/prefill context parallelism")
         if self.max_admission_blocks_per_request is None and kv_cache_spec.step_tokens > 0:
@@ -250,7 +261,9 @@ class PolicyKVCacheManager(FullAttentionManager):
                 metrics.STATS.request_step(request_id, 0, 0)
             return
         window = REQUEST_WINDOWS.get(request_id, self.window_tokens)  # a request's own smaller window
-        first, last = freeable_blocks(processed_computed_tokens, self.sink_end, window, self.block_size)
+        first, last = freeable_blocks(
+            processed_computed_tokens, self.sink_end, window, self.block_size, self.exact_window
+        )
         free_before = self.block_pool.get_num_free_blocks()
         self._remove_blocks_in_range(request_id, first, last)
         freed = self.block_pool.get_num_free_blocks() - free_before  # evicted blocks are never shared

@@ -263,12 +263,13 @@ def check_spec_against_config(spec: Any, vllm_config: Any) -> None:
         eviction.block_size,
         getattr(eviction, "block_prefix_end", None),
         getattr(eviction, "block_window_tokens", None),
+        eviction.window_tokens if policy.token_exact else 0,
     )
-    got = (spec.block_size, spec.sink_end, spec.window_tokens)
+    got = (spec.block_size, spec.sink_end, spec.window_tokens, getattr(spec, "exact_window", 0))
     if expected != got:
         raise KVPolicyStartupError(
-            f"worker and engine core disagree on the KV policy (block, sink_end, window): worker "
-            f"{got}, engine {expected}"
+            "worker and engine core disagree on the KV policy (block, sink_end, window, exact window): "
+            f"worker {got}, engine {expected}"
         )
     _checked_configs.add(key)
 
