@@ -150,6 +150,8 @@ def test_policy_report():
         "heavy_tokens": None,
         "score": None,
         "max_retained_tokens": 288,
+        "token_exact": False,
+        "max_held_tokens": 288,
         "merging": True,
         "name": "cam-streaming",
         "merge_rule": "cam",
@@ -163,6 +165,18 @@ def test_policy_report():
     assert (
         report["resolved"]["name"] == "weighted-streaming" and report["resolved"]["merge_rule"] == "weighted"
     )
+    # token-exact: the window it shows, and the blocks it holds at most (sinks' block + 4 blocks)
+    config.additional_config = {
+        "kv_policy": {"policy": "cam-streaming", "window_tokens": 98, "token_exact": True}
+    }
+    report = policy_report(config)
+    resolved = report["resolved"]
+    assert (resolved["token_exact"], resolved["max_retained_tokens"], resolved["max_held_tokens"]) == (
+        True,
+        102,
+        32 + 160,
+    )
+    assert "kv_window_tokens" not in report["per_request"]["vllm_xargs"]  # refused on such a server
     # a score-driven policy: its heavy region and score, the budget split half and half
     config.additional_config = {"kv_policy": {"policy": "cam-h2o", "budget": 0.25}}
     resolved = policy_report(config)["resolved"]

@@ -17,9 +17,8 @@ from cam_vllm.vllm_plugin.kv_manager import PolicyAttentionSpec
 class PlainSpecWorker(CPUWorker):
     def get_kv_cache_spec(self):
         specs = super().get_kv_cache_spec()
-        drop = ("policy_name", "sink_end", "window_tokens", "step_tokens")
-        return {
-            name: replace_as(spec, FullAttentionSpec, drop=drop)
+        return {  # drop every field the policy spec adds
+            name: replace_as(spec, FullAttentionSpec, drop=tuple(spec.policy_fields))
             if isinstance(spec, PolicyAttentionSpec)
             else spec
             for name, spec in specs.items()

@@ -99,9 +99,9 @@ def policy_or_error(vllm_config: Any) -> Any:
         block = vllm_config.cache_config.block_size
         raise KVPolicyStartupError(
             f"KV policy {config.policy!r} cannot run with block size {block} and max_model_len "
-            f"{vllm_config.model_config.max_model_len}: {exc}. Fix: use a window that is a multiple "
-            f"of the block size ({block}) and larger than the sinks, a --kv-budget that leaves at "
-            "least one block, or a different --block-size."
+            f"{vllm_config.model_config.max_model_len}: {exc}. Fix: use a window that is "
+            f"{'at least' if config.token_exact else 'a multiple of'} the block size ({block}) and larger "
+            "than the sinks, a --kv-budget that leaves at least one block, or a different --block-size."
         ) from exc
 
 
