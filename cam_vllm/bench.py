@@ -3,8 +3,9 @@
 Every configuration gets the same fixed KV pool (``--num-gpu-blocks-override``), the same engine
 flags and the same workload; the full cache (``none``) runs with prefix caching off. For each one
 a ``vllm serve`` is started, ``vllm bench serve`` (random dataset, the model's own tokenizer, no
-network) is run against it while ``/metrics`` is sampled (peak running requests, preemptions),
-and the server is stopped. The table gives each number and its ratio to the full cache and to
+network) is run against it, ``/metrics`` is read once it is done (the peak of running requests,
+which cam-vllm's stat logger records every engine step, and vLLM's preemption counter), and the
+server is stopped. The table gives each number and its ratio to the full cache and to
 ``streaming``, measured in the same run. ``--out`` also writes the JSON and a PNG.
 
 Workloads (``--workload``): ``decode`` (short prompt, output several times the window),
@@ -20,7 +21,6 @@ import contextlib
 import json
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,24 +60,26 @@ class BenchResult:
         return float(self.result.get(key, float("nan")))
 
 
-# How often /metrics is read while a benchmark runs. A peak shorter than this can be missed, so a
-# run should last many intervals (the smoke test's does).
-SAMPLE_INTERVAL_S = 0.05
+def _read_metrics(base: str) -> dict[str, float]:
+    """Peak running requests and preemptions of the server's life so far, from one scrape.
 
-
-def _sample_metrics(base: str, stop: threading.Event, out: dict[str, float]) -> None:
+    ``cam_vllm:requests_running_peak`` is a high-water mark kept by cam-vllm's stat logger from
+    every step's scheduler stats: sampling vLLM's ``num_requests_running`` gauge instead missed
+    short peaks, because a busy server answers ``/metrics`` up to a second late."""
     import httpx
 
     from cam_vllm.loadtest import parse_metrics
 
-    while not stop.is_set():
-        try:
-            m = parse_metrics(httpx.get(f"{base}/metrics", timeout=5).text)
-            out["peak_running"] = max(out.get("peak_running", 0.0), m.get("vllm:num_requests_running", 0.0))
-            out["preemptions"] = m.get("vllm:num_preemptions_total", 0.0)
-        except Exception:  # noqa: BLE001 - a missed sample only lowers the observed peak
-            pass
-        stop.wait(SAMPLE_INTERVAL_S)
+    m = parse_metrics(httpx.get(f"{base}/metrics", timeout=30).text)
+    if "cam_vllm:requests_running_peak" not in m:
+        raise CamVllmError(
+            f"{base}/metrics has no cam_vllm:requests_running_peak: is the cam-vllm plugin loaded "
+            "(and --api-server-count 1)?"
+        )
+    return {
+        "peak_running": m["cam_vllm:requests_running_peak"],
+        "preemptions": m.get("vllm:num_preemptions_total", 0.0),
+    }
 
 
 def server_flags(args: argparse.Namespace, policy: str) -> list[str]:
@@ -118,18 +120,9 @@ def run_one(args: argparse.Namespace, policy: str, concurrency: int, workdir: Pa
         cmd += ["--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]
         if args.no_progress:
             cmd.append("--disable-tqdm")
-        stop, sampled = threading.Event(), {}
-        sampler = threading.Thread(target=_sample_metrics, args=(base, stop, sampled), daemon=True)
-        sampler.start()
         start = time.monotonic()
-        try:
-            stderr = subprocess.PIPE if args.no_progress else None  # else vLLM's progress bar shows
-            run = subprocess.run(
-                cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=args.run_timeout
-            )
-        finally:
-            stop.set()
-            sampler.join()
+        stderr = subprocess.PIPE if args.no_progress else None  # else vLLM's progress bar shows
+        run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=args.run_timeout)
         res.seconds = time.monotonic() - start
         if run.returncode != 0:
             raise CamVllmError(
@@ -138,8 +131,8 @@ def run_one(args: argparse.Namespace, policy: str, concurrency: int, workdir: Pa
                 + (run.stderr or "")[-2000:]
             )
         res.result = json.loads((workdir / result_file).read_text())
-        res.peak_running = sampled.get("peak_running", 0.0)
-        res.preemptions = sampled.get("preemptions", 0.0)
+        scraped = _read_metrics(base)
+        res.peak_running, res.preemptions = scraped["peak_running"], scraped["preemptions"]
     return res
 
 
@@ -243,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # the metrics sampler's requests
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the /metrics request
 
     if args.model is None:
         from cam_vllm import models

@@ -292,3 +292,5 @@ def test_metrics_are_scraped_after_real_requests(base, client):
         time.sleep(0.25)
         after = _scrape(base)
     assert after["cam_vllm:kv_tokens_retained"] == 0 and after["cam_vllm:kv_tokens_logical"] == 0  # idle
+    # the high-water mark outlives the request (cam-vllm bench reads it after its run)
+    assert after["vllm:num_requests_running"] == 0 and after["cam_vllm:requests_running_peak"] >= 1

@@ -81,6 +81,27 @@ def test_process_stats_files_are_summed_by_the_collector(tmp_path, monkeypatch):
     assert f"cam_vllm:requests_tracked{{{labels}}} 1.0" in text, "a's entry is gone, b's is left"
 
 
+def test_running_peak_is_the_high_water_mark_of_the_engines_summed(tmp_path):
+    """What the stat logger records each step: the most requests running at once, over engines."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    peak = metrics.RunningPeak()
+    logger = metrics.CamStatLogger.__new__(metrics.CamStatLogger)  # record() only; no collector
+    for engine, running in [(0, 2), (1, 3), (0, 1), (1, 0), (0, 4)]:
+        peak.observe(engine, running)
+    assert peak.peak == 5  # 2 + 3 at once; 4 + 0 later is less
+    before = metrics.RUNNING_PEAK.peak
+    logger.record(SchedulerStats(num_running_reqs=before + 7), None, engine_idx=0)
+    logger.record(None, None, engine_idx=0)  # a step without scheduler stats changes nothing
+    logger.record(SchedulerStats(num_running_reqs=0), None, engine_idx=0)
+    assert metrics.RUNNING_PEAK.peak == before + 7
+    registry = CollectorRegistry()
+    registry.register(metrics.CamCollector({"model_name": "m", "policy": "streaming"}, str(tmp_path), peak))
+    text = generate_latest(registry).decode()
+    assert 'cam_vllm:requests_running_peak{model_name="m",policy="streaming"} 5.0' in text
+
+
 def test_setup_metrics_dir_exports_one_directory(monkeypatch):
     monkeypatch.delenv(metrics.METRICS_DIR_ENV, raising=False)
     metrics.setup_metrics_dir()

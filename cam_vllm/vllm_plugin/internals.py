@@ -295,6 +295,18 @@ INTERNALS: list[Internal] = [
         params=("vllm_config", "engine_index"),
     ),
     Internal(
+        "vllm.v1.metrics.loggers:StatLoggerBase.record",
+        "method",
+        "CamStatLogger.record gets each engine step's SchedulerStats (cam_vllm:requests_running_peak)",
+        params=("scheduler_stats", "iteration_stats", "mm_cache_stats", "engine_idx"),
+    ),
+    Internal(
+        "vllm.v1.metrics.stats:SchedulerStats",
+        "dataclass-field",
+        "CamStatLogger.record reads num_running_reqs for the running-requests high-water mark",
+        params=("num_running_reqs",),
+    ),
+    Internal(
         "vllm.v1.metrics.prometheus:get_prometheus_registry",
         "function",
         "/metrics serves prometheus_client's global REGISTRY unless PROMETHEUS_MULTIPROC_DIR is set",

@@ -37,6 +37,10 @@ Metrics (labels ``model_name``, ``policy``):
   engine is idle; anything else is a leak, which ``cam-vllm load-test`` checks);
   ``cam_vllm:worker_requests_stashed`` - requests whose decode queries the workers hold for deferred
   scoring (``query_stash.py``; also 0 when idle);
+* ``cam_vllm:requests_running_peak`` - the most requests the scheduler ran at once since the server
+  started (from vLLM's per-step ``SchedulerStats``, summed over engines), so a benchmark reads the
+  concurrency a policy reached exactly instead of sampling ``vllm:num_requests_running``, whose
+  short peaks a scrape misses while the server is busy;
 * histograms per finished request: ``cam_vllm:request_kv_retained_ratio`` (retained KV tokens /
   logical length, the compression achieved), ``cam_vllm:request_kv_tokens_retained``,
   ``cam_vllm:request_logical_tokens``.
@@ -278,12 +282,35 @@ def read_totals(directory: str | os.PathLike | None = None) -> dict[str, Any]:
     return total
 
 
-class CamCollector:
-    """A prometheus_client collector producing cam-vllm's metrics from the shared directory."""
+class RunningPeak:
+    """High-water mark of running requests, from the API server's per-step scheduler stats.
 
-    def __init__(self, labels: dict[str, str], directory: str | None = None) -> None:
+    Each engine reports its own count; the peak is taken over the sum of every engine's latest
+    count (with data parallelism the engines' steps interleave, so this is the concurrency the
+    server as a whole reached to within one step)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[int, int] = {}
+        self.peak = 0
+
+    def observe(self, engine_idx: int, running: int) -> None:
+        self.latest[engine_idx] = running
+        self.peak = max(self.peak, sum(self.latest.values()))
+
+
+RUNNING_PEAK = RunningPeak()
+
+
+class CamCollector:
+    """A prometheus_client collector producing cam-vllm's metrics from the shared directory
+    (and the running-requests peak this process's stat logger observes)."""
+
+    def __init__(
+        self, labels: dict[str, str], directory: str | None = None, peak: RunningPeak | None = None
+    ) -> None:
         self.labels = labels
         self.directory = directory
+        self.peak = peak or RUNNING_PEAK
 
     def describe(self) -> Iterable[Any]:
         return []  # no up-front description: collect() reads files, keep registration cheap
@@ -318,6 +345,13 @@ class CamCollector:
             family = GaugeMetricFamily(PREFIX + name, doc, labels=names)
             family.add_metric(values, totals["gauges"][name])
             yield family
+        peak = GaugeMetricFamily(
+            PREFIX + "requests_running_peak",
+            "Most requests the scheduler ran at once since the server started (summed over engines)",
+            labels=names,
+        )
+        peak.add_metric(values, self.peak.peak)
+        yield peak
         for name, (doc, bounds) in HISTOGRAMS.items():
             counts = totals["histograms"][name]
             cumulative, running = [], 0
@@ -374,7 +408,8 @@ class CamStatLogger(_stat_logger_base()):  # type: ignore[misc]
     """``vllm.stat_logger_plugins`` entry: installs :class:`CamCollector` in the API server.
 
     vLLM's stat-logger hook is where a plugin gets the engine's config in the process serving
-    ``/metrics``; the per-step ``record`` has nothing of ours (the counts come from the files).
+    ``/metrics``; the per-step ``record`` only feeds :data:`RUNNING_PEAK` (our other counts come
+    from the files).
     """
 
     def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
@@ -382,7 +417,8 @@ class CamStatLogger(_stat_logger_base()):  # type: ignore[misc]
         install_collector(vllm_config)
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:  # noqa: ANN001
-        return None
+        if scheduler_stats is not None:
+            RUNNING_PEAK.observe(engine_idx, int(scheduler_stats.num_running_reqs))
 
     def log_engine_initialized(self) -> None:
         return None
