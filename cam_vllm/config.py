@@ -64,6 +64,17 @@ class KVPolicyConfig(BaseModel):
     score_threshold: float = Field(
         1.0, gt=0.0, description="scissorhands, corm: important = attention >= threshold / tokens seen"
     )
+    prompt_hold: bool | None = Field(
+        None,
+        description="score-driven policies: keep every prompt token until the prompt has been read, "
+        "then choose (default: on for snapkv, off for the others)",
+    )
+    observation_window: int = Field(
+        32, ge=1, description="snapkv: the last prompt queries whose attention chooses the heavy tokens"
+    )
+    pooling_kernel: int = Field(
+        7, ge=1, le=255, description="snapkv: positions pooled around each token (odd; 1: no pooling)"
+    )
     merge_count_attention: bool = Field(
         False,
         description="reference engine only (an experiment): attention adds ln(tokens merged into a slot) "
@@ -87,6 +98,21 @@ class KVPolicyConfig(BaseModel):
             raise ValueError(
                 f"heavy_tokens applies to score-driven policies (h2o, tova, scissorhands, corm), "
                 f"not {self.policy!r}"
+            )
+        if self.prompt_hold and not is_score_driven(base):
+            raise ValueError(
+                f"prompt_hold applies to score-driven policies (h2o, tova, scissorhands, corm, snapkv), "
+                f"not {self.policy!r}"
+            )
+        if base == "snapkv" and self.prompt_hold is False:
+            raise ValueError(
+                "snapkv scores the prompt with its last queries, so it always holds the prompt; "
+                "drop prompt_hold false (--kv-prompt-hold false)"
+            )
+        if self.pooling_kernel % 2 == 0:
+            raise ValueError(
+                f"pooling_kernel must be odd (centred on the token), got {self.pooling_kernel}; "
+                f"use {self.pooling_kernel - 1} or {self.pooling_kernel + 1}"
             )
         if self.window_tokens is not None and self.budget is not None:
             raise ValueError("give either window_tokens or budget, not both")
@@ -116,12 +142,28 @@ class KVPolicyConfig(BaseModel):
     def score_driven(self) -> bool:
         return is_score_driven(resolve_merge(self.policy, self.merge)[0])
 
+    @property
+    def base_policy(self) -> str:
+        return resolve_merge(self.policy, self.merge)[0]
+
     def resolve(self, length: int | None = None) -> KVPolicyConfig:
         """Return a copy with ``window_tokens`` set (from ``budget`` * ``length`` if needed).
 
         The window is rounded down to whole blocks; a budget that leaves less than one block
-        (or no more than the sinks) is an error naming the numbers.
+        (or no more than the sinks) is an error naming the numbers. SnapKV's observation window
+        must fit in the window (the question it reads stays visible while it is answered).
         """
+        out = self._resolve(length)
+        window = out.window_tokens
+        if out.base_policy == "snapkv" and window is not None and out.observation_window > window:
+            raise ValueError(
+                f"observation window of {out.observation_window} queries is longer than the window "
+                f"of {window} tokens. Fix: lower observation_window (--kv-observation-window) to at "
+                f"most {window}, or raise the window"
+            )
+        return out
+
+    def _resolve(self, length: int | None = None) -> KVPolicyConfig:
         if not self.evicts:
             return self
         if self.window_tokens is not None:

@@ -58,6 +58,22 @@ def test_flags_land_in_additional_config(serve_parser) -> None:
         serve_parser, "--kv-policy", "streaming", "--kv-merge", "weighted", "--kv-budget", "0.25"
     )
     assert ea.additional_config["kv_policy"] == {"policy": "streaming", "merge": "weighted", "budget": 0.25}
+    ea = _engine_args(
+        serve_parser,
+        *("--kv-policy", "h2o", "--kv-budget", "0.25", "--kv-prompt-hold", "true"),
+    )
+    assert ea.additional_config["kv_policy"] == {"policy": "h2o", "budget": 0.25, "prompt_hold": True}
+    ea = _engine_args(
+        serve_parser,
+        *("--kv-policy", "snapkv", "--kv-budget", "0.25", "--kv-observation-window", "16"),
+        *("--kv-pooling-kernel", "15"),
+    )
+    assert ea.additional_config["kv_policy"] == {
+        "policy": "snapkv",
+        "budget": 0.25,
+        "observation_window": 16,
+        "pooling_kernel": 15,
+    }
     ea = _engine_args(serve_parser, "--kv-policy", "streaming", "--kv-budget", "0.25")
     assert ea.additional_config["kv_policy"] == {"policy": "streaming", "budget": 0.25}
     # other additional_config entries stay
@@ -147,6 +163,14 @@ def test_additional_config_route(serve_parser) -> None:
         (
             ["--kv-policy", "cam-streaming", "--kv-merge", "weighted", "--kv-window-tokens", "256"],
             "already merges with 'cam'",
+        ),
+        (
+            ["--kv-policy", "snapkv", "--kv-window-tokens", "256", "--kv-prompt-hold", "false"],
+            "always holds the prompt",
+        ),
+        (
+            ["--kv-policy", "snapkv", "--kv-budget", "0.2", "--kv-pooling-kernel", "0"],
+            "greater than or equal to 1",
         ),
     ],
 )

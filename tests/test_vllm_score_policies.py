@@ -1,4 +1,4 @@
-"""Score-driven policies (h2o, tova, scissorhands, corm; plain and cam-) in a real vLLM CPU engine.
+"""Score-driven policies (h2o, tova, scissorhands, corm, snapkv; plain and cam-) in a real vLLM CPU engine.
 
 One engine per policy (the matrix), each run through start-up, the oracle (greedy tokens and
 logprobs equal to the block-granular reference engine, same prefill chunks), the memory bound
@@ -64,13 +64,15 @@ def _params(n: int, logprobs: bool = False):
 
 
 @contextlib.contextmanager
-def _pooled_engine(model, name: str, seed: int, pool: int, max_num_seqs: int, chunk: int, **extra):
+def _pooled_engine(
+    model, name: str, seed: int, pool: int, max_num_seqs: int, chunk: int, max_model_len: int = 2048, **extra
+):
     """An engine of policy ``name`` on a pool of ``pool`` blocks with prefill chunks of ``chunk``
     tokens (the batching and preemption tests), shut down afterwards."""
     llm = make_llm(
         model,
         block_size=BLOCK,
-        max_model_len=2048,
+        max_model_len=max_model_len,
         enable_prefix_caching=False,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=chunk,
@@ -94,10 +96,12 @@ def _generate(llm, prompts, n=NEW_TOKENS):
 
 @pytest.mark.parametrize("name", MATRIX)
 def test_policy_in_vllm_equals_its_oracle_and_bounds_memory(model, prompts, name):
+    held = build_policy(KVPolicyConfig(**settings(name), block_size=BLOCK)).eviction.holds_prompt
     llm = make_llm(
         model,
         block_size=BLOCK,
-        max_model_len=2048,
+        # a held prompt of max_model_len tokens must fit the pool at once (vLLM checks it at start-up)
+        max_model_len=(POOL - 1) * BLOCK if held else 2048,
         enable_prefix_caching=False,
         max_num_batched_tokens=STEP,
         max_num_seqs=1,  # one request per step: vLLM's chunks are exactly STEP tokens
@@ -111,8 +115,13 @@ def test_policy_in_vllm_equals_its_oracle_and_bounds_memory(model, prompts, name
             assert tokens == ref_tokens, f"{name}: vLLM differs from the oracle"
             torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(ref_lps), atol=2e-4, rtol=1e-4)
 
-        # memory: a request far longer than the pool keeps at most sinks + heavy + window + 1 block
+        # memory: a request far longer than its budget keeps at most sinks + heavy + window + 1
+        # block; a held prompt (snapkv) occupies its whole size until it has been read, then the same
         samples = run_sampled(llm, token_prompts(1, 1500, seed=7), _params(400), POOL)
+        if held:
+            read = -(-1500 // STEP)  # steps that read the prompt (the usage gauge lags a step)
+            assert max(s["blocks"] for s in samples) == -(-1500 // BLOCK), f"{name}: prompt not held"
+            samples = samples[read + 1 :]
         peak = max(s["blocks"] for s in samples)
         assert BOUND - 1 <= peak <= BOUND, f"{name}: peak {peak} blocks, bound {BOUND}"
         assert samples[-1]["blocks"] == 0
@@ -191,6 +200,40 @@ def test_continuous_batching_and_aborts_do_not_change_a_request(model):
         for i in (0, 4, 7):
             alone = llm.generate([{"prompt_token_ids": prompts[i]}], _params(40 + 10 * i), use_tqdm=False)
             assert list(alone[0].outputs[0].token_ids) == out[f"r{i}"], f"r{i} changed beside others"
+
+
+def test_held_prompts_on_a_small_pool_are_preempted_and_choose_again_alike(model):
+    """snapkv (the whole prompt held) on a pool of 31 blocks with six 300-700-token prompts in
+    flight: held prompts do not all fit, so vLLM preempts; a recomputed request reads its prompt
+    again and chooses the same tokens, so every output equals its run alone, and the pool empties."""
+    from vllm_helpers import blocks_in_use, metric_values
+
+    pool = 32
+    with _pooled_engine(
+        model,
+        "snapkv",
+        seed=0,
+        pool=pool,
+        max_num_seqs=6,
+        chunk=64,
+        max_model_len=(pool - 1) * BLOCK,  # one held prompt of max_model_len fits the pool
+        scheduler_reserve_full_isl=False,
+    ) as llm:
+        lengths = (420, 610, 350, 700, 500, 290)
+        prompts = [token_prompts(1, n, seed=n + 2)[0] for n in lengths]
+        engine = llm.llm_engine
+        for i, p in enumerate(prompts):
+            engine.add_request(f"s{i}", {"prompt_token_ids": p}, _params(48))
+        out = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    out[o.request_id] = list(o.outputs[0].token_ids)
+        assert metric_values(llm).get("vllm:num_preemptions", 0) > 0, "the pool did not force a preemption"
+        assert blocks_in_use(llm, pool) == 0
+        for i, p in enumerate(prompts):
+            alone = llm.generate([{"prompt_token_ids": p}], _params(48), use_tqdm=False)
+            assert list(alone[0].outputs[0].token_ids) == out[f"s{i}"], f"s{i} changed by preemption"
 
 
 @pytest.mark.parametrize("name", ["h2o", "cam-h2o", "cam-streaming"])

@@ -170,6 +170,9 @@ def test_policy_report():
         "window_tokens": 256,
         "heavy_tokens": None,
         "score": None,
+        "prompt_hold": False,
+        "observation_window": None,
+        "pooling_kernel": None,
         "max_retained_tokens": 288,
         "token_exact": False,
         "max_held_tokens": 288,
@@ -203,3 +206,13 @@ def test_policy_report():
     resolved = policy_report(config)["resolved"]
     assert (resolved["score"], resolved["heavy_tokens"], resolved["window_tokens"]) == ("h2o", 480, 512)
     assert resolved["max_retained_tokens"] == 32 + 480 + 512 and resolved["name"] == "cam-h2o"
+    assert resolved["prompt_hold"] is False
+    # snapkv: the prompt held until read, its observation window and pooling
+    config.additional_config = {"kv_policy": {"policy": "snapkv", "budget": 0.25, "pooling_kernel": 15}}
+    resolved = policy_report(config)["resolved"]
+    assert (resolved["score"], resolved["prompt_hold"], resolved["observation_window"]) == (
+        "snapkv",
+        True,
+        32,
+    )
+    assert resolved["pooling_kernel"] == 15 and resolved["heavy_tokens"] == 480

@@ -153,6 +153,21 @@ BAD_SETTINGS = [
         {},
         ["merge_count_attention is an experiment of the reference engine", "Fix: drop"],
     ),
+    (
+        {"policy": "snapkv", "window_tokens": 32, "observation_window": 64},
+        {},
+        ["observation window of 64 queries is longer than the window of 32 tokens", "Fix: lower"],
+    ),
+    (
+        {"policy": "snapkv", "window_tokens": 64, "pooling_kernel": 8},
+        {},
+        ["pooling_kernel must be odd", "use 7 or 9"],
+    ),
+    (
+        {"policy": "cam-streaming", "window_tokens": 64, "prompt_hold": True},
+        {},
+        ["prompt_hold applies to score-driven policies", "not 'cam-streaming'"],
+    ),
 ]
 
 

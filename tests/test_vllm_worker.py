@@ -34,12 +34,15 @@ def streaming(
     rule: str | None = None,
     base: str = "streaming",
     exact: bool = False,
+    hold: bool | None = None,
 ):
     rule = rule or ("cam" if cam else None)
     name = f"{rule}-{base}" if rule else base
     extra = {"heavy_tokens": HEAVY} if base != "streaming" else {}
     if exact:
         extra["token_exact"] = True
+    if hold is not None:
+        extra["prompt_hold"] = hold
     return build_policy(
         KVPolicyConfig(policy=name, sink_tokens=SINKS, window_tokens=window, block_size=block, **extra)
     )
@@ -255,7 +258,30 @@ def test_deferred_decode_scoring_reproduces_policy_cache_without_an_engine(rule,
     _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred=True)
 
 
-def _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred: bool, exact: bool = False) -> None:
+HOLD_CASES = [
+    (None, "snapkv"),
+    ("cam", "snapkv"),
+    ("weighted", "snapkv"),
+    ("kvmerger", "snapkv"),
+    (None, "h2o"),
+    ("cam", "scissorhands"),
+]
+
+
+@pytest.mark.parametrize(("rule", "base"), HOLD_CASES)
+def test_prompt_hold_worker_steps_reproduce_policy_cache_without_an_engine(rule, base, monkeypatch):
+    """The prompt hold (SnapKV, or h2o ... with ``prompt_hold``): prompts of 189 and 174 tokens in
+    chunks of odd sizes keep every token until read, the choice runs at the end of each prompt
+    (SnapKV: from the observation window's queries only), decoding follows, and a later chunk
+    past the prompt (a recompute after preemption) runs in waves; against the reference cache
+    with the same prompt lengths, freed blocks poisoned, deferred scoring where the builder uses it."""
+    chunks = [[150, 1, 1, 37] + [1] * 40 + [40, 1, 1], [1, 70, 1, 1, 1, 100] + [1] * 38 + [30, 1, 1]]
+    _run_worker_steps(rule, "accumulated", base, chunks, monkeypatch, deferred=True, hold=(189, 174))
+
+
+def _run_worker_steps(
+    rule, mode, base, chunks, monkeypatch, deferred: bool, exact: bool = False, hold: tuple | None = None
+) -> None:
     pytest.importorskip("vllm")
     import dataclasses
     from types import SimpleNamespace
@@ -269,7 +295,11 @@ def _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred: bool, exa
     monkeypatch.setattr(step_plan, "MAX_PAIRS_PER_CALL", 3000)  # exercise query slicing
     torch.manual_seed(0)
     window = 61 if exact else WINDOW  # token-exact: not a whole number of blocks
-    policy = dataclasses.replace(streaming(rule=rule, base=base, window=window, exact=exact), score_mode=mode)
+    policy = dataclasses.replace(
+        streaming(rule=rule, base=base, window=window, exact=exact, hold=True if hold else None),
+        score_mode=mode,
+    )
+    observe = policy.score is not None and policy.score.observation_window is not None
     if rule == "kvmerger":  # random keys are nearly orthogonal: let every adjacent pair form a set
         policy = dataclasses.replace(policy, merge=dataclasses.replace(policy.merge, similarity=-1.0))
     # the oracle: the same policy per token (token-exact: block size 1, nothing held beyond it)
@@ -288,8 +318,10 @@ def _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred: bool, exa
     kv = torch.zeros(num_blocks, hkv, BLOCK, 2 * d)
     impl = _impl_for(policy, hq, hkv, d, scale, monkeypatch)
     layer = SimpleNamespace(isa="vec", layer_name="model.layers.3.self_attn.attn")
-    refs = [PolicyCache(oracle) for _ in chunks]
-    planner = StashPlanner(BLOCK) if deferred and mode == "accumulated" else None
+    prompts = hold or (0, 0)
+    refs = [PolicyCache(oracle, prompt_len=p) for p in prompts]
+    hold_t = torch.tensor(prompts, dtype=torch.int64) if hold else None
+    planner = StashPlanner(BLOCK) if deferred and mode == "accumulated" and not observe else None
     done = [0, 0]
     waves_seen: list[int] = []
     flushed = 0
@@ -306,7 +338,7 @@ def _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred: bool, exa
             expected.append(refs[r].attend(3, q, k, v, scale))
             done[r] += n
         qsl = torch.tensor([0, chunks[0][step], chunks[0][step] + chunks[1][step]], dtype=torch.int32)
-        tokens = StepTokens.from_batch(qsl, torch.tensor(done, dtype=torch.int32), 2)
+        tokens = StepTokens.from_batch(qsl, torch.tensor(done, dtype=torch.int32), 2, hold=hold_t)
         q_all, slot_all = torch.cat(qs), torch.cat(slots)
         out = torch.empty_like(q_all)
         stash = None
@@ -349,7 +381,10 @@ def _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred: bool, exa
                 for name, t in st.state.items():  # score-driven: per-head token positions, scores
                     torch.testing.assert_close(impl._state[name][slot], t, atol=1e-6, rtol=1e-5)
             for j in range(widths[r]):  # blocks the scheduler frees now: poison them
-                if not bool(policy.eviction.block_retained(torch.tensor(j * BLOCK), done[r] + 1)):
+                held = done[r] + 1 <= (prompts[r] if hold else 0)
+                if not held and not bool(
+                    policy.eviction.block_retained(torch.tensor(j * BLOCK), done[r] + 1)
+                ):
                     kv[int(table[r, j])] = float("nan")
     if rule is not None and not (exact and rule == "kvmerger"):  # per token kvmerger never merges
         assert sum(ref.stats.merged for ref in refs) > 0

@@ -46,8 +46,21 @@ class TokenScore(ABC):
     summary: ClassVar[str]
     fields: ClassVar[dict[str, torch.dtype]] = {}  # extra per-token state besides pos and Abar
     per_head: ClassVar[bool] = True  # False: one choice per layer (the heads' mean rank)
+    holds_prompt: ClassVar[bool] = False  # the policy's default prompt hold (``HeavyPolicy.prompt_hold``)
     history: int = 32
     threshold: float = 1.0
+
+    @property
+    def observation_window(self) -> int | None:
+        """Only the last this many prompt queries are scored (None: every query, decodes too)."""
+        return None
+
+    def observed(self, q_positions: torch.Tensor, hold_end: int | torch.Tensor) -> torch.Tensor:
+        """Bool per query: does its attention count (``hold_end``: its sequence's held prompt)?"""
+        w = self.observation_window
+        if w is None:
+            return torch.ones_like(q_positions, dtype=torch.bool)
+        return (q_positions < hold_end) & (q_positions >= hold_end - w)
 
     def __post_init__(self) -> None:
         if not 1 <= self.history <= MAX_HISTORY:

@@ -137,8 +137,9 @@ def first_eviction_step(cfg: KVPolicyConfig, length: int) -> int:
         return length
     policy = build_policy(cfg)
     pos = torch.arange(length + 1)
+    hold = length if policy.eviction.holds_prompt else 0  # the sequence is the prompt
     for t in range(length):
-        if not bool(policy.eviction.retained(pos[: t + 1], t + 2).all()):
+        if not bool(policy.eviction.kept(pos[: t + 1], t + 2, hold).all()):
             return t
     return length
 

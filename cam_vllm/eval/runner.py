@@ -19,7 +19,11 @@ from pathlib import Path
 from cam_vllm.config import KVPolicyConfig
 from cam_vllm.core.merge import COUNTING_RULES
 from cam_vllm.eval.results import aggregate
-from cam_vllm.policies import base_policy_name, merge_rule_of
+from cam_vllm.policies import base_policy_name, is_score_driven, merge_rule_of
+
+# Settings of choosing after the prompt (``--prompt-hold``, snapkv's observation and pooling):
+# applied to the rows they mean something for, and named in those rows' labels.
+READING_KEYS = ("prompt_hold", "observation_window", "pooling_kernel")
 
 # Named ablations (paper Tables 2 and 3, and the block-granular merging vLLM needs).
 ABLATIONS: dict[str, dict] = {
@@ -51,7 +55,7 @@ def random_merges(spec: RunSpec) -> bool:
 
 
 MC_TASKS = ("copa", "piqa", "winogrande", "openbookqa", "rte")
-TASK_NAMES = ("ppl", *MC_TASKS, "mc", "needle", "smoke")
+TASK_NAMES = ("ppl", *MC_TASKS, "mc", "needle", "ruler", "smoke")
 
 
 @dataclass(frozen=True)
@@ -90,13 +94,19 @@ def make_specs(
                 raise ValueError(f"unknown ablation {variant!r}; choose from {', '.join(ABLATIONS)}")
             ov = {**overrides, **ABLATIONS.get(variant, {})}
             rule = merge_rule_of(policy)
-            streaming = base_policy_name(policy) == "streaming"
+            base = base_policy_name(policy)
+            streaming = base == "streaming"
             if ov.get("token_exact") and not streaming:
                 continue  # token-exact windows are a streaming setting
+            # the prompt hold applies to score-driven policies (snapkv holds anyway), snapkv's own
+            # settings to snapkv
+            reading = (*(("prompt_hold",) if is_score_driven(base) and base != "snapkv" else ()),)
+            reading += ("observation_window", "pooling_kernel") if base == "snapkv" else ()
+            ov = {k: v for k, v in ov.items() if k not in READING_KEYS or k in reading}
             if rule != "cam":
                 counted = ("merge_count_attention",) if rule in COUNTING_RULES else ()
                 exact = ("token_exact",) if streaming else ()
-                ov = {k: v for k, v in ov.items() if k in ("block_size", *counted, *exact)}
+                ov = {k: v for k, v in ov.items() if k in ("block_size", *counted, *exact, *reading)}
                 if variant and not any(k in ov for k in ABLATIONS[variant]):
                     continue  # a merge ablation on plain eviction (or another rule) does not apply
             elif ov.get("merge_count_attention"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cam_vllm.errors import CamVllmError
 from cam_vllm.eval import multiple_choice as mc
-from cam_vllm.eval import needle, perplexity
+from cam_vllm.eval import needle, perplexity, ruler
 from cam_vllm.eval.results import write_json, write_report
 from cam_vllm.eval.runner import MC_TASKS, environment, make_specs, run_grid
 from cam_vllm.policies import merge_rule_of
@@ -95,7 +95,8 @@ def run_command(args: argparse.Namespace) -> int:
             raise CamVllmError(f"{args.task}: {NO_ZERO_SHOT}")
         path = args.model or prepare_model()
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        engine = VllmBackend(path, chunk=args.chunk, dtype=args.dtype)
+        length = max(4096, -(-(args.tokens + 64) // 32) * 32)  # the longest prompt and its answer
+        engine = VllmBackend(path, chunk=args.chunk, dtype=args.dtype, max_model_len=length, batch=args.batch)
     else:
         model, tokenizer = load_model(args.model, dtype)
         engine = build_engine(args.engine, model, args.batch_tokens)
@@ -159,6 +160,17 @@ def run_command(args: argparse.Namespace) -> int:
         for name in names:
             evaluate, n_items = mc_evaluator(engine, tokenizer, name, limit, progress)
             run_grid(engine, name, "", specs, seeds, evaluate, n_items, progress, save)
+    if task == "ruler":
+        seed = ruler.DEV_SEED if args.dev else ruler.EVAL_SEED
+        for name in args.ruler_tasks:
+            samples_r = ruler.make_samples(tokenizer, name, args.tokens, limit or 10, seed=seed)
+
+            def evaluate_r(cfg, seed, samples_r=samples_r):
+                metrics, examples = ruler.evaluate(engine, tokenizer, samples_r, cfg, seed)
+                return metrics, {"examples": examples, "sample_seed": samples_r and seed}
+
+            data = f"{name}-{args.tokens}" + ("-dev" if args.dev else "")
+            run_grid(engine, "ruler", data, specs, seeds, evaluate_r, len(samples_r), progress, save)
     if task == "needle":
         samples = needle.make_samples(tokenizer, args.tokens, args.depths, per_depth=limit or 4)
 

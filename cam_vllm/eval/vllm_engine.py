@@ -53,6 +53,7 @@ class VllmBackend:
         chunk: int = 16,
         dtype: str = "float32",
         max_model_len: int = 4096,
+        batch: int = 1,
     ) -> None:
         if chunk < 1:
             raise CamVllmError(f"the prefill chunk must be at least 1 token, got {chunk}")
@@ -62,6 +63,7 @@ class VllmBackend:
         self.chunk = chunk
         self.dtype = dtype
         self.max_model_len = max_model_len
+        self.batch = batch  # sequences in flight together (generate_batch); 1: each alone
         self.stats = EngineStats()
         self._key: tuple | None = None
         self._llm = None
@@ -94,7 +96,8 @@ class VllmBackend:
             enforce_eager=True,
             block_size=self.block_size,
             max_model_len=self.max_model_len,
-            max_num_seqs=1,  # one sequence at a time: its chunks are exactly `chunk` tokens
+            # one sequence at a time: its chunks are exactly `chunk` tokens (generate_batch: more)
+            max_num_seqs=self.batch,
             max_num_batched_tokens=self.chunk,
             enable_chunked_prefill=True,
             enable_prefix_caching=False,  # a merged block is request-private anyway
@@ -131,18 +134,24 @@ class VllmBackend:
         if self._seen is None:
             self._seen = self._counters()
         out = llm.generate([{"prompt_token_ids": list(ids)}], params, use_tqdm=progress)[0]
+        self._account(rcfg, [len(ids)])
+        return out
+
+    def _account(self, rcfg: KVPolicyConfig, lengths: Sequence[int]) -> None:
+        """Add what the cache did for sequences of ``lengths`` since the last read to :attr:`stats`."""
         before, after = self._seen, self._counters()
+        assert before is not None
         self._seen = after
         kept = build_policy(rcfg).eviction.max_retained_tokens() if rcfg.evicts else None
-        self.stats.sequences += 1
-        self.stats.tokens += len(ids)
-        self.stats.kept_tokens += min(len(ids), kept or len(ids))
+        for n in lengths:
+            self.stats.sequences += 1
+            self.stats.tokens += n
+            self.stats.kept_tokens += min(n, kept or n)
         self.stats.evicted += int(after["kv_tokens_evicted"] - before["kv_tokens_evicted"])
         self.stats.merge_decisions += int(after["merge_decisions"] - before["merge_decisions"])
         self.stats.merged += int(after["merges_accepted"] - before["merges_accepted"])
         self.stats.growth_sum += after["merge_value_growth_sum"] - before["merge_value_growth_sum"]
         self.stats.growth_count += int(after["merge_value_growth_count"] - before["merge_value_growth_count"])
-        return out
 
     # --- the protocol -------------------------------------------------------------------------
 
@@ -160,6 +169,23 @@ class VllmBackend:
         out = self._run(ids, cfg, seed, params, progress)
         nlls = [-step[ids[i]].logprob for i, step in enumerate(out.prompt_logprobs[1:], start=1)]
         return torch.tensor(nlls, dtype=torch.float64)
+
+    def generate_batch(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, cfg: KVPolicyConfig, seed: int
+    ) -> list[list[int]]:
+        """Greedy continuations of several prompts, ``batch`` in flight at a time (a request's
+        output does not depend on the requests beside it: tested in the engine). The budget is a
+        fraction of the longest prompt, so that one engine serves them all."""
+        from vllm import SamplingParams
+
+        rcfg = self._resolve(cfg, max(len(p) for p in prompts))
+        llm = self._engine(rcfg, seed)
+        if self._seen is None:
+            self._seen = self._counters()
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+        outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        self._account(rcfg, [len(p) for p in prompts])
+        return [list(o.outputs[0].token_ids) for o in outs]
 
     def generate(
         self, prompt_ids: Sequence[int], max_new_tokens: int, cfg: KVPolicyConfig, seed: int

@@ -17,6 +17,7 @@ names, not the other way round); ``build_policy`` takes any object with the sett
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from cam_vllm.policies.corm import CORMScore
 from cam_vllm.policies.h2o import H2OScore
 from cam_vllm.policies.heavy import HeavyPolicy
 from cam_vllm.policies.scissorhands import ScissorhandsScore
+from cam_vllm.policies.snapkv import SnapKVScore
 from cam_vllm.policies.streaming import StreamingPolicy
 from cam_vllm.policies.tova import TOVAScore
 
@@ -44,17 +46,29 @@ SCORES: dict[str, type[TokenScore]] = {
     "tova": TOVAScore,
     "scissorhands": ScissorhandsScore,
     "corm": CORMScore,
+    "snapkv": SnapKVScore,
 }
 
 
 def _heavy(name: str) -> Callable[[Any], EvictionPolicy]:
     def build(c: Any) -> EvictionPolicy:
+        cls = SCORES[name]
+        settings = {
+            "history": c.score_history,
+            "threshold": c.score_threshold,
+            "window": getattr(c, "observation_window", None),
+            "kernel": getattr(c, "pooling_kernel", None),
+        }
+        own = {f.name for f in dataclasses.fields(cls)}
+        score = cls(**{k: v for k, v in settings.items() if k in own and v is not None})
+        hold = getattr(c, "prompt_hold", None)
         return HeavyPolicy(
             block_size=c.block_size,
             sink_tokens=c.sink_tokens,
             window_tokens=c.window_tokens or 0,
             heavy_tokens=c.heavy_tokens or 0,
-            score=SCORES[name](history=c.score_history, threshold=c.score_threshold),
+            score=score,
+            prompt_hold=cls.holds_prompt if hold is None else bool(hold),
         )
 
     return build
@@ -165,6 +179,7 @@ class KVPolicy:
                 f"sinks {ev.sink_tokens} (kept: {ev.sink_end}), heavy {ev.heavy_tokens} tokens "
                 f"({ev.score.describe()}), window {ev.window_tokens} tokens, "
                 f"at most {ev.max_retained_tokens()} tokens per sequence"
+                + (" after its prompt (the prompt is held whole until read)" if ev.prompt_hold else "")
             )
         elif isinstance(ev, StreamingPolicy) and ev.token_exact:
             parts.append(

@@ -48,15 +48,37 @@ class EvictionPolicy(ABC):
         policies keep or drop a block whole, so its first position decides."""
         return self.retained(starts, num_tokens)
 
-    def visible(self, q_positions: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
+    @property
+    def holds_prompt(self) -> bool:
+        """Whether a sequence keeps every prompt token until its prompt has been read (the
+        *prompt hold*: the policy chooses after reading, e.g. SnapKV); see :meth:`kept`."""
+        return False
+
+    def kept(
+        self, positions: torch.Tensor, num_tokens: int | torch.Tensor, hold_end: int | torch.Tensor = 0
+    ) -> torch.Tensor:
+        """``retained``, or every token while the sequence is inside its held prompt.
+
+        ``hold_end``: the prompt length of a sequence whose policy holds its prompt (0: no hold).
+        A query at position ``q < hold_end`` sees its whole causal prefix; from the first query
+        past the prompt on, the policy's own rule applies. Broadcasts like ``retained``.
+        """
+        out = self.retained(positions, num_tokens)
+        if isinstance(hold_end, int) and hold_end <= 0:
+            return out
+        return out | (num_tokens <= hold_end)
+
+    def visible(
+        self, q_positions: torch.Tensor, kv_positions: torch.Tensor, hold_end: int | torch.Tensor = 0
+    ) -> torch.Tensor:
         """[Nq, Nk] bool: causal and retained when the query is the newest token.
 
         Queries of one chunk each see the retained set of their own length (q + 1), so a chunked
-        prefill attends exactly like token-by-token decoding would.
+        prefill attends exactly like token-by-token decoding would. ``hold_end``: see :meth:`kept`.
         """
         kv = kv_positions[None, :]
         q = q_positions[:, None]
-        return self.retained(kv, q + 1) & (kv <= q)
+        return self.kept(kv, q + 1, hold_end) & (kv <= q)
 
 
 @dataclass(frozen=True)

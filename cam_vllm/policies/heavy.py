@@ -18,6 +18,12 @@ the chunk is cut wherever a block leaves the window, and the heavy region is cho
 waves, so the later queries of the chunk see the region as token-by-token decoding would have
 left it. Results therefore do not depend on how a prompt was split into chunks, and a request's
 output does not depend on the requests batched beside it.
+
+With the *prompt hold* (``prompt_hold``) a sequence keeps every prompt token until its prompt has
+been read (:meth:`EvictionPolicy.kept`): the first choice happens at the end of the step that
+computes the prompt's last token, when the heavy region and every prompt token outside the sinks
+and the window compete, so the choice can follow what the question at the end of the prompt
+attends to (SnapKV; h2o, tova, ... with the hold). From then on the memory bound is as without it.
 """
 
 from __future__ import annotations
@@ -34,12 +40,18 @@ class HeavyPolicy(StreamingPolicy):
 
     heavy_tokens: int = 0
     score: TokenScore | None = None
+    prompt_hold: bool = False
 
     def __post_init__(self) -> None:
         self._check_blocks()
         b = self.block_size
         if self.score is None:
             raise ValueError("a heavy-region policy needs a score")
+        if self.score.observation_window is not None and not self.prompt_hold:
+            raise ValueError(
+                f"{self.score.name} scores the prompt with its last queries, so it needs the prompt "
+                "hold (prompt_hold true, --kv-prompt-hold)"
+            )
         if self.token_exact:
             raise ValueError("token_exact applies to streaming eviction, not to a heavy-region policy")
         if self.heavy_tokens < 0 or self.heavy_tokens % b:
@@ -59,3 +71,7 @@ class HeavyPolicy(StreamingPolicy):
     @property
     def heavy_start(self) -> int:
         return self.sink_end
+
+    @property
+    def holds_prompt(self) -> bool:
+        return self.prompt_hold

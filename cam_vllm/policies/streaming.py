@@ -108,14 +108,23 @@ class StreamingPolicy(EvictionPolicy):
         """Most cached tokens a sequence holds in whole blocks (what its memory costs)."""
         return self.block_prefix_end + self.block_window_tokens
 
-    def waves(self, positions: torch.Tensor, request: torch.Tensor | None = None) -> torch.Tensor:
+    def waves(
+        self,
+        positions: torch.Tensor,
+        request: torch.Tensor | None = None,
+        hold_end: int | torch.Tensor = 0,
+    ) -> torch.Tensor:
         """Wave index of each query of a step (0, 1, ...; per request, in position order).
 
         A new wave starts at a query whose retained set lost a block that the previous query of
         the same request still saw (its window start moved). ``request``: each query's request
-        (None: all one request).
+        (None: all one request). ``hold_end`` (per query, or one int): queries inside a held prompt
+        (:meth:`EvictionPolicy.kept`) see everything, so they share a wave, and the first query
+        past the prompt starts a new one (the policy chooses before it attends).
         """
         starts = self.window_start(positions + 1)
+        if not (isinstance(hold_end, int) and hold_end <= 0):
+            starts = torch.where(positions + 1 <= hold_end, -1, starts)
         new = torch.zeros_like(positions, dtype=torch.int64)
         if positions.numel() > 1:
             same = torch.ones_like(positions[1:], dtype=torch.bool)

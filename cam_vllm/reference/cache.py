@@ -95,6 +95,12 @@ class PolicyCache:
     layers: dict[int, LayerCache] = field(default_factory=dict)
     stats: CacheStats = field(default_factory=CacheStats)
     num_tokens: dict[int, int] = field(default_factory=dict)
+    prompt_len: int = 0  # the sequence's prompt: held whole when the policy holds its prompt
+
+    @property
+    def hold_end(self) -> int:
+        """End of the held prompt (``EvictionPolicy.kept``); 0 when the policy holds nothing."""
+        return self.prompt_len if self.policy.eviction.holds_prompt else 0
 
     def reset(self) -> None:
         self.layers.clear()
@@ -113,7 +119,7 @@ class PolicyCache:
         ev = self.policy.eviction
         if self.policy.runs_in_waves and q.shape[0] > 1:
             start = self.num_tokens.get(layer, 0)
-            wave = ev.waves(torch.arange(start, start + q.shape[0]))
+            wave = ev.waves(torch.arange(start, start + q.shape[0]), hold_end=self.hold_end)
             if int(wave[-1]) > 0:
                 outs = []
                 for w in range(int(wave[-1]) + 1):
@@ -131,14 +137,17 @@ class PolicyCache:
         st = self._append(layer, k, v, positions)
         self.stats.max_retained = max(self.stats.max_retained, st.positions.numel())
 
-        visible = self.policy.eviction.visible(positions, st.positions)
+        visible = self.policy.eviction.visible(positions, st.positions, self.hold_end)
         bias = None if st.count is None else st.count.log()
         out, probs = attention_with_probs(q, st.k, st.v, visible, scale, bias)
         if self.policy.tracks_scores:
             probs_kv = reduce_to_kv_heads(probs, st.k.shape[1])
-            st.abar = accumulate_attention(st.abar, probs_kv, self.policy.score_mode)
             score = self.policy.score
-            if score is not None:
+            if score is not None and score.observation_window is not None:
+                # only the observation window's queries count (SnapKV: the prompt's last queries)
+                probs_kv = probs_kv[score.observed(positions, self.hold_end)]
+            st.abar = accumulate_attention(st.abar, probs_kv, self.policy.score_mode)
+            if score is not None and score.fields:
                 st.state.update(score.update(st.state, probs_kv, visible))
 
         self.num_tokens[layer] = start + q.shape[0]
@@ -177,7 +186,7 @@ class PolicyCache:
 
     def _evict(self, layer: int, st: LayerCache, next_num_tokens: int) -> None:
         """Drop what the next query will not see, merging it first when the policy merges."""
-        keep = self.policy.eviction.retained(st.positions, next_num_tokens)
+        keep = self.policy.eviction.kept(st.positions, next_num_tokens, self.hold_end)
         if bool(keep.all()):
             return
         gone = ~keep

@@ -71,8 +71,9 @@ class ReferenceEngine:
         return build_policy(self.policy, length)
 
     def start(self, length: int | None = None) -> PolicyCache:
-        """Begin a new sequence (a fractional budget is taken of ``length``)."""
-        self.cache = PolicyCache(self._policy_for(length or 0), seed=self.seed)
+        """Begin a new sequence of a ``length``-token prompt (a fractional budget is taken of it;
+        a policy with the prompt hold keeps all of it until it has been read)."""
+        self.cache = PolicyCache(self._policy_for(length or 0), seed=self.seed, prompt_len=length or 0)
         return self.cache
 
     @contextlib.contextmanager

@@ -157,7 +157,8 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             and policy.tracks_scores
             and policy.score_mode == "accumulated"
             and not policy.token_exact  # every query is attended by the plugin in its own step
-        ):
+            and not (policy.score is not None and policy.score.observation_window is not None)
+        ):  # an observation-window score (SnapKV) scores no decode at all
             self.stash_planner = StashPlanner(self.block_size)
 
     def build(
@@ -174,7 +175,8 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         step = step_requests.current(cm.num_reqs, cm.seq_lens)
         full = step_requests.full_of(step) if self.allow_full else None  # rows keeping the full cache
         window, cut = own_windows(self.policy, step)  # rows with a smaller window of their own
-        tokens = StepTokens.from_batch(cm.query_start_loc, cm.seq_lens, cm.num_reqs, full, window, cut)
+        hold = step_requests.holds_of(step, self.policy)  # rows whose prompt is held until read
+        tokens = StepTokens.from_batch(cm.query_start_loc, cm.seq_lens, cm.num_reqs, full, window, cut, hold)
         seeds = step_requests.seeds_of(step) if self.policy.merge is not None else None
         stash = None
         if step is not None and self.stash_planner is not None:

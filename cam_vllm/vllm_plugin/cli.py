@@ -76,7 +76,7 @@ _FLAGS: dict[str, tuple[str, str, Any, str, str]] = {
         "heavy_tokens",
         int,
         "N",
-        "h2o, tova, scissorhands, corm: heavy tokens kept, a multiple of the block size "
+        "h2o, tova, scissorhands, corm, snapkv: heavy tokens kept, a multiple of the block size "
         "(default: half of the budget, or the window)",
     ),
     "--kv-score-history": (
@@ -92,6 +92,29 @@ _FLAGS: dict[str, tuple[str, str, Any, str, str]] = {
         float,
         "ALPHA",
         "scissorhands, corm: important = attention >= ALPHA / tokens the query sees (default: 1)",
+    ),
+    "--kv-prompt-hold": (
+        "cam_kv_prompt_hold",
+        "prompt_hold",
+        _parse_bool,
+        "{true,false}",
+        "h2o, tova, scissorhands, corm, snapkv: keep the whole prompt until it has been read, then "
+        "choose the heavy tokens (the prompt occupies its full size until then; default: true for "
+        "snapkv, false for the others)",
+    ),
+    "--kv-observation-window": (
+        "cam_kv_observation_window",
+        "observation_window",
+        int,
+        "N",
+        "snapkv: the last N prompt queries choose the heavy tokens (at most the window; default: 32)",
+    ),
+    "--kv-pooling-kernel": (
+        "cam_kv_pooling_kernel",
+        "pooling_kernel",
+        int,
+        "K",
+        "snapkv: scores are pooled over K neighbouring positions (odd, 1..255; default: 7)",
     ),
     "--kv-budget": (
         "cam_kv_budget",
@@ -151,7 +174,7 @@ def add_policy_cli_args(parser: Any) -> Any:
     group = parser.add_argument_group(
         title=GROUP_TITLE,
         description="cam-vllm: KV-cache eviction (StreamingLLM sinks + window; H2O, TOVA, Scissorhands, "
-        "CORM: sinks + a score-chosen heavy region + window) and merging of what is evicted (CaM, "
+        "CORM, SnapKV: sinks + a score-chosen heavy region + window) and merging of what is evicted (CaM, "
         "weighted, kvmerger). Stored in "
         f'--additional-config as "{ADDITIONAL_CONFIG_KEY}"; turns prefix caching off.',
     )

@@ -57,6 +57,10 @@ def policy_report(vllm_config: Any) -> dict[str, Any]:
             "window_tokens": getattr(eviction, "window_tokens", None),
             "heavy_tokens": getattr(eviction, "heavy_tokens", None),  # score-driven policies
             "score": policy.score.name if policy.score is not None else None,
+            # the whole prompt is kept until it has been read (peak memory per request: the prompt)
+            "prompt_hold": eviction.holds_prompt,
+            "observation_window": getattr(policy.score, "observation_window", None),  # snapkv
+            "pooling_kernel": getattr(policy.score, "kernel", None),  # snapkv
             "max_retained_tokens": eviction.max_retained_tokens(),
             "token_exact": policy.token_exact,  # queries see the per-token sinks and window
             "max_held_tokens": getattr(eviction, "max_held_tokens", eviction.max_retained_tokens)(),

@@ -8,7 +8,9 @@ has completed. The next query (position ``processed``) no longer sees the block,
 merged (CaM) its values at the end of the step that last read it.
 
 Score-driven policies (H2O, ...) look the same from here: their heavy region is part of the kept
-prefix (``sink_end`` = sinks + heavy); which tokens it holds is the workers' business.
+prefix (``sink_end`` = sinks + heavy); which tokens it holds is the workers' business. With the
+prompt hold (SnapKV, ``--kv-prompt-hold``) nothing is freed while the next query is inside the
+prompt (vLLM passes the prompt length here); from the first query after it, the same rule.
 
 For a StreamingLLM policy with block size ``B`` the retained blocks are the sink blocks
 ``[0, sink_end / B)`` plus the last ``W / B`` blocks of ``n`` tokens, so the freed range is
@@ -53,7 +55,12 @@ def window_start(num_tokens: int, sink_end: int, window_tokens: int, block_size:
 
 
 def freeable_blocks(
-    processed_tokens: int, sink_end: int, window_tokens: int, block_size: int, exact_window: int = 0
+    processed_tokens: int,
+    sink_end: int,
+    window_tokens: int,
+    block_size: int,
+    exact_window: int = 0,
+    hold_end: int = 0,
 ) -> tuple[int, int]:
     """``[first, last)`` block indices that no query from now on attends to.
 
@@ -62,9 +69,13 @@ def freeable_blocks(
     go. Empty (first >= last) while the window still reaches the sinks. ``exact_window`` (a
     token-exact policy's window ``W``, 0: none): a block goes once its last token is older than
     the last ``W`` tokens (``window_tokens`` is then only the bound on what is held).
+    ``hold_end``: a held prompt's length (``EvictionPolicy.kept``): nothing goes while the next
+    query is inside it.
     """
     first = sink_end // block_size
     n = processed_tokens + 1
+    if n <= hold_end:
+        return first, first
     if exact_window:
         last = max(sink_end, (n - exact_window) // block_size * block_size) // block_size
     else:
@@ -109,6 +120,7 @@ class PolicyAttentionSpec(FullAttentionSpec):
     window_tokens: int
     step_tokens: int
     exact_window: int = 0  # a token-exact policy's window (freeable_blocks); 0: block-granular
+    prompt_hold: bool = False  # every prompt block is kept until the prompt has been read
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -138,9 +150,12 @@ class PolicyAttentionSpec(FullAttentionSpec):
             "window_tokens": self.window_tokens,
             "step_tokens": self.step_tokens,
             "exact_window": self.exact_window,
+            "prompt_hold": self.prompt_hold,
         }
 
     def max_blocks(self, max_model_len: int, step_tokens: int | None = None) -> int:
+        if self.prompt_hold:  # a prompt of max_model_len - 1 tokens is held whole until it is read
+            return cdiv(max_model_len, self.block_size)
         step = self.step_tokens if step_tokens is None else step_tokens
         return max_blocks_per_request(self.sink_end, self.window_tokens, self.block_size, step, max_model_len)
 
@@ -217,6 +232,7 @@ def policy_kv_spec(spec: Any, policy: Any, vllm_config: Any = None) -> Any:
         window_tokens=window_tokens,
         step_tokens=step_tokens,
         exact_window=eviction.window_tokens if getattr(eviction, "token_exact", False) else 0,
+        prompt_hold=eviction.holds_prompt,
     )
 
 
@@ -239,9 +255,14 @@ class PolicyKVCacheManager(FullAttentionManager):
         self.sink_end = kv_cache_spec.sink_end
         self.window_tokens = kv_cache_spec.window_tokens
         self.exact_window = kv_cache_spec.exact_window
+        self.prompt_hold = kv_cache_spec.prompt_hold
         if self.dcp_world_size != 1 or self.pcp_world_size != 1:
             raise ValueError("KV policies do not support decode/prefill context parallelism")
-        if self.max_admission_blocks_per_request is None and kv_cache_spec.step_tokens > 0:
+        if (
+            self.max_admission_blocks_per_request is None
+            and kv_cache_spec.step_tokens > 0
+            and not self.prompt_hold  # a held prompt holds all of its blocks at once: no cap
+        ):
             # Admission (scheduler_reserve_full_isl) must reserve what a request really holds,
             # not its full length, or a request longer than the pool would wait forever. Same
             # number as the start-up bound (max_memory_usage_bytes), as vLLM does for SWA.
@@ -255,14 +276,14 @@ class PolicyKVCacheManager(FullAttentionManager):
         processed_computed_tokens: int,
         num_prompt_tokens: int | None = None,
     ) -> None:
-        del num_prompt_tokens  # positional policy: the prompt length does not matter
+        hold_end = (num_prompt_tokens or 0) if self.prompt_hold else 0  # the prompt hold's end
         if request_id in FULL_CACHE_REQUESTS:  # the request asked for the full cache
             if self.kv_cache_group_id == 0:
                 metrics.STATS.request_step(request_id, 0, 0)
             return
         window = REQUEST_WINDOWS.get(request_id, self.window_tokens)  # a request's own smaller window
         first, last = freeable_blocks(
-            processed_computed_tokens, self.sink_end, window, self.block_size, self.exact_window
+            processed_computed_tokens, self.sink_end, window, self.block_size, self.exact_window, hold_end
         )
         free_before = self.block_pool.get_num_free_blocks()
         self._remove_blocks_in_range(request_id, first, last)

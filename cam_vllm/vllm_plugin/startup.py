@@ -264,11 +264,19 @@ def check_spec_against_config(spec: Any, vllm_config: Any) -> None:
         getattr(eviction, "block_prefix_end", None),
         getattr(eviction, "block_window_tokens", None),
         eviction.window_tokens if policy.token_exact else 0,
+        eviction.holds_prompt,
     )
-    got = (spec.block_size, spec.sink_end, spec.window_tokens, getattr(spec, "exact_window", 0))
+    got = (
+        spec.block_size,
+        spec.sink_end,
+        spec.window_tokens,
+        getattr(spec, "exact_window", 0),
+        getattr(spec, "prompt_hold", False),
+    )
     if expected != got:
         raise KVPolicyStartupError(
-            "worker and engine core disagree on the KV policy (block, sink_end, window, exact window): "
+            "worker and engine core disagree on the KV policy (block, sink_end, window, exact window, "
+            "prompt hold): "
             f"worker {got}, engine {expected}"
         )
     _checked_configs.add(key)

@@ -69,6 +69,9 @@ class StepTokens:
     # (``vllm_xargs={"kv_window_tokens": N}``); ``cut`` = (policy's prefix end, block size) for it.
     window: torch.Tensor | None = None
     cut: tuple[int, int] = (0, 1)
+    # [R] int64: the prompt length of each row whose policy holds its prompt (0: no hold;
+    # ``EvictionPolicy.kept``); None: no row holds one
+    hold: torch.Tensor | None = None
 
     @staticmethod
     def from_batch(
@@ -78,6 +81,7 @@ class StepTokens:
         full: torch.Tensor | None = None,
         window: torch.Tensor | None = None,
         cut: tuple[int, int] = (0, 1),
+        hold: torch.Tensor | None = None,
     ) -> StepTokens:
         qsl = query_start_loc[: num_reqs + 1].to(torch.int64)
         lens = seq_lens[:num_reqs].to(torch.int64)
@@ -86,7 +90,12 @@ class StepTokens:
         total = int(qsl[-1])
         req = torch.repeat_interleave(torch.arange(num_reqs), qlens, output_size=total)
         pos = ctx[req] + torch.arange(total) - qsl[:-1][req]
-        return StepTokens(qsl, lens, ctx, req, pos, full, window, cut)
+        return StepTokens(qsl, lens, ctx, req, pos, full, window, cut, hold)
+
+    @property
+    def query_hold(self) -> torch.Tensor | int:
+        """Each query's hold end (its request's, ``hold``), or 0 when no row holds its prompt."""
+        return 0 if self.hold is None else self.hold[self.token_req]
 
     def kept(
         self, retained: Retained, positions: torch.Tensor, num_tokens: torch.Tensor, req: torch.Tensor
@@ -99,6 +108,8 @@ class StepTokens:
             own = self.window[req]
             start = (((num_tokens + b - 1) // b) * b - own).clamp(min=prefix)
             out = out & ~((own > 0) & (positions >= prefix) & (positions < start))
+        if self.hold is not None:  # a held prompt: everything stays until it has been read
+            out = out | (num_tokens <= self.hold[req])
         if self.full is not None:
             out = out | self.full[req]
         return out
@@ -124,7 +135,7 @@ def split_waves(policy: KVPolicy, tokens: StepTokens) -> list[Wave]:
     ev = policy.eviction
     wave = None
     if policy.runs_in_waves and tokens.token_pos.numel() > tokens.seq_lens.numel():  # a request has a chunk
-        wave = ev.waves(tokens.token_pos, tokens.token_req)
+        wave = ev.waves(tokens.token_pos, tokens.token_req, tokens.query_hold)
     if wave is None or int(wave.max()) == 0:
         return [Wave(torch.arange(tokens.token_pos.numel()), torch.arange(tokens.seq_lens.numel()), tokens)]
     out = []
@@ -138,7 +149,8 @@ def split_waves(policy: KVPolicy, tokens: StepTokens) -> list[Wave]:
         local = torch.repeat_interleave(torch.arange(reqs.numel()), counts)
         full = None if tokens.full is None else tokens.full[reqs]
         window = None if tokens.window is None else tokens.window[reqs]
-        step = StepTokens(qsl, last + 1, pos[qsl[:-1]], local, pos, full, window, tokens.cut)
+        hold = None if tokens.hold is None else tokens.hold[reqs]
+        step = StepTokens(qsl, last + 1, pos[qsl[:-1]], local, pos, full, window, tokens.cut, hold)
         out.append(Wave(rows, reqs, step))
     return out
 
@@ -475,16 +487,37 @@ def plan_scores(
     num_reqs = tokens.seq_lens.numel()
     one_per_pack = policy.score_mode != "accumulated"  # "current" keeps each request's last query
     decoding = nq == 1
+    q_lo, q_hi = tokens.query_start_loc[:-1], tokens.query_start_loc[1:]
+    observe = policy.score is not None and policy.score.observation_window is not None
+    if observe:
+        # only the observation window's queries are scored (SnapKV: the prompt's last queries):
+        # each request's observed rows are one run, scored in a pack of their own; no decode is
+        # scored, and every chunk takes part in the plan (its tokens may leave the window)
+        if stash is not None:
+            raise ValueError("deferred scoring cannot serve an observation-window score")
+        seen = policy.score.observed(tokens.token_pos, tokens.query_hold)
+        rows = torch.arange(num_tokens)
+        q_lo = torch.full((num_reqs,), num_tokens, dtype=torch.int64).scatter_reduce(
+            0, tokens.token_req[seen], rows[seen], "amin"
+        )
+        q_hi = torch.zeros(num_reqs, dtype=torch.int64).scatter_reduce(
+            0, tokens.token_req[seen], rows[seen] + 1, "amax"
+        )
+        one_per_pack, batch_decodes, defer_decodes = True, False, False
     if stash is not None:  # the stash scores its decodes; any other row (a one-token wave) is scored now
         decoding = stash.deferred
     block_end = tokens.seq_lens % block_size == 0  # a decode that fills its block: tokens may leave
     if exact:
         block_end = torch.ones_like(block_end)
-    if one_per_pack:  # decodes too, one request per pack (deferred: only those filling a block)
+    if observe:
+        in_packs = q_hi > q_lo
+    elif one_per_pack:  # decodes too, one request per pack (deferred: only those filling a block)
         in_packs = ~decoding | block_end if defer_decodes else torch.ones_like(decoding)
     else:
         in_packs = ~decoding if batch_decodes else torch.ones_like(decoding)
     active = in_packs | block_end  # requests whose cached tokens the plan needs (packs, events)
+    if observe:
+        active = active | ~decoding
     written = slot_mapping[:num_tokens].to(torch.int64)
     if stash is not None:
         written = torch.where(stash.deferred[tokens.token_req], -1, written)  # reset when scored
@@ -527,7 +560,7 @@ def plan_scores(
             if q2 * k2 > pack_elements:
                 break
             last, sq, sk = last + 1, q2, k2
-        q0, q1 = int(tokens.query_start_loc[first]), int(tokens.query_start_loc[last + 1])
+        q0, q1 = int(q_lo[first]), int(q_hi[last])
         k0, k1 = int(kv_start[first]), int(kv_start[last + 1])
         step = max(1, MAX_PAIRS_PER_CALL // max(k1 - k0, 1)) if first == last else q1 - q0
         for s0 in range(q0, q1, max(step, 1)):

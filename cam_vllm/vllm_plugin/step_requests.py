@@ -5,7 +5,8 @@ on ``GPUModelRunner`` (the CPU runner inherits both) publish what the builders n
 
 * after ``_prepare_inputs`` (the step's rows are in their final order, reordered in
   ``_update_states``, and no attention metadata is built yet): each row's request id, its
-  ``SamplingParams.seed`` and its length at the end of the step (:class:`StepRequests`);
+  ``SamplingParams.seed``, its length at the end of the step and its prompt length (the end of
+  a held prompt) (:class:`StepRequests`);
 * in ``_update_states``: the requests that finished or were aborted, to every registered
   listener (the builders' deferred-scoring stash drops their queries, ``query_stash.py``).
 
@@ -49,6 +50,7 @@ class StepRequests:
     seq_lens: tuple[int, ...]  # tokens with KV at the end of the step, per row
     # per row: the request's SamplingParams (its vllm_xargs: full cache, own window; request_policy.py)
     params: tuple[Any, ...] = ()
+    prompt_lens: tuple[int, ...] = ()  # per row: the request's prompt length (the prompt hold's end)
 
 
 _step: StepRequests | None = None
@@ -62,10 +64,16 @@ def publish(
     seeds: Iterable[int | None],
     seq_lens: Iterable[int],
     params: Iterable[Any] = (),
+    prompt_lens: Iterable[int] = (),
 ) -> None:
     global _step
     _step = StepRequests(
-        next(_serials), tuple(req_ids), tuple(seeds), tuple(int(n) for n in seq_lens), tuple(params)
+        next(_serials),
+        tuple(req_ids),
+        tuple(seeds),
+        tuple(int(n) for n in seq_lens),
+        tuple(params),
+        tuple(int(n) for n in prompt_lens),
     )
 
 
@@ -102,6 +110,14 @@ def windows_of(step: StepRequests | None, policy_name: str, window: int, block: 
     return torch.tensor(own, dtype=torch.int64) if any(own) else None
 
 
+def holds_of(step: StepRequests | None, policy: Any) -> torch.Tensor | None:
+    """[R] int64, each row's prompt length when the policy holds prompts (``EvictionPolicy.kept``);
+    None when it does not, or the step was not published (warm-up rows: no hold)."""
+    if step is None or not step.prompt_lens or not policy.eviction.holds_prompt:
+        return None
+    return torch.tensor(step.prompt_lens, dtype=torch.int64)
+
+
 def on_finished(listener: Any) -> None:
     """Call ``listener.finished(req_ids)`` whenever the runner drops finished requests."""
     _listeners.add(listener)
@@ -133,7 +149,8 @@ def _after_prepare_inputs(runner: Any, scheduler_output: Any, num_scheduled_toke
     lens = batch.num_computed_tokens_cpu[:n] + num_scheduled_tokens[:n]
     states = [runner.requests.get(rid) for rid in ids]
     params = [getattr(s, "sampling_params", None) for s in states]
-    publish(ids, (getattr(p, "seed", None) for p in params), lens.tolist(), params)
+    prompts = [getattr(s, "num_prompt_tokens", 0) or 0 for s in states]
+    publish(ids, (getattr(p, "seed", None) for p in params), lens.tolist(), params, prompts)
 
 
 def _after_update_states(runner: Any, scheduler_output: Any, *_: Any) -> None:

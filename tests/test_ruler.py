@@ -1,0 +1,57 @@
+"""The RULER-style retrieval suite: prompts, answers, scoring, and the CLI's view of it."""
+
+from __future__ import annotations
+
+import pytest
+
+from cam_vllm.eval import ruler
+
+
+def test_score_is_the_fraction_of_answers_found():
+    assert ruler.score(["1234567"], "The number is 1234567.") == 1.0
+    assert ruler.score(["abc", "def"], "ABC and something else") == 0.5
+    assert ruler.score(["7e1f-aa"], "no") == 0.0
+
+
+def test_cli_task_names_are_the_suite_tasks():
+    from cam_vllm.eval.cli import RULER_TASKS
+
+    assert tuple(ruler.TASKS) == RULER_TASKS
+
+
+def test_unknown_task_is_refused_by_name():
+    import random
+
+    with pytest.raises(ValueError, match="unknown retrieval task 'niah'"):
+        ruler._spec("niah", random.Random(0))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("task", ruler.TASKS)
+def test_samples_fit_their_length_and_hold_every_answer(prepared_model, task):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(prepared_model)
+    samples = ruler.make_samples(tok, task, 512, 3)
+    again = ruler.make_samples(tok, task, 512, 3)
+    dev = ruler.make_samples(tok, task, 512, 3, seed=ruler.DEV_SEED)
+    assert samples == again, "samples are a function of (task, length, seed)"
+    assert {s.prompt_ids for s in samples}.isdisjoint({s.prompt_ids for s in dev}), "dev samples are others"
+    for s in samples:
+        assert 400 < len(s.prompt_ids) <= 512
+        text = tok.decode(s.prompt_ids)
+        question = text.rindex("<|im_start|>assistant")
+        for a in s.answers:  # every answer is in the context, before the question
+            assert a in text[:question]
+        if task == "cwe":
+            counts = {
+                a: text[:question].count(f". {a} ") + text[:question].count(f". {a}\n") for a in s.answers
+            }
+            rest = [w for w in text[:question].split() if w.isalpha() and w not in s.answers]
+            most_rare = max(rest.count(w) for w in set(rest))
+            assert min(counts.values()) == 5 > most_rare == 2, "the common words are the frequent ones"
+        assert ruler.score(s.answers, " ".join(s.answers)) == 1.0
+    if task == "vt":  # the chain is planted in order: the value's variable first
+        text = tok.decode(samples[0].prompt_ids)
+        first = samples[0].answers[0]
+        assert text.index(f"VAR {first} = ") < text.index(f"= VAR {first}.")
