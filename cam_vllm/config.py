@@ -73,7 +73,7 @@ class KVPolicyConfig(BaseModel):
         32, ge=1, description="snapkv: the last prompt queries whose attention chooses the heavy tokens"
     )
     pooling_kernel: int = Field(
-        7, ge=1, le=255, description="snapkv: positions pooled around each token (odd; 1: no pooling)"
+        31, ge=1, le=255, description="snapkv: positions pooled around each token (odd; 1: no pooling)"
     )
     merge_count_attention: bool = Field(
         False,

@@ -202,53 +202,34 @@ def test_continuous_batching_and_aborts_do_not_change_a_request(model):
             assert list(alone[0].outputs[0].token_ids) == out[f"r{i}"], f"r{i} changed beside others"
 
 
-def test_held_prompts_on_a_small_pool_are_preempted_and_choose_again_alike(model):
-    """snapkv (the whole prompt held) on a pool of 31 blocks with six 300-700-token prompts in
-    flight: held prompts do not all fit, so vLLM preempts; a recomputed request reads its prompt
-    again and chooses the same tokens, so every output equals its run alone, and the pool empties."""
-    from vllm_helpers import blocks_in_use, metric_values
-
-    pool = 32
-    with _pooled_engine(
-        model,
-        "snapkv",
-        seed=0,
-        pool=pool,
-        max_num_seqs=6,
-        chunk=64,
-        max_model_len=(pool - 1) * BLOCK,  # one held prompt of max_model_len fits the pool
-        scheduler_reserve_full_isl=False,
-    ) as llm:
-        lengths = (420, 610, 350, 700, 500, 290)
-        prompts = [token_prompts(1, n, seed=n + 2)[0] for n in lengths]
-        engine = llm.llm_engine
-        for i, p in enumerate(prompts):
-            engine.add_request(f"s{i}", {"prompt_token_ids": p}, _params(48))
-        out = {}
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.finished:
-                    out[o.request_id] = list(o.outputs[0].token_ids)
-        assert metric_values(llm).get("vllm:num_preemptions", 0) > 0, "the pool did not force a preemption"
-        assert blocks_in_use(llm, pool) == 0
-        for i, p in enumerate(prompts):
-            alone = llm.generate([{"prompt_token_ids": p}], _params(48), use_tqdm=False)
-            assert list(alone[0].outputs[0].token_ids) == out[f"s{i}"], f"s{i} changed by preemption"
-
-
-@pytest.mark.parametrize("name", ["h2o", "cam-h2o", "cam-streaming"])
-def test_preempted_requests_equal_their_runs_alone(model, name):
+@pytest.mark.parametrize(
+    ("name", "pool", "max_model_len"),
+    [
+        ("h2o", 16, 2048),
+        ("cam-h2o", 16, 2048),
+        ("cam-streaming", 16, 2048),
+        ("snapkv", 32, 31 * BLOCK),  # one held prompt of max_model_len fits the pool, six do not
+    ],
+)
+def test_preempted_requests_equal_their_runs_alone(model, name, pool, max_model_len):
     """Preemption by recompute: admission checks only the first chunk (scheduler_reserve_full_isl
     off) and the pool holds ~2 requests at their bound, so vLLM preempts running requests and
     recomputes them by prefill of prompt + generated tokens. The recompute is chunked differently
     from the first run; waves make the heavy region and the merges independent of chunking (and
     CaM's draws are keyed by position), so every request's greedy output equals its run alone,
-    cam-streaming's too."""
+    cam-streaming's too. snapkv holds every prompt whole until read: a recomputed request reads its
+    prompt again and chooses the same tokens."""
     from vllm_helpers import blocks_in_use, metric_values
 
-    pool = 16
     with _pooled_engine(
-        model, name, seed=3, pool=pool, max_num_seqs=6, chunk=64, scheduler_reserve_full_isl=False
+        model,
+        name,
+        seed=3,
+        pool=pool,
+        max_num_seqs=6,
+        chunk=64,
+        max_model_len=max_model_len,
+        scheduler_reserve_full_isl=False,
     ) as llm:
         lengths = (420, 610, 350, 700, 500, 290)
         prompts = [token_prompts(1, n, seed=n + 1)[0] for n in lengths]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from cam_vllm.cli import register_subcommand
+from cam_vllm.eval.ruler import TASKS as RULER_TASKS
 
 TASKS = (
     "ppl",
@@ -31,16 +32,7 @@ TASKS = (
     "smoke",
     "report",
 )
-RULER_TASKS = (
-    "niah_single_number",
-    "niah_single_word",
-    "niah_single_uuid",
-    "niah_multikey",
-    "niah_multivalue",
-    "niah_multiquery",
-    "vt",
-    "cwe",
-)  # = ruler.TASKS (kept here for the same reason; tested)
+
 ABLATION_NAMES = [
     "cam",
     "no-mask",

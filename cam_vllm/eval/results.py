@@ -370,6 +370,41 @@ def plot_needle_depths(rows: Sequence[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_ruler(rows: Sequence[dict], path: Path) -> Path | None:
+    """Retrieval-suite score against the budget: one panel per task (evaluation samples only, not
+    ``-dev``), a line per policy and variant, the full cache as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["task"] == "ruler" and not r["data"].endswith("-dev")]
+    if not rows:
+        return None
+    tasks = sorted({r["data"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        grp = [r for r in rows if r["data"] == task]
+        for r in grp:
+            if r.get("budget") is None:
+                ax.axhline(r["metrics"]["score"]["mean"] * 100, ls="--", c="k", lw=1, label="full cache")
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for r in grp:
+            if r.get("budget") is not None:
+                name = r["policy"] + (f" ({r['variant']})" if r.get("variant") else "")
+                lines.setdefault(name, []).append((r["budget"] * 100, r["metrics"]["score"]["mean"] * 100))
+        for name, pts in sorted(lines.items(), key=lambda kv: POLICY_ORDER.get(kv[0].split(" ")[0], 9)):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_title(task)
+        ax.set_xlabel("budget (% of the prompt)")
+        ax.set_ylabel("score (%)")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def merge_rule_ratios(rows: Sequence[dict]) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
     """vLLM perplexity of every merging policy relative to plain eviction on the same engine at the
     same budget: {data: {"policy [engine]": [(budget, mean ratio, std ratio)]}} (< 1: merging helps)."""
@@ -601,6 +636,7 @@ def write_report(folder: Path, title: str = "cam-vllm evaluation", img_dir: Path
         and r.get("data") == "haystack-512"  # the section 8 runs; score policies: their own plot
     ]
     written.append(plot_needle_depths(vllm_needle, img_dir / "vllm-needle-depth.png"))
+    written.append(plot_ruler(all_rows, img_dir / "vllm-ruler.png"))
     written = [p for p in written if p is not None]
     for p in written:
         md.append(f"![{p.stem}]({os.path.relpath(p, folder)})\n")

@@ -31,8 +31,10 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cam_vllm.eval.engines import Engine
+if TYPE_CHECKING:  # no torch at import: the CLI reads TASKS
+    from cam_vllm.eval.engines import Engine
 
 TASKS = (
     "niah_single_number",

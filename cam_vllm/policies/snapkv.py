@@ -34,7 +34,7 @@ class SnapKVScore(TokenScore):
     )
     holds_prompt: ClassVar[bool] = True
     window: int = 32
-    kernel: int = 7
+    kernel: int = 31
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -114,7 +114,7 @@ _FLAGS: dict[str, tuple[str, str, Any, str, str]] = {
         "pooling_kernel",
         int,
         "K",
-        "snapkv: scores are pooled over K neighbouring positions (odd, 1..255; default: 7)",
+        "snapkv: scores are pooled over K neighbouring positions (odd, 1..255; default: 31)",
     ),
     "--kv-budget": (
         "cam_kv_budget",
