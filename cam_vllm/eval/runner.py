@@ -100,8 +100,11 @@ def make_specs(
                 continue  # token-exact windows are a streaming setting
             # the prompt hold applies to score-driven policies (snapkv holds anyway), snapkv's own
             # settings to snapkv
-            reading = (*(("prompt_hold",) if is_score_driven(base) and base != "snapkv" else ()),)
-            reading += ("observation_window", "pooling_kernel") if base == "snapkv" else ()
+            reading: tuple[str, ...] = ()
+            if base == "snapkv":
+                reading = ("observation_window", "pooling_kernel")
+            elif is_score_driven(base):
+                reading = ("prompt_hold",)
             ov = {k: v for k, v in ov.items() if k not in READING_KEYS or k in reading}
             if rule != "cam":
                 counted = ("merge_count_attention",) if rule in COUNTING_RULES else ()

@@ -21,6 +21,13 @@ from typing import ClassVar
 import torch
 
 
+def in_held_prompt(num_tokens: int | torch.Tensor, hold_end: int | torch.Tensor) -> bool | torch.Tensor:
+    """The prompt hold's one rule: a query that sees ``num_tokens`` tokens is still inside a held
+    prompt of ``hold_end`` tokens (0: no hold), so every token stays. The scheduler, the step plan
+    and the reference cache all ask this (:meth:`EvictionPolicy.kept`)."""
+    return num_tokens <= hold_end
+
+
 @dataclass(frozen=True)
 class EvictionPolicy(ABC):
     """Base class: subclasses define ``retained`` and ``window_start`` and register a name."""
@@ -66,7 +73,7 @@ class EvictionPolicy(ABC):
         out = self.retained(positions, num_tokens)
         if isinstance(hold_end, int) and hold_end <= 0:
             return out
-        return out | (num_tokens <= hold_end)
+        return out | in_held_prompt(num_tokens, hold_end)
 
     def visible(
         self, q_positions: torch.Tensor, kv_positions: torch.Tensor, hold_end: int | torch.Tensor = 0

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from cam_vllm.policies.base import EvictionPolicy
+from cam_vllm.policies.base import EvictionPolicy, in_held_prompt
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class StreamingPolicy(EvictionPolicy):
         """
         starts = self.window_start(positions + 1)
         if not (isinstance(hold_end, int) and hold_end <= 0):
-            starts = torch.where(positions + 1 <= hold_end, -1, starts)
+            starts = torch.where(in_held_prompt(positions + 1, hold_end), -1, starts)
         new = torch.zeros_like(positions, dtype=torch.int64)
         if positions.numel() > 1:
             same = torch.ones_like(positions[1:], dtype=torch.bool)

@@ -145,7 +145,8 @@ class PolicyCache:
             score = self.policy.score
             if score is not None and score.observation_window is not None:
                 # only the observation window's queries count (SnapKV: the prompt's last queries)
-                probs_kv = probs_kv[score.observed(positions, self.hold_end)]
+                seen = score.observed(positions, self.hold_end)
+                probs_kv, visible = probs_kv[seen], visible[seen]
             st.abar = accumulate_attention(st.abar, probs_kv, self.policy.score_mode)
             if score is not None and score.fields:
                 st.state.update(score.update(st.state, probs_kv, visible))

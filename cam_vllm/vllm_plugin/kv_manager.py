@@ -36,6 +36,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, replace_as
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+from cam_vllm.policies.base import in_held_prompt
 from cam_vllm.vllm_plugin import metrics
 from cam_vllm.vllm_plugin.request_policy import FULL_CACHE_REQUESTS, REQUEST_WINDOWS, release_full
 from cam_vllm.vllm_plugin.startup import KVPolicyStartupError, check_spec_against_config
@@ -74,7 +75,7 @@ def freeable_blocks(
     """
     first = sink_end // block_size
     n = processed_tokens + 1
-    if n <= hold_end:
+    if in_held_prompt(n, hold_end):
         return first, first
     if exact_window:
         last = max(sink_end, (n - exact_window) // block_size * block_size) // block_size

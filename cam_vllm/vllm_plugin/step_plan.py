@@ -38,6 +38,7 @@ from cam_vllm.core.attention import totals_bias
 from cam_vllm.core.merge import build_chain
 from cam_vllm.core.rules import merge_rule
 from cam_vllm.policies import HeavyPolicy, KVPolicy
+from cam_vllm.policies.base import in_held_prompt
 
 Retained = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -109,7 +110,7 @@ class StepTokens:
             start = (((num_tokens + b - 1) // b) * b - own).clamp(min=prefix)
             out = out & ~((own > 0) & (positions >= prefix) & (positions < start))
         if self.hold is not None:  # a held prompt: everything stays until it has been read
-            out = out | (num_tokens <= self.hold[req])
+            out = out | in_held_prompt(num_tokens, self.hold[req])
         if self.full is not None:
             out = out | self.full[req]
         return out
