@@ -91,14 +91,17 @@ def server_flags(args: argparse.Namespace, policy: str) -> list[str]:
     if policy != "none":
         from cam_vllm.policies import same_memory_settings
 
+        name, _, hold = policy.partition("@")  # NAME@TOKENS: a bounded prompt hold
         # the same memory as a positional policy: sinks + heavy + window = sinks + --window
-        kv = same_memory_settings(policy, args.sinks, args.window, args.block_size)
+        kv = same_memory_settings(name, args.sinks, args.window, args.block_size)
         if args.heavy is not None and "heavy_tokens" in kv:  # given: on top of --window
             kv.update(heavy_tokens=args.heavy, window_tokens=args.window)
-        flags += ["--kv-policy", policy, "--kv-sink-tokens", str(args.sinks)]
+        flags += ["--kv-policy", name, "--kv-sink-tokens", str(args.sinks)]
         flags += ["--kv-window-tokens", str(kv["window_tokens"])]
         if "heavy_tokens" in kv:
             flags += ["--kv-heavy-tokens", str(kv["heavy_tokens"])]
+        if hold:
+            flags += ["--kv-prompt-hold-tokens", hold]
     return flags + list(args.server_arg or [])
 
 
@@ -198,7 +201,13 @@ def plot(results: list[BenchResult], path: Path) -> None:
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the prepared SmolLM2)")
-    parser.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, help="none = the full cache")
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=DEFAULT_POLICIES,
+        help="none = the full cache; NAME@TOKENS: a score-driven policy whose prompt hold is bounded "
+        "to TOKENS (--kv-prompt-hold-tokens), e.g. snapkv@768",
+    )
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="mixed")
     parser.add_argument("--input-len", type=int, default=None, help="prompt tokens (overrides --workload)")
     parser.add_argument("--output-len", type=int, default=None, help="output tokens (overrides --workload)")

@@ -69,6 +69,13 @@ class KVPolicyConfig(BaseModel):
         description="score-driven policies: keep every prompt token until the prompt has been read, "
         "then choose (default: on for snapkv, off for the others)",
     )
+    prompt_hold_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="score-driven policies: a bounded prompt hold: at most this many tokens per sequence "
+        "while its prompt is read, compressed each time it is reached (implies prompt_hold; "
+        "default: the whole prompt)",
+    )
     observation_window: int = Field(
         32, ge=1, description="snapkv: the last prompt queries whose attention chooses the heavy tokens"
     )
@@ -103,6 +110,13 @@ class KVPolicyConfig(BaseModel):
             raise ValueError(
                 f"prompt_hold applies to score-driven policies (h2o, tova, scissorhands, corm, snapkv), "
                 f"not {self.policy!r}"
+            )
+        if self.prompt_hold_tokens is not None and (self.prompt_hold is False or not is_score_driven(base)):
+            raise ValueError(
+                f"prompt_hold_tokens bounds the prompt hold of a score-driven policy (h2o, tova, "
+                f"scissorhands, corm, snapkv); policy {self.policy!r}"
+                + (" with prompt_hold false" if is_score_driven(base) else "")
+                + " holds no prompt"
             )
         if base == "snapkv" and self.prompt_hold is False:
             raise ValueError(
@@ -155,6 +169,16 @@ class KVPolicyConfig(BaseModel):
         """
         out = self._resolve(length)
         window = out.window_tokens
+        t, b = out.prompt_hold_tokens, out.block_size
+        if t is not None and window is not None:
+            bound = -(-out.sink_tokens // b) * b + (out.heavy_tokens or 0) + window
+            if t <= bound or t % b:
+                raise ValueError(
+                    f"prompt_hold_tokens ({t}) must be a multiple of the block size {b} above what the "
+                    f"policy keeps (sinks + heavy + window = {bound} tokens). Fix: use "
+                    f"{max(bound + b, -(-t // b) * b)} or more (--kv-prompt-hold-tokens), or drop it "
+                    "to hold the whole prompt"
+                )
         if out.base_policy == "snapkv" and window is not None and out.observation_window > window:
             raise ValueError(
                 f"observation window of {out.observation_window} queries is longer than the window "

@@ -87,3 +87,5 @@ def test_every_policy_is_benchmarked_at_the_memory_of_sinks_plus_window():
     assert flags("h2o", None) == ["--kv-window-tokens", "64", "--kv-heavy-tokens", "64"]
     assert flags("h2o", 32) == ["--kv-window-tokens", "128", "--kv-heavy-tokens", "32"]  # on top
     assert flags("streaming", 32) == ["--kv-window-tokens", "128"]
+    bounded = ["--kv-window-tokens", "64", "--kv-heavy-tokens", "64", "--kv-prompt-hold-tokens", "512"]
+    assert flags("snapkv@512", None) == bounded

@@ -71,6 +71,8 @@ def test_hold_is_on_for_snapkv_and_opt_in_for_the_others():
     assert not snapkv(policy="h2o").eviction.holds_prompt
     assert snapkv(policy="cam-h2o", prompt_hold=True).eviction.holds_prompt
     assert "after its prompt" in snapkv().describe()
+    bounded = snapkv(block=16, heavy=32, window=48, prompt_hold_tokens=256)
+    assert "holds at most 256 tokens" in bounded.describe()
 
 
 @settings(max_examples=80, deadline=None)
@@ -88,8 +90,55 @@ def test_a_held_prompt_keeps_everything_until_read_then_the_policy_rule(block, p
     held = pos + 1 <= prompt
     if held.any():
         assert (waves[held] == 0).all()
-    if held.any() and (~held).any():
-        assert int(waves[~held][0]) == 1
+    if held.any() and (~held).any():  # a new wave when the prompt's end frees something
+        assert int(waves[~held][0]) == int(ev.window_start(prompt + 1) > ev.prefix_end)
+
+
+@settings(max_examples=80, deadline=None)
+@given(block=st.sampled_from([1, 4, 16]), extra=st.integers(1, 6), prompt=st.integers(1, 300))
+def test_a_bounded_hold_holds_at_most_its_size_and_compresses_when_it_is_reached(block, extra, prompt):
+    """Held blocks never exceed ``prompt_hold_tokens``; they reach it when the prompt is long
+    enough; the hold keeps a superset of the policy's rule, becomes the rule past the prompt; the
+    queries of a wave see one held set; the observed queries are the ``w`` before each choice."""
+    size = 6 * block + extra * block  # the policy keeps sinks (1 block) + heavy 2 + window 3 blocks
+    ev = snapkv(block=block, heavy=2 * block, window=3 * block, sinks=1, prompt_hold_tokens=size).eviction
+    assert ev.hold_span == (extra + 1) * block and ev.max_held_tokens() == size
+    peak = 0
+    for n in range(1, prompt + 3):
+        pos = torch.arange(n)
+        kept = ev.kept(pos, n, prompt)
+        assert (kept | ~ev.retained(pos, n)).all()
+        if n > prompt:
+            assert torch.equal(kept, ev.retained(pos, n))
+        held = torch.unique(pos[kept] // block).numel()  # blocks holding a kept token
+        peak = max(peak, held * block)
+    assert peak <= size
+    if prompt >= size:
+        assert peak == size
+    pos = torch.arange(prompt + 2)
+    waves = ev.waves(pos, hold_end=prompt)
+    starts = torch.where(pos + 1 <= prompt, ev.held_window_start(pos + 1), ev.window_start(pos + 1))
+    new = torch.nonzero(waves[1:] != waves[:-1]).flatten() + 1  # first query of each later wave
+    assert torch.equal(new, torch.nonzero(starts[1:] != starts[:-1]).flatten() + 1)
+    w = ev.score.observation_window
+    seen = ev.observed(pos, prompt)
+    choices = [int(c) for c in new if c <= prompt]
+    want = torch.zeros_like(seen)
+    for c in [*choices, prompt]:
+        want[max(c - w, 0) : c] = True
+    assert torch.equal(seen, want & (pos < prompt))
+
+
+def test_a_bounded_hold_is_refused_below_the_policy_and_off_the_blocks():
+    with pytest.raises(ValueError, match=r"above what the policy keeps \(sinks \+ heavy \+ window = 96"):
+        snapkv(block=16, heavy=32, window=48, prompt_hold_tokens=96).eviction  # noqa: B018
+    with pytest.raises(ValueError, match="multiple of the block size 16.*use 128"):
+        snapkv(block=16, heavy=32, window=48, prompt_hold_tokens=120).eviction  # noqa: B018
+    with pytest.raises(ValueError, match="holds no prompt"):
+        KVPolicyConfig(policy="h2o", window_tokens=64, prompt_hold=False, prompt_hold_tokens=256)
+    with pytest.raises(ValueError, match="holds no prompt"):
+        KVPolicyConfig(policy="streaming", window_tokens=64, prompt_hold_tokens=256)
+    assert snapkv(policy="h2o", block=16, heavy=32, window=48, prompt_hold_tokens=256).eviction.holds_prompt
 
 
 def _direct_choice(q, k, prompt, window, kernel, heavy_start, heavy_end, heavy, scale):
@@ -147,6 +196,68 @@ def test_reference_cache_chooses_what_the_last_queries_attend_at_the_end_of_the_
     st_ = cache.layers[0]
     heavy_slots = (st_.positions >= ev.heavy_start) & (st_.positions < ev.prefix_end)
     assert (st_.state["pos"][heavy_slots] < prompt).all()
+
+
+def _direct_bounded(q, k, ev, prompt, scale):
+    """SnapKV with a bounded hold computed directly, per KV head and query by query: each query
+    attends to what its head keeps; before the query at each compression point the heavy tokens
+    and the tokens leaving compete on the pooled attention of the observation queries since the
+    previous compression (the last ``w`` at most), and the scores start afresh."""
+    w, kernel, cap = ev.score.observation_window, ev.score.kernel, ev.heavy_tokens
+    hq, hkv = q.shape[1], k.shape[1]
+    g = hq // hkv
+
+    def start_at(c: int) -> int:  # the window start query c sees
+        return int(ev.held_window_start(c + 1) if c < prompt else ev.window_start(c + 1))
+
+    points = [c for c in range(1, prompt + 1) if start_at(c) != start_at(c - 1)]
+    scored = {x for p in points for x in range(max(p - w, 0), p)}
+    out = []
+    for h in range(hkv):
+        heavy = list(range(ev.heavy_start, ev.prefix_end))
+        start, score = ev.prefix_end, torch.zeros(prompt)
+        for c in range(prompt + 1):
+            new = start_at(c)
+            if new != start:  # a compression before query c attends
+                cand = torch.tensor(heavy + list(range(start, new)))
+                pooled = pool_by_position(score[cand][:, None], cand[:, None], kernel)[:, 0]
+                top = pooled.topk(cap).indices
+                heavy, start = sorted(cand[top].tolist()), new
+                score = torch.zeros(prompt)
+            if c == prompt:
+                break
+            keys = torch.tensor(list(range(ev.sink_end)) + heavy + list(range(start, c + 1)))
+            logits = (q[c, h * g : (h + 1) * g] @ k[keys, h].T) * scale  # [G, N]
+            if c in scored:
+                score[keys] += logits.softmax(-1).mean(0)
+        out.append(heavy)
+    return out
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 1])
+def test_reference_cache_with_a_bounded_hold_chooses_at_each_compression_as_computed_directly(chunk):
+    """Per token (block size 1), a 60-token prompt under a 40-token hold (the policy keeps 24):
+    compressions before queries 40 and 57 and at the end; the heavy tokens per KV head equal a
+    direct computation whatever the chunking, and the cache never holds more than 40 tokens."""
+    torch.manual_seed(1)
+    hq, hkv, d, scale, prompt = 4, 2, 16, 0.25, 60
+    policy = snapkv(
+        heavy=10, window=12, sinks=2, observation_window=8, pooling_kernel=3, prompt_hold_tokens=40
+    )
+    ev = policy.eviction
+    q, k, v = torch.randn(prompt, hq, d), torch.randn(prompt, hkv, d), torch.randn(prompt, hkv, d)
+    cache = PolicyCache(policy, prompt_len=prompt)
+    step = chunk or prompt
+    for s in range(0, prompt, step):
+        e = min(s + step, prompt)
+        cache.attend(0, q[s:e], k[s:e], v[s:e], scale)
+    st_ = cache.layers[0]
+    heavy_slots = (st_.positions >= ev.heavy_start) & (st_.positions < ev.prefix_end)
+    got = [sorted(st_.state["pos"][heavy_slots][:, h].tolist()) for h in range(hkv)]
+    assert got == _direct_bounded(q, k, ev, prompt, scale)
+    assert cache.stats.max_retained == 40
+    assert len(ev.waves(torch.arange(prompt + 1), hold_end=prompt).unique()) == 4  # 3 compressions
+    assert max(max(h) for h in got) >= 40, "the last compression kept a token read after the first"
 
 
 def test_h2o_with_the_hold_chooses_once_at_the_end_of_the_prompt():

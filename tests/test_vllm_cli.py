@@ -64,6 +64,14 @@ def test_flags_land_in_additional_config(serve_parser) -> None:
     )
     assert ea.additional_config["kv_policy"] == {"policy": "h2o", "budget": 0.25, "prompt_hold": True}
     ea = _engine_args(
+        serve_parser, "--kv-policy", "snapkv", "--kv-budget", "0.25", "--kv-prompt-hold-tokens", "1024"
+    )
+    assert ea.additional_config["kv_policy"] == {
+        "policy": "snapkv",
+        "budget": 0.25,
+        "prompt_hold_tokens": 1024,
+    }
+    ea = _engine_args(
         serve_parser,
         *("--kv-policy", "snapkv", "--kv-budget", "0.25", "--kv-observation-window", "16"),
         *("--kv-pooling-kernel", "15"),

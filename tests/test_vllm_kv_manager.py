@@ -239,3 +239,42 @@ def test_prefix_caching_never_shares_policy_blocks() -> None:
     list(_run(kvm, a, 64, steps_after_prompt=5))
     _blocks, hit_tokens, *_ = kvm.get_computed_blocks(b)
     assert hit_tokens == 0
+
+
+@pytest.mark.parametrize("hold_tokens", [0, 256, 384])
+def test_a_held_prompt_frees_what_the_policy_stops_keeping_and_stays_within_the_spec(hold_tokens) -> None:
+    """snapkv with a whole-prompt or bounded hold: the block manager frees exactly the blocks the
+    policy's ``kept`` stops keeping, inside the prompt and after it; a bounded hold holds at most
+    its size (the spec's admission cap, now per request again), a whole one the prompt."""
+    from cam_vllm.config import KVPolicyConfig
+    from cam_vllm.policies import build_policy
+
+    extra = {"prompt_hold_tokens": hold_tokens} if hold_tokens else {}
+    cfg = KVPolicyConfig(
+        policy="snapkv", sink_tokens=4, heavy_tokens=64, window_tokens=96, block_size=B, **extra
+    )
+    policy = build_policy(cfg)
+    ev = policy.eviction
+    spec = policy_kv_spec(_full_attention_spec(), policy)
+    assert (spec.prompt_hold, spec.hold_span) == (True, ev.hold_span)
+    assert spec.holds_whole_prompts == (not hold_tokens)
+    prompt = 700
+    peak = 0
+    for processed in range(0, prompt + 3 * B):
+        n = processed + 1
+        num_blocks = -(-n // B)
+        pos = torch.arange(num_blocks * B)
+        kept = ev.kept(pos, n, prompt).view(num_blocks, B).any(dim=1)
+        first, last = freeable_blocks(
+            processed, spec.sink_end, spec.window_tokens, B, 0, prompt, spec.hold_span
+        )
+        assert list(range(first, max(first, last))) == [i for i in range(num_blocks) if not kept[i]], (
+            processed
+        )
+        peak = max(peak, num_blocks - max(last - first, 0))
+    if hold_tokens:
+        assert peak * B == hold_tokens
+        assert spec.max_blocks(4096, step_tokens=1) == hold_tokens // B  # one token a step: the bound
+    else:
+        assert peak * B == -(-prompt // B) * B
+        assert spec.max_blocks(4096) == 4096 // B

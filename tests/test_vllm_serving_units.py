@@ -171,6 +171,7 @@ def test_policy_report():
         "heavy_tokens": None,
         "score": None,
         "prompt_hold": False,
+        "prompt_hold_tokens": 0,
         "observation_window": None,
         "pooling_kernel": None,
         "max_retained_tokens": 288,

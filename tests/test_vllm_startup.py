@@ -164,6 +164,11 @@ BAD_SETTINGS = [
         ["pooling_kernel must be odd", "use 7 or 9"],
     ),
     (
+        {"policy": "snapkv", "window_tokens": 64, "prompt_hold_tokens": 100},
+        {},
+        ["prompt_hold_tokens (100) must be a multiple of the block size 32", "= 160 tokens", "use 192"],
+    ),
+    (
         {"policy": "cam-streaming", "window_tokens": 64, "prompt_hold": True},
         {},
         ["prompt_hold applies to score-driven policies", "not 'cam-streaming'"],

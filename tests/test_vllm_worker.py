@@ -35,6 +35,7 @@ def streaming(
     base: str = "streaming",
     exact: bool = False,
     hold: bool | None = None,
+    hold_tokens: int | None = None,
 ):
     rule = rule or ("cam" if cam else None)
     name = f"{rule}-{base}" if rule else base
@@ -43,6 +44,8 @@ def streaming(
         extra["token_exact"] = True
     if hold is not None:
         extra["prompt_hold"] = hold
+    if hold_tokens is not None:
+        extra["prompt_hold_tokens"] = hold_tokens
     return build_policy(
         KVPolicyConfig(policy=name, sink_tokens=SINKS, window_tokens=window, block_size=block, **extra)
     )
@@ -279,15 +282,41 @@ def test_prompt_hold_worker_steps_reproduce_policy_cache_without_an_engine(rule,
     _run_worker_steps(rule, "accumulated", base, chunks, monkeypatch, deferred=True, hold=(189, 174))
 
 
+BOUNDED_HOLD_CASES = [(None, "snapkv"), ("cam", "snapkv"), ("kvmerger", "snapkv"), (None, "h2o")]
+
+
+@pytest.mark.parametrize(("rule", "base"), BOUNDED_HOLD_CASES)
+def test_bounded_prompt_hold_worker_steps_reproduce_policy_cache_without_an_engine(rule, base, monkeypatch):
+    """A bounded hold of 192 tokens (the policy keeps 160): prompts of 289 and 274 tokens are
+    compressed each time they reach it (inside chunks too, between waves) and once more at their
+    end; SnapKV's scores start afresh after each compression. The blocks freed are the block
+    manager's own (``freeable_blocks``), poisoned, so the worker must never read one again."""
+    chunks = [[150, 1, 1, 137] + [1] * 40 + [40, 1, 1], [1, 70, 1, 1, 1, 200] + [1] * 38 + [30, 1, 1]]
+    refs = _run_worker_steps(
+        rule, "accumulated", base, chunks, monkeypatch, deferred=True, hold=(289, 274), hold_tokens=192
+    )
+    for ref in refs:  # never more than the bound held, and the bound was reached
+        assert ref.stats.max_retained == 192
+
+
 def _run_worker_steps(
-    rule, mode, base, chunks, monkeypatch, deferred: bool, exact: bool = False, hold: tuple | None = None
-) -> None:
+    rule,
+    mode,
+    base,
+    chunks,
+    monkeypatch,
+    deferred: bool,
+    exact: bool = False,
+    hold: tuple | None = None,
+    hold_tokens: int | None = None,
+) -> list:
     pytest.importorskip("vllm")
     import dataclasses
     from types import SimpleNamespace
 
     from cam_vllm.reference.cache import PolicyCache
     from cam_vllm.vllm_plugin import step_plan, step_requests
+    from cam_vllm.vllm_plugin.kv_manager import freeable_blocks
     from cam_vllm.vllm_plugin.paged import _write
     from cam_vllm.vllm_plugin.query_stash import StashPlanner, stash_for_wave
     from cam_vllm.vllm_plugin.step_plan import StepTokens, compact_for_kernel, plan_scores, split_waves
@@ -296,7 +325,14 @@ def _run_worker_steps(
     torch.manual_seed(0)
     window = 61 if exact else WINDOW  # token-exact: not a whole number of blocks
     policy = dataclasses.replace(
-        streaming(rule=rule, base=base, window=window, exact=exact, hold=True if hold else None),
+        streaming(
+            rule=rule,
+            base=base,
+            window=window,
+            exact=exact,
+            hold=True if hold else None,
+            hold_tokens=hold_tokens,
+        ),
         score_mode=mode,
     )
     observe = policy.score is not None and policy.score.observation_window is not None
@@ -338,7 +374,10 @@ def _run_worker_steps(
             expected.append(refs[r].attend(3, q, k, v, scale))
             done[r] += n
         qsl = torch.tensor([0, chunks[0][step], chunks[0][step] + chunks[1][step]], dtype=torch.int32)
-        tokens = StepTokens.from_batch(qsl, torch.tensor(done, dtype=torch.int32), 2, hold=hold_t)
+        held_rule = policy.eviction.held if hold_tokens else None
+        tokens = StepTokens.from_batch(
+            qsl, torch.tensor(done, dtype=torch.int32), 2, hold=hold_t, held=held_rule
+        )
         q_all, slot_all = torch.cat(qs), torch.cat(slots)
         out = torch.empty_like(q_all)
         stash = None
@@ -380,11 +419,15 @@ def _run_worker_steps(
                 torch.testing.assert_close(impl._abar[slot], st.abar, atol=1e-6, rtol=1e-5)
                 for name, t in st.state.items():  # score-driven: per-head token positions, scores
                     torch.testing.assert_close(impl._state[name][slot], t, atol=1e-6, rtol=1e-5)
+            if hold:  # the blocks the scheduler frees now (its own rule): poison them
+                ev = policy.eviction
+                first, last = freeable_blocks(
+                    done[r], ev.prefix_end, ev.window_tokens, BLOCK, 0, prompts[r], ev.hold_span
+                )
+                kv[table[r, first:last].long()] = float("nan")
+                continue
             for j in range(widths[r]):  # blocks the scheduler frees now: poison them
-                held = done[r] + 1 <= (prompts[r] if hold else 0)
-                if not held and not bool(
-                    policy.eviction.block_retained(torch.tensor(j * BLOCK), done[r] + 1)
-                ):
+                if not bool(policy.eviction.block_retained(torch.tensor(j * BLOCK), done[r] + 1)):
                     kv[int(table[r, j])] = float("nan")
     if rule is not None and not (exact and rule == "kvmerger"):  # per token kvmerger never merges
         assert sum(ref.stats.merged for ref in refs) > 0
@@ -399,6 +442,7 @@ def _run_worker_steps(
         assert (pos >= policy.eviction.prefix_end).any(), "the heavy region never took a later token"
         if type(policy.score).per_head:
             assert not torch.equal(pos[:, 0], pos[:, 1]), "KV heads should keep different tokens"
+    return refs
 
 
 # --- real engines -------------------------------------------------------------------------------

@@ -52,15 +52,9 @@ class TokenScore(ABC):
 
     @property
     def observation_window(self) -> int | None:
-        """Only the last this many prompt queries are scored (None: every query, decodes too)."""
+        """Only the last this many prompt queries before a choice are scored (None: every query,
+        decodes too); which queries those are is the policy's rule (``HeavyPolicy.observed``)."""
         return None
-
-    def observed(self, q_positions: torch.Tensor, hold_end: int | torch.Tensor) -> torch.Tensor:
-        """Bool per query: does its attention count (``hold_end``: its sequence's held prompt)?"""
-        w = self.observation_window
-        if w is None:
-            return torch.ones_like(q_positions, dtype=torch.bool)
-        return (q_positions < hold_end) & (q_positions >= hold_end - w)
 
     def __post_init__(self) -> None:
         if not 1 <= self.history <= MAX_HISTORY:

@@ -103,6 +103,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="h2o, tova, scissorhands, corm: choose after the whole prompt is read (snapkv always does)",
     )
+    g.add_argument(
+        "--prompt-hold-tokens",
+        type=int,
+        default=None,
+        help="score-driven policies: bound the prompt hold to this many tokens (implies --prompt-hold)",
+    )
     g.add_argument("--observation-window", type=int, default=None, help="snapkv: last prompt queries scored")
     g.add_argument("--pooling-kernel", type=int, default=None, help="snapkv: positions pooled (odd)")
     t = p.add_argument_group("task options")
@@ -128,9 +134,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
+    from cam_vllm.eval.runner import READING_KEYS  # imports torch: not at the CLI's start
+
     ov = {}
     names = ("block_size", "merge_targets", "merge_target_mode", "merge_similarity", "score_mode")
-    for name in (*names, "prompt_hold", "observation_window", "pooling_kernel"):
+    for name in (*names, *READING_KEYS):
         if getattr(args, name) is not None:
             ov[name] = getattr(args, name)
     if args.merge_clamp is not None:

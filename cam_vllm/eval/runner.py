@@ -23,7 +23,7 @@ from cam_vllm.policies import base_policy_name, is_score_driven, merge_rule_of
 
 # Settings of choosing after the prompt (``--prompt-hold``, snapkv's observation and pooling):
 # applied to the rows they mean something for, and named in those rows' labels.
-READING_KEYS = ("prompt_hold", "observation_window", "pooling_kernel")
+READING_KEYS = ("prompt_hold", "prompt_hold_tokens", "observation_window", "pooling_kernel")
 
 # Named ablations (paper Tables 2 and 3, and the block-granular merging vLLM needs).
 ABLATIONS: dict[str, dict] = {
@@ -102,9 +102,9 @@ def make_specs(
             # settings to snapkv
             reading: tuple[str, ...] = ()
             if base == "snapkv":
-                reading = ("observation_window", "pooling_kernel")
+                reading = ("prompt_hold_tokens", "observation_window", "pooling_kernel")
             elif is_score_driven(base):
-                reading = ("prompt_hold",)
+                reading = ("prompt_hold", "prompt_hold_tokens")
             ov = {k: v for k, v in ov.items() if k not in READING_KEYS or k in reading}
             if rule != "cam":
                 counted = ("merge_count_attention",) if rule in COUNTING_RULES else ()

@@ -62,13 +62,15 @@ def _heavy(name: str) -> Callable[[Any], EvictionPolicy]:
         own = {f.name for f in dataclasses.fields(cls)}
         score = cls(**{k: v for k, v in settings.items() if k in own and v is not None})
         hold = getattr(c, "prompt_hold", None)
+        hold_tokens = getattr(c, "prompt_hold_tokens", None) or 0
         return HeavyPolicy(
             block_size=c.block_size,
             sink_tokens=c.sink_tokens,
             window_tokens=c.window_tokens or 0,
             heavy_tokens=c.heavy_tokens or 0,
             score=score,
-            prompt_hold=cls.holds_prompt if hold is None else bool(hold),
+            prompt_hold=bool(hold_tokens) or (cls.holds_prompt if hold is None else bool(hold)),
+            prompt_hold_tokens=hold_tokens,
         )
 
     return build
@@ -84,6 +86,13 @@ _FACTORIES: dict[str, Callable[[Any], EvictionPolicy]] = {
     ),
     **{name: _heavy(name) for name in SCORES},
 }
+
+
+def _hold_words(ev: HeavyPolicy) -> str:
+    if ev.prompt_hold_tokens:
+        t = ev.prompt_hold_tokens
+        return f"a prompt being read holds at most {t} tokens, compressed when it reaches them"
+    return "the prompt is held whole until read"
 
 
 def is_score_driven(base: str) -> bool:
@@ -179,7 +188,7 @@ class KVPolicy:
                 f"sinks {ev.sink_tokens} (kept: {ev.sink_end}), heavy {ev.heavy_tokens} tokens "
                 f"({ev.score.describe()}), window {ev.window_tokens} tokens, "
                 f"at most {ev.max_retained_tokens()} tokens per sequence"
-                + (" after its prompt (the prompt is held whole until read)" if ev.prompt_hold else "")
+                + (" after its prompt (" + _hold_words(ev) + ")" if ev.prompt_hold else "")
             )
         elif isinstance(ev, StreamingPolicy) and ev.token_exact:
             parts.append(

@@ -28,6 +28,14 @@ def in_held_prompt(num_tokens: int | torch.Tensor, hold_end: int | torch.Tensor)
     return num_tokens <= hold_end
 
 
+def held_window_start(window_start: int | torch.Tensor, prefix_end: int, span: int) -> int | torch.Tensor:
+    """A bounded hold's window start: the policy's ``window_start`` (already ``>= prefix_end``)
+    moved in steps of ``span`` tokens, so a held prompt keeps up to ``span - 1`` blocks' worth
+    more than the policy and compresses each time a step is reached (``span``: a positive
+    multiple of the block size). The scheduler and the policy both compute it here."""
+    return prefix_end + (window_start - prefix_end) // span * span
+
+
 @dataclass(frozen=True)
 class EvictionPolicy(ABC):
     """Base class: subclasses define ``retained`` and ``window_start`` and register a name."""
@@ -61,19 +69,31 @@ class EvictionPolicy(ABC):
         *prompt hold*: the policy chooses after reading, e.g. SnapKV); see :meth:`kept`."""
         return False
 
+    @property
+    def hold_span(self) -> int:
+        """Tokens by which a bounded prompt hold's window start moves (0: a whole-prompt hold, or
+        none); see :meth:`held`."""
+        return 0
+
     def kept(
         self, positions: torch.Tensor, num_tokens: int | torch.Tensor, hold_end: int | torch.Tensor = 0
     ) -> torch.Tensor:
         """``retained``, or every token while the sequence is inside its held prompt.
 
         ``hold_end``: the prompt length of a sequence whose policy holds its prompt (0: no hold).
-        A query at position ``q < hold_end`` sees its whole causal prefix; from the first query
-        past the prompt on, the policy's own rule applies. Broadcasts like ``retained``.
+        A query at position ``q < hold_end`` sees what the hold keeps (:meth:`held`: its whole
+        causal prefix, or up to a bounded hold's size); from the first query past the prompt on,
+        the policy's own rule applies. Broadcasts like ``retained``.
         """
         out = self.retained(positions, num_tokens)
         if isinstance(hold_end, int) and hold_end <= 0:
             return out
-        return out | in_held_prompt(num_tokens, hold_end)
+        return out | (in_held_prompt(num_tokens, hold_end) & self.held(positions, num_tokens))
+
+    def held(self, positions: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
+        """What a held prompt keeps at ``num_tokens`` (a superset of ``retained``): everything,
+        unless the hold is bounded (``HeavyPolicy.prompt_hold_tokens``)."""
+        return torch.ones_like(positions + num_tokens, dtype=torch.bool)
 
     def visible(
         self, q_positions: torch.Tensor, kv_positions: torch.Tensor, hold_end: int | torch.Tensor = 0

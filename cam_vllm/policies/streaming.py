@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from cam_vllm.policies.base import EvictionPolicy, in_held_prompt
+from cam_vllm.policies.base import EvictionPolicy, held_window_start, in_held_prompt
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,16 @@ class StreamingPolicy(EvictionPolicy):
     def max_retained_tokens(self) -> int:
         return self.prefix_end + self.window_tokens
 
+    def held_window_start(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor:
+        """First window position a held prompt keeps at ``num_tokens``: the prefix end for a
+        whole-prompt hold (nothing goes), else the window start moved in steps of ``hold_span``."""
+        if not self.hold_span:
+            return num_tokens * 0 + self.prefix_end
+        return held_window_start(self.window_start(num_tokens), self.prefix_end, self.hold_span)
+
+    def held(self, positions: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
+        return (positions < self.prefix_end) | (positions >= self.held_window_start(num_tokens))
+
     def max_held_tokens(self) -> int:
         """Most cached tokens a sequence holds in whole blocks (what its memory costs)."""
         return self.block_prefix_end + self.block_window_tokens
@@ -119,12 +129,14 @@ class StreamingPolicy(EvictionPolicy):
         A new wave starts at a query whose retained set lost a block that the previous query of
         the same request still saw (its window start moved). ``request``: each query's request
         (None: all one request). ``hold_end`` (per query, or one int): queries inside a held prompt
-        (:meth:`EvictionPolicy.kept`) see everything, so they share a wave, and the first query
-        past the prompt starts a new one (the policy chooses before it attends).
+        (:meth:`EvictionPolicy.kept`) see what the hold keeps, so they share a wave until a
+        bounded hold compresses, and the first query past the prompt starts a new one (the policy
+        chooses before it attends).
         """
         starts = self.window_start(positions + 1)
         if not (isinstance(hold_end, int) and hold_end <= 0):
-            starts = torch.where(in_held_prompt(positions + 1, hold_end), -1, starts)
+            held = self.held_window_start(positions + 1)
+            starts = torch.where(in_held_prompt(positions + 1, hold_end), held, starts)
         new = torch.zeros_like(positions, dtype=torch.int64)
         if positions.numel() > 1:
             same = torch.ones_like(positions[1:], dtype=torch.bool)

@@ -145,7 +145,7 @@ class PolicyCache:
             score = self.policy.score
             if score is not None and score.observation_window is not None:
                 # only the observation window's queries count (SnapKV: the prompt's last queries)
-                seen = score.observed(positions, self.hold_end)
+                seen = self.policy.eviction.observed(positions, self.hold_end)
                 probs_kv, visible = probs_kv[seen], visible[seen]
             st.abar = accumulate_attention(st.abar, probs_kv, self.policy.score_mode)
             if score is not None and score.fields:
@@ -247,3 +247,5 @@ class PolicyCache:
                 st.k[recv_idx] = res.receiver_k
         for d in res.decisions:
             self.stats.add(d)
+        if ev.restarts_scores(next_num_tokens, self.hold_end):  # a bounded hold's next window scores afresh
+            st.abar.zero_()

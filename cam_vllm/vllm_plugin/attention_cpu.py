@@ -176,7 +176,10 @@ class PolicyCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         full = step_requests.full_of(step) if self.allow_full else None  # rows keeping the full cache
         window, cut = own_windows(self.policy, step)  # rows with a smaller window of their own
         hold = step_requests.holds_of(step, self.policy)  # rows whose prompt is held until read
-        tokens = StepTokens.from_batch(cm.query_start_loc, cm.seq_lens, cm.num_reqs, full, window, cut, hold)
+        held = self.policy.eviction.held if self.policy.eviction.hold_span else None  # a bounded hold
+        tokens = StepTokens.from_batch(
+            cm.query_start_loc, cm.seq_lens, cm.num_reqs, full, window, cut, hold, held
+        )
         seeds = step_requests.seeds_of(step) if self.policy.merge is not None else None
         stash = None
         if step is not None and self.stash_planner is not None:

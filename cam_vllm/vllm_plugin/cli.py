@@ -102,6 +102,16 @@ _FLAGS: dict[str, tuple[str, str, Any, str, str]] = {
         "choose the heavy tokens (the prompt occupies its full size until then; default: true for "
         "snapkv, false for the others)",
     ),
+    "--kv-prompt-hold-tokens": (
+        "cam_kv_prompt_hold_tokens",
+        "prompt_hold_tokens",
+        int,
+        "N",
+        "h2o, tova, scissorhands, corm, snapkv: bound the prompt hold to N tokens per request (a "
+        "multiple of the block size above sinks + heavy + window): the heavy tokens are chosen each "
+        "time a prompt being read reaches N, and once more at its end (implies --kv-prompt-hold; "
+        "default: the whole prompt is held)",
+    ),
     "--kv-observation-window": (
         "cam_kv_observation_window",
         "observation_window",

@@ -59,6 +59,8 @@ def policy_report(vllm_config: Any) -> dict[str, Any]:
             "score": policy.score.name if policy.score is not None else None,
             # the whole prompt is kept until it has been read (peak memory per request: the prompt)
             "prompt_hold": eviction.holds_prompt,
+            # a bounded hold: the most tokens a request holds while its prompt is read (0: all)
+            "prompt_hold_tokens": getattr(eviction, "prompt_hold_tokens", 0),
             "observation_window": getattr(policy.score, "observation_window", None),  # snapkv
             "pooling_kernel": getattr(policy.score, "kernel", None),  # snapkv
             "max_retained_tokens": eviction.max_retained_tokens(),

@@ -10,7 +10,8 @@ merged (CaM) its values at the end of the step that last read it.
 Score-driven policies (H2O, ...) look the same from here: their heavy region is part of the kept
 prefix (``sink_end`` = sinks + heavy); which tokens it holds is the workers' business. With the
 prompt hold (SnapKV, ``--kv-prompt-hold``) nothing is freed while the next query is inside the
-prompt (vLLM passes the prompt length here); from the first query after it, the same rule.
+prompt (vLLM passes the prompt length here), or with a bounded hold (``--kv-prompt-hold-tokens``)
+the window start moves in steps of the hold's span; from the first query after it, the same rule.
 
 For a StreamingLLM policy with block size ``B`` the retained blocks are the sink blocks
 ``[0, sink_end / B)`` plus the last ``W / B`` blocks of ``n`` tokens, so the freed range is
@@ -36,7 +37,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, replace_as
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from cam_vllm.policies.base import in_held_prompt
+from cam_vllm.policies.base import held_window_start, in_held_prompt
 from cam_vllm.vllm_plugin import metrics
 from cam_vllm.vllm_plugin.request_policy import FULL_CACHE_REQUESTS, REQUEST_WINDOWS, release_full
 from cam_vllm.vllm_plugin.startup import KVPolicyStartupError, check_spec_against_config
@@ -62,6 +63,7 @@ def freeable_blocks(
     block_size: int,
     exact_window: int = 0,
     hold_end: int = 0,
+    hold_span: int = 0,
 ) -> tuple[int, int]:
     """``[first, last)`` block indices that no query from now on attends to.
 
@@ -70,13 +72,16 @@ def freeable_blocks(
     go. Empty (first >= last) while the window still reaches the sinks. ``exact_window`` (a
     token-exact policy's window ``W``, 0: none): a block goes once its last token is older than
     the last ``W`` tokens (``window_tokens`` is then only the bound on what is held).
-    ``hold_end``: a held prompt's length (``EvictionPolicy.kept``): nothing goes while the next
-    query is inside it.
+    ``hold_end``: a held prompt's length (``EvictionPolicy.kept``): while the next query is inside
+    it nothing goes, or (``hold_span``, a bounded hold) the window start moves in steps of the span.
     """
     first = sink_end // block_size
     n = processed_tokens + 1
     if in_held_prompt(n, hold_end):
-        return first, first
+        if not hold_span:
+            return first, first
+        start = window_start(n, sink_end, window_tokens, block_size)
+        return first, held_window_start(start, sink_end, hold_span) // block_size
     if exact_window:
         last = max(sink_end, (n - exact_window) // block_size * block_size) // block_size
     else:
@@ -122,6 +127,7 @@ class PolicyAttentionSpec(FullAttentionSpec):
     step_tokens: int
     exact_window: int = 0  # a token-exact policy's window (freeable_blocks); 0: block-granular
     prompt_hold: bool = False  # every prompt block is kept until the prompt has been read
+    hold_span: int = 0  # a bounded hold: its window start moves in steps of this many tokens
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,13 +158,26 @@ class PolicyAttentionSpec(FullAttentionSpec):
             "step_tokens": self.step_tokens,
             "exact_window": self.exact_window,
             "prompt_hold": self.prompt_hold,
+            "hold_span": self.hold_span,
         }
 
+    @property
+    def holds_whole_prompts(self) -> bool:
+        """A prompt is held whole until read: a request may hold ``max_model_len`` tokens."""
+        return self.prompt_hold and not self.hold_span
+
+    @property
+    def held_window_tokens(self) -> int:
+        """Most window tokens held in whole blocks (a bounded hold's during the prompt)."""
+        return self.window_tokens + (self.hold_span - self.block_size if self.hold_span else 0)
+
     def max_blocks(self, max_model_len: int, step_tokens: int | None = None) -> int:
-        if self.prompt_hold:  # a prompt of max_model_len - 1 tokens is held whole until it is read
+        if self.holds_whole_prompts:  # a prompt of max_model_len - 1 tokens is held until it is read
             return cdiv(max_model_len, self.block_size)
         step = self.step_tokens if step_tokens is None else step_tokens
-        return max_blocks_per_request(self.sink_end, self.window_tokens, self.block_size, step, max_model_len)
+        return max_blocks_per_request(
+            self.sink_end, self.held_window_tokens, self.block_size, step, max_model_len
+        )
 
     def max_memory_usage_bytes(self, vllm_config: Any) -> int:
         # Called in the engine core by the start-up capacity check, before the scheduler
@@ -234,6 +253,7 @@ def policy_kv_spec(spec: Any, policy: Any, vllm_config: Any = None) -> Any:
         step_tokens=step_tokens,
         exact_window=eviction.window_tokens if getattr(eviction, "token_exact", False) else 0,
         prompt_hold=eviction.holds_prompt,
+        hold_span=eviction.hold_span,
     )
 
 
@@ -257,18 +277,23 @@ class PolicyKVCacheManager(FullAttentionManager):
         self.window_tokens = kv_cache_spec.window_tokens
         self.exact_window = kv_cache_spec.exact_window
         self.prompt_hold = kv_cache_spec.prompt_hold
+        self.hold_span = kv_cache_spec.hold_span
         if self.dcp_world_size != 1 or self.pcp_world_size != 1:
             raise ValueError("KV policies do not support decode/prefill context parallelism")
         if (
             self.max_admission_blocks_per_request is None
             and kv_cache_spec.step_tokens > 0
-            and not self.prompt_hold  # a held prompt holds all of its blocks at once: no cap
+            and not kv_cache_spec.holds_whole_prompts  # all of a held prompt's blocks at once: no cap
         ):
             # Admission (scheduler_reserve_full_isl) must reserve what a request really holds,
             # not its full length, or a request longer than the pool would wait forever. Same
             # number as the start-up bound (max_memory_usage_bytes), as vLLM does for SWA.
             self.max_admission_blocks_per_request = max_blocks_per_request(
-                self.sink_end, self.window_tokens, self.block_size, kv_cache_spec.step_tokens, 1 << 62
+                self.sink_end,
+                kv_cache_spec.held_window_tokens,
+                self.block_size,
+                kv_cache_spec.step_tokens,
+                1 << 62,
             )
 
     def remove_skipped_blocks(
@@ -284,7 +309,13 @@ class PolicyKVCacheManager(FullAttentionManager):
             return
         window = REQUEST_WINDOWS.get(request_id, self.window_tokens)  # a request's own smaller window
         first, last = freeable_blocks(
-            processed_computed_tokens, self.sink_end, window, self.block_size, self.exact_window, hold_end
+            processed_computed_tokens,
+            self.sink_end,
+            window,
+            self.block_size,
+            self.exact_window,
+            hold_end,
+            self.hold_span,
         )
         free_before = self.block_pool.get_num_free_blocks()
         self._remove_blocks_in_range(request_id, first, last)

@@ -337,3 +337,6 @@ def _choose_heavy(
                 paged.scatter_k(rs, _per_event(res.receiver_k, ev))
         for d in res.decisions:
             record_merge(int((d.num_targets > 0).sum()) * ev, d, count_tokens)
+    for e in events:  # a bounded hold's next observation window scores afresh
+        if e.restart is not None:
+            abar[e.restart] = 0.0

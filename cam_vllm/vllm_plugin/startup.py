@@ -265,6 +265,7 @@ def check_spec_against_config(spec: Any, vllm_config: Any) -> None:
         getattr(eviction, "block_window_tokens", None),
         eviction.window_tokens if policy.token_exact else 0,
         eviction.holds_prompt,
+        eviction.hold_span,
     )
     got = (
         spec.block_size,
@@ -272,11 +273,12 @@ def check_spec_against_config(spec: Any, vllm_config: Any) -> None:
         spec.window_tokens,
         getattr(spec, "exact_window", 0),
         getattr(spec, "prompt_hold", False),
+        getattr(spec, "hold_span", 0),
     )
     if expected != got:
         raise KVPolicyStartupError(
             "worker and engine core disagree on the KV policy (block, sink_end, window, exact window, "
-            "prompt hold): "
+            "prompt hold, hold span): "
             f"worker {got}, engine {expected}"
         )
     _checked_configs.add(key)

@@ -73,6 +73,8 @@ class StepTokens:
     # [R] int64: the prompt length of each row whose policy holds its prompt (0: no hold;
     # ``EvictionPolicy.kept``); None: no row holds one
     hold: torch.Tensor | None = None
+    # what a held prompt keeps (``EvictionPolicy.held``: a bounded hold's rule); None: everything
+    held: Retained | None = None
 
     @staticmethod
     def from_batch(
@@ -83,6 +85,7 @@ class StepTokens:
         window: torch.Tensor | None = None,
         cut: tuple[int, int] = (0, 1),
         hold: torch.Tensor | None = None,
+        held: Retained | None = None,
     ) -> StepTokens:
         qsl = query_start_loc[: num_reqs + 1].to(torch.int64)
         lens = seq_lens[:num_reqs].to(torch.int64)
@@ -91,7 +94,7 @@ class StepTokens:
         total = int(qsl[-1])
         req = torch.repeat_interleave(torch.arange(num_reqs), qlens, output_size=total)
         pos = ctx[req] + torch.arange(total) - qsl[:-1][req]
-        return StepTokens(qsl, lens, ctx, req, pos, full, window, cut, hold)
+        return StepTokens(qsl, lens, ctx, req, pos, full, window, cut, hold, held)
 
     @property
     def query_hold(self) -> torch.Tensor | int:
@@ -109,8 +112,9 @@ class StepTokens:
             own = self.window[req]
             start = (((num_tokens + b - 1) // b) * b - own).clamp(min=prefix)
             out = out & ~((own > 0) & (positions >= prefix) & (positions < start))
-        if self.hold is not None:  # a held prompt: everything stays until it has been read
-            out = out | in_held_prompt(num_tokens, self.hold[req])
+        if self.hold is not None:  # a held prompt: what the hold keeps stays until it has been read
+            inside = in_held_prompt(num_tokens, self.hold[req])
+            out = out | (inside if self.held is None else inside & self.held(positions, num_tokens))
         if self.full is not None:
             out = out | self.full[req]
         return out
@@ -151,7 +155,9 @@ def split_waves(policy: KVPolicy, tokens: StepTokens) -> list[Wave]:
         full = None if tokens.full is None else tokens.full[reqs]
         window = None if tokens.window is None else tokens.window[reqs]
         hold = None if tokens.hold is None else tokens.hold[reqs]
-        step = StepTokens(qsl, last + 1, pos[qsl[:-1]], local, pos, full, window, tokens.cut, hold)
+        step = StepTokens(
+            qsl, last + 1, pos[qsl[:-1]], local, pos, full, window, tokens.cut, hold, tokens.held
+        )
         out.append(Wave(rows, reqs, step))
     return out
 
@@ -374,6 +380,9 @@ class HeavyEvent:
     receivers: torch.Tensor  # [R]
     num_tokens: int  # the request's length at the end of the step
     seed: int | None = None  # the request's own seed of the merge draws (None: the policy's)
+    # slots whose accumulated attention restarts at 0 after the choice (a bounded hold's
+    # compression inside the prompt, ``HeavyPolicy.restarts_scores``); None: none
+    restart: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -496,7 +505,8 @@ def plan_scores(
         # scored, and every chunk takes part in the plan (its tokens may leave the window)
         if stash is not None:
             raise ValueError("deferred scoring cannot serve an observation-window score")
-        seen = policy.score.observed(tokens.token_pos, tokens.query_hold)
+        assert isinstance(ev, HeavyPolicy)
+        seen = ev.observed(tokens.token_pos, tokens.query_hold)
         rows = torch.arange(num_tokens)
         q_lo = torch.full((num_reqs,), num_tokens, dtype=torch.int64).scatter_reduce(
             0, tokens.token_req[seen], rows[seen], "amin"
@@ -624,6 +634,9 @@ def _plan_heavy(
             window = ~gone & (pos >= ev.window_start(n + 1))
             receivers = slot[window][torch.argsort(pos[window])]
             receivers = receivers if reach is None else receivers[:reach]
+        restart = None
+        if tokens.hold is not None and ev.restarts_scores(n + 1, int(tokens.hold[r])):
+            restart = slot[~gone]
         events.append(
             HeavyEvent(
                 slot[heavy][torch.argsort(pos[heavy])],
@@ -631,6 +644,7 @@ def _plan_heavy(
                 receivers,
                 n,
                 seeds[r] if seeds is not None else None,
+                restart,
             )
         )
     return events
