@@ -89,20 +89,45 @@ def server_flags(args: argparse.Namespace, policy: str) -> list[str]:
     flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens), "--served-model-name", "bench"]
     flags += ["--no-enable-prefix-caching", "--max-num-seqs", str(args.max_num_seqs)]
     if policy != "none":
-        from cam_vllm.policies import same_memory_settings
-
-        name, _, hold = policy.partition("@")  # NAME@TOKENS: a bounded prompt hold
-        # the same memory as a positional policy: sinks + heavy + window = sinks + --window
-        kv = same_memory_settings(name, args.sinks, args.window, args.block_size)
-        if args.heavy is not None and "heavy_tokens" in kv:  # given: on top of --window
-            kv.update(heavy_tokens=args.heavy, window_tokens=args.window)
-        flags += ["--kv-policy", name, "--kv-sink-tokens", str(args.sinks)]
+        kv = policy_settings(args, policy)
+        flags += ["--kv-policy", kv["policy"], "--kv-sink-tokens", str(args.sinks)]
         flags += ["--kv-window-tokens", str(kv["window_tokens"])]
         if "heavy_tokens" in kv:
             flags += ["--kv-heavy-tokens", str(kv["heavy_tokens"])]
-        if hold:
-            flags += ["--kv-prompt-hold-tokens", hold]
+        if "prompt_hold_tokens" in kv:
+            flags += ["--kv-prompt-hold-tokens", str(kv["prompt_hold_tokens"])]
     return flags + list(args.server_arg or [])
+
+
+def policy_settings(args: argparse.Namespace, policy: str) -> dict[str, Any]:
+    """The KV policy settings of one configuration (``NAME`` or ``NAME@TOKENS``: a bounded prompt
+    hold), at the memory of sinks + ``--window`` tokens."""
+    from cam_vllm.policies import same_memory_settings
+
+    name, _, hold = policy.partition("@")
+    kv = same_memory_settings(name, args.sinks, args.window, args.block_size)
+    if args.heavy is not None and "heavy_tokens" in kv:  # given: on top of --window
+        kv.update(heavy_tokens=args.heavy, window_tokens=args.window)
+    if hold:
+        if not hold.isdigit():
+            raise ValueError(f"NAME@TOKENS takes a number of tokens, got {hold!r}")
+        kv["prompt_hold_tokens"] = int(hold)
+    return kv
+
+
+def check_policies(args: argparse.Namespace) -> None:
+    """Refuse an unknown policy or an impossible setting before any server starts, naming it."""
+    from cam_vllm.config import KVPolicyConfig, short_reason
+    from cam_vllm.policies import build_policy
+
+    for policy in args.policies:
+        if policy == "none":
+            continue
+        try:
+            kv = {"sink_tokens": args.sinks, **policy_settings(args, policy), "block_size": args.block_size}
+            build_policy(KVPolicyConfig(**kv).resolve(args.max_model_len))
+        except ValueError as e:
+            raise CamVllmError(f"bench: --policies {policy}: {short_reason(e)}") from None
 
 
 def run_one(args: argparse.Namespace, policy: str, concurrency: int, workdir: Path) -> BenchResult:
@@ -208,20 +233,61 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         help="none = the full cache; NAME@TOKENS: a score-driven policy whose prompt hold is bounded "
         "to TOKENS (--kv-prompt-hold-tokens), e.g. snapkv@768",
     )
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="mixed")
+    parser.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default="mixed",
+        help="input + output tokens: "
+        + ", ".join(f"{k} {i} + {o}" for k, (i, o) in sorted(WORKLOADS.items()))
+        + " (default: %(default)s)",
+    )
     parser.add_argument("--input-len", type=int, default=None, help="prompt tokens (overrides --workload)")
     parser.add_argument("--output-len", type=int, default=None, help="output tokens (overrides --workload)")
-    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--num-prompts", type=int, default=16, help="requests per run (default: %(default)s)")
     parser.add_argument(
-        "--max-concurrency", type=int, nargs="+", default=[16], help="several values: a sweep"
+        "--max-concurrency",
+        type=int,
+        nargs="+",
+        default=[16],
+        help="requests in flight; several values: a sweep (default: %(default)s)",
     )
-    parser.add_argument("--pool-blocks", type=int, default=64, help="KV pool of every configuration (blocks)")
-    parser.add_argument("--block-size", type=int, default=32)
-    parser.add_argument("--max-model-len", type=int, default=None, help="default: what the pool holds")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=256)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--sinks", type=int, default=4)
-    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument(
+        "--pool-blocks",
+        type=int,
+        default=64,
+        help="KV pool of every configuration, in blocks (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=32, help="KV block size in tokens (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="default: what the pool holds (its blocks but the null one)",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=256,
+        help="vLLM's tokens per step, i.e. the prefill chunk (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=64,
+        help="vLLM's most requests running at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--sinks", type=int, default=4, help="sink tokens of every policy (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=256,
+        help="tokens each policy keeps besides the sinks, heavy + window if score-driven "
+        "(default: %(default)s)",
+    )
     parser.add_argument(
         "--heavy",
         type=int,
@@ -229,15 +295,30 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         help="score-driven policies' heavy tokens (default: half of --window, the rest their window: "
         "every policy holds sinks + --window tokens)",
     )
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--server-arg", action="append", help="one more `vllm serve` argument (repeatable)")
-    parser.add_argument("--start-timeout", type=float, default=600.0)
-    parser.add_argument("--run-timeout", type=float, default=3600.0)
+    parser.add_argument("--dtype", default="float32", help="vLLM's --dtype (default: %(default)s)")
     parser.add_argument(
-        "--out", default=None, help="folder for bench.json, bench.md, bench.png and server logs"
+        "--seed", type=int, default=0, help="seed of the random prompts (default: %(default)s)"
     )
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--server-arg", action="append", help="one more `vllm serve` argument (repeatable)")
+    parser.add_argument(
+        "--start-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a server may take to start (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--run-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds one benchmark run may take (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for bench.json, bench.md, bench.png and server logs, written after every run "
+        "(default: a new temporary folder)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -247,10 +328,6 @@ def _run(args: argparse.Namespace) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the /metrics request
 
-    if args.model is None:
-        from cam_vllm import models
-
-        args.model = str(models.prepare_model())
     wl_in, wl_out = WORKLOADS[args.workload]
     args.input_len = args.input_len or wl_in
     args.output_len = args.output_len or wl_out
@@ -261,14 +338,27 @@ def _run(args: argparse.Namespace) -> int:
             f"{args.max_model_len} (the pool of {args.pool_blocks} blocks of {args.block_size}); "
             "use a bigger --pool-blocks or shorter lengths"
         )
+    check_policies(args)
+    if args.model is None:
+        from cam_vllm import models
+
+        args.model = str(models.prepare_model())
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="cam-vllm-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     configs = [(p, c) for c in args.max_concurrency for p in args.policies]
-    results = []
+    results: list[BenchResult] = []
     with tqdm(configs, desc="bench", disable=args.no_progress, file=sys.stderr) as bar:
         for policy, conc in bar:
             bar.set_postfix_str(f"{policy} @ {conc}")
             results.append(run_one(args, policy, conc, out))
+            text = write_results(args, results, out)  # after every run: a failed later run loses nothing
+    print(text)
+    print(f"\nresults: {out}")
+    return 0
+
+
+def write_results(args: argparse.Namespace, results: list[BenchResult], out: Path) -> str:
+    """bench.json, bench.md and bench.png of the runs so far; returns the table."""
     setup = {k: v for k, v in vars(args).items() if k not in ("func",)}
     report = {"setup": setup, "results": [r.__dict__ for r in results]}
     (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
@@ -276,9 +366,7 @@ def _run(args: argparse.Namespace) -> int:
     (out / "bench.md").write_text(text + "\n")
     with contextlib.suppress(ImportError):  # matplotlib is in the eval extra
         plot(results, out / "bench.png")
-    print(text)
-    print(f"\nresults: {out}")
-    return 0
+    return text
 
 
 register_subcommand(

@@ -16,6 +16,26 @@ from cam_vllm.core.scores import MAX_HISTORY
 from cam_vllm.policies import is_score_driven, resolve_merge
 
 
+def short_reason(exc: BaseException) -> str:
+    """One line per problem of a failed validation (the error or its cause), without pydantic's
+    boilerplate (links, input echoes)."""
+    for err_exc in (exc, exc.__cause__):
+        errors = getattr(err_exc, "errors", None)
+        if not callable(errors):
+            continue
+        parts = []
+        for err in errors():
+            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
+            if err.get("type") == "extra_forbidden":
+                msg = f"unknown setting {loc!r}"
+            elif loc:
+                msg = f"{loc}: {msg}"
+            parts.append(msg)
+        return "; ".join(parts) or str(exc)
+    return str(exc)
+
+
 def split_heavy(rest: int, block_size: int, heavy_tokens: int | None = None) -> tuple[int, int]:
     """(heavy, window) tokens of what the sinks leave of a budget: half each, whole blocks (an
     explicit ``heavy_tokens`` is kept; the window gets the rest, rounded down)."""

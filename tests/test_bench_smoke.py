@@ -89,3 +89,32 @@ def test_every_policy_is_benchmarked_at_the_memory_of_sinks_plus_window():
     assert flags("streaming", 32) == ["--kv-window-tokens", "128"]
     bounded = ["--kv-window-tokens", "64", "--kv-heavy-tokens", "64", "--kv-prompt-hold-tokens", "512"]
     assert flags("snapkv@512", None) == bounded
+
+
+@pytest.mark.parametrize(
+    ("policy", "fragment"),
+    [
+        ("streamng", "unknown KV policy 'streamng'"),
+        ("snapkv@100", "Fix: use 320 or more"),
+        ("snapkv@1k", "takes a number of tokens"),
+        ("streaming@512", "policy 'streaming' holds no prompt"),
+    ],
+)
+def test_a_bad_policy_is_refused_before_any_server_starts(tmp_path, capsys, policy, fragment):
+    """The whole list is checked first (a typo must not surface after earlier servers ran), and
+    nothing is written."""
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", str(tmp_path / "absent"), "--policies", "streaming", policy]
+    assert main([*argv, "--out", str(out), "--no-progress"]) != 0
+    assert fragment in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_every_bench_option_says_what_it_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    options = [w for w in text.split() if w.startswith("--") and w.strip("[],") == w]
+    assert len(set(options)) >= 20
+    for line in text.split("\n  --")[1:]:  # each option's entry has a help text
+        assert len(line.split()) > 2, line

@@ -86,3 +86,27 @@ def test_the_report_plots_the_suite_and_leaves_dev_rows_out(tmp_path):
     (tmp_path / "vllm-ruler.png").unlink()
     write_json(tmp_path / "a.json", {}, [row("niah_single_number-2048-dev", "snapkv", 0.1, 0.5)])
     assert tmp_path / "vllm-ruler.png" not in write_report(tmp_path)
+
+
+@pytest.mark.model
+def test_the_kvpress_comparison_splits_each_prompt_at_its_question_and_turn_end(prepared_model):
+    """scripts/kvpress_ruler.py hands kvpress the same token ids, cut where the question starts
+    (kvpress appends it after compression) and where the user turn ends."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "kvpress_ruler.py"
+    spec = importlib.util.spec_from_file_location("kvpress_ruler", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tok = AutoTokenizer.from_pretrained(prepared_model)
+    for task in ("niah_single_number", "niah_multivalue"):
+        for s in ruler.make_samples(tok, task, 512, 2):
+            ids = list(s.prompt_ids)
+            q, end = mod._split(tok, ids)
+            assert 0 < q < end < len(ids)
+            question = tok.decode(ids[q:end])
+            assert question.startswith("\n\n") and question.rstrip().endswith("?"), question
+            assert tok.decode(ids[end:]).startswith("<|im_end|>\n<|im_start|>assistant")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cam_vllm.config import short_reason
 from cam_vllm.vllm_plugin.settings import (
     ADDITIONAL_CONFIG_KEY,
     policy_config_from_additional,
@@ -54,27 +55,9 @@ def policy_config_or_error(additional_config: Any) -> Any:
         return policy_config_from_additional(additional_config)
     except ValueError as exc:
         raise KVPolicyStartupError(
-            f"invalid KV policy settings: {_short_reason(exc)}. Fix: correct the KV policy "
+            f"invalid KV policy settings: {short_reason(exc)}. Fix: correct the KV policy "
             f"settings ({FLAG_HINT})."
         ) from exc
-
-
-def _short_reason(exc: BaseException) -> str:
-    """One line per problem, without pydantic's boilerplate (links, input echoes)."""
-    cause = exc.__cause__
-    errors = getattr(cause, "errors", None)
-    if not callable(errors):
-        return str(exc)
-    parts = []
-    for err in errors():
-        msg = str(err.get("msg", "")).removeprefix("Value error, ")
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
-        if err.get("type") == "extra_forbidden":
-            msg = f"unknown setting {loc!r}"
-        elif loc:
-            msg = f"{loc}: {msg}"
-        parts.append(msg)
-    return "; ".join(parts) or str(exc)
 
 
 def policy_or_error(vllm_config: Any) -> Any:
