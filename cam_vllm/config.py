@@ -189,16 +189,6 @@ class KVPolicyConfig(BaseModel):
         """
         out = self._resolve(length)
         window = out.window_tokens
-        t, b = out.prompt_hold_tokens, out.block_size
-        if t is not None and window is not None:
-            bound = -(-out.sink_tokens // b) * b + (out.heavy_tokens or 0) + window
-            if t <= bound or t % b:
-                raise ValueError(
-                    f"prompt_hold_tokens ({t}) must be a multiple of the block size {b} above what the "
-                    f"policy keeps (sinks + heavy + window = {bound} tokens). Fix: use "
-                    f"{max(bound + b, -(-t // b) * b)} or more (--kv-prompt-hold-tokens), or drop it "
-                    "to hold the whole prompt"
-                )
         if out.base_policy == "snapkv" and window is not None and out.observation_window > window:
             raise ValueError(
                 f"observation window of {out.observation_window} queries is longer than the window "

@@ -71,7 +71,7 @@ def worker(jobs_file: str, out_file: str) -> None:
             "context_ids": torch.tensor([ids[:cut]]),
             "questions_ids": [torch.tensor([ids[cut:]])],
         }
-        press = _press(run["press"], 1.0 - run["kept"]) if run["press"] != "none" else None
+        press = _press(run["press"], 1.0 - run["kept"])
         start = time.monotonic()
         with torch.inference_mode():
             answer = pipe._forward(inputs, max_new_tokens=jobs["max_new_tokens"], press=press)[0]

@@ -79,8 +79,9 @@ class HeavyPolicy(StreamingPolicy):
             if t <= bound or t % b:
                 raise ValueError(
                     f"prompt_hold_tokens ({t}) must be a multiple of the block size {b} above what the "
-                    f"policy keeps (sinks + heavy + window = {bound} tokens); use "
-                    f"{max(bound + b, -(-t // b) * b)} or more"
+                    f"policy keeps (sinks + heavy + window = {bound} tokens). Fix: use "
+                    f"{max(bound + b, -(-t // b) * b)} or more (--kv-prompt-hold-tokens), or drop it "
+                    "to hold the whole prompt"
                 )
 
     @property
