@@ -9,7 +9,7 @@ server is stopped. The table gives each number and its ratio to the full cache a
 ``streaming``, measured in the same run. ``--out`` also writes the JSON and a PNG.
 
 Workloads (``--workload``): ``decode`` (short prompt, output several times the window),
-``prefill`` (long prompt, short output), ``mixed`` (1024 in, 128 out: the issue's set-up), or
+``prefill`` (long prompt, short output), ``mixed`` (1024 in, 128 out), or
 ``--input-len`` / ``--output-len`` given directly. ``--max-concurrency`` takes several values for
 a sweep.
 """
@@ -63,22 +63,24 @@ class BenchResult:
 def _read_metrics(base: str) -> dict[str, float]:
     """Peak running requests and preemptions of the server's life so far, from one scrape.
 
-    ``cam_vllm:requests_running_peak`` is a high-water mark kept by cam-vllm's stat logger from
-    every step's scheduler stats: sampling vLLM's ``num_requests_running`` gauge instead missed
-    short peaks, because a busy server answers ``/metrics`` up to a second late."""
+    The peak is the highest bucket reached by ``cam_vllm:scheduler_running_requests``, which
+    cam-vllm's stat logger fills from every step's scheduler stats: sampling vLLM's
+    ``num_requests_running`` gauge instead missed short peaks, because a busy server answers
+    ``/metrics`` up to a second late."""
     import httpx
 
-    from cam_vllm.loadtest import parse_metrics
+    from cam_vllm.loadtest import parse_metrics, peak_running
 
-    m = parse_metrics(httpx.get(f"{base}/metrics", timeout=30).text)
-    if "cam_vllm:requests_running_peak" not in m:
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    peak = peak_running(text)
+    if peak is None:
         raise CamVllmError(
-            f"{base}/metrics has no cam_vllm:requests_running_peak: is the cam-vllm plugin loaded "
+            f"{base}/metrics has no cam_vllm:scheduler_running_requests: is the cam-vllm plugin loaded "
             "(and --api-server-count 1)?"
         )
     return {
-        "peak_running": m["cam_vllm:requests_running_peak"],
-        "preemptions": m.get("vllm:num_preemptions_total", 0.0),
+        "peak_running": peak,
+        "preemptions": parse_metrics(text).get("vllm:num_preemptions_total", 0.0),
     }
 
 

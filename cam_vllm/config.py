@@ -44,6 +44,50 @@ def split_heavy(rest: int, block_size: int, heavy_tokens: int | None = None) -> 
     return heavy, (rest - heavy) // b * b
 
 
+# Help of the flags (and descriptions of the fields): what a `vllm serve --help=KVPolicy` reader needs.
+HELP_POLICY = "KV-cache policy (default: none, plain vLLM)"
+HELP_SINKS = "first tokens always kept (default: 4)"
+HELP_WINDOW = "recent tokens kept, a multiple of the block size"
+HELP_HEAVY = (
+    "h2o, tova, scissorhands, corm, snapkv: heavy tokens kept, a multiple of the block size "
+    "(default: half of the budget, or the window)"
+)
+HELP_SCORE_HISTORY = "scissorhands, corm: recent queries whose importance counts (1..62, default: 32)"
+HELP_SCORE_THRESHOLD = (
+    "scissorhands, corm: important = attention >= ALPHA / tokens the query sees (default: 1)"
+)
+HELP_PROMPT_HOLD = (
+    "h2o, tova, scissorhands, corm, snapkv: keep the whole prompt until it has been read, then "
+    "choose the heavy tokens (the prompt occupies its full size until then; default: true for "
+    "snapkv, false for the others)"
+)
+HELP_PROMPT_HOLD_TOKENS = (
+    "h2o, tova, scissorhands, corm, snapkv: bound the prompt hold to N tokens per request (a "
+    "multiple of the block size above sinks + heavy + window): the heavy tokens are chosen each "
+    "time a prompt being read reaches N, and once more at its end (implies --kv-prompt-hold; "
+    "default: the whole prompt is held)"
+)
+HELP_OBSERVATION_WINDOW = (
+    "snapkv: the last N prompt queries choose the heavy tokens (at most the window; default: 32)"
+)
+HELP_POOLING_KERNEL = "snapkv: scores are pooled over K neighbouring positions (odd, 1..255; default: 31)"
+HELP_BUDGET = "sinks + window as a fraction of max_model_len (instead of --kv-window-tokens)"
+HELP_MERGE = "merge rule for evicted tokens (default: the one the policy name gives, e.g. cam-streaming)"
+HELP_MERGE_TARGETS = "CaM: oldest window tokens that receive a merge (default: 16)"
+HELP_MERGE_SIMILARITY = (
+    "kvmerger: key cosine joining adjacent evicted tokens into a merging set (default: 0.8)"
+)
+HELP_TOKEN_EXACT = (
+    "streaming (with a merge rule or not): attend to exactly the per-token sinks and window inside "
+    "the held blocks; holds about one block more per request and computes attention itself "
+    "(default: false)"
+)
+HELP_SEED = "CaM: default seed of the merge draws (default: 0)"
+HELP_ALLOW_FULL = (
+    'a request may ask for the full KV cache with vllm_xargs {"kv_policy": "none"} (default: false)'
+)
+
+
 class KVPolicyConfig(BaseModel):
     """A KV policy and its budget.
 
@@ -59,64 +103,49 @@ class KVPolicyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    policy: str = Field(
-        "none", description="policy name, e.g. none, streaming, cam-streaming (<merge rule>-<policy>)"
+    # Fields with a ``cli`` entry are ``vllm serve`` flags (``--kv-<field in kebab case>``, the
+    # description their help, the entry their metavar; booleans are --flag/--no-flag). One source:
+    # ``vllm_plugin.cli`` builds the flags from here.
+    policy: str = Field("none", description=HELP_POLICY, json_schema_extra={"cli": ""})
+    merge: str | None = Field(None, description=HELP_MERGE, json_schema_extra={"cli": ""})
+    sink_tokens: int = Field(4, ge=0, description=HELP_SINKS, json_schema_extra={"cli": "N"})
+    window_tokens: int | None = Field(None, ge=1, description=HELP_WINDOW, json_schema_extra={"cli": "N"})
+    budget: float | None = Field(
+        None, gt=0.0, le=1.0, description=HELP_BUDGET, json_schema_extra={"cli": "FRACTION"}
     )
-    merge: str | None = Field(
-        None, description="merge rule for evicted tokens: none, cam, weighted (default: what the name says)"
-    )
-    sink_tokens: int = Field(4, ge=0, description="first tokens always kept (attention sinks)")
-    window_tokens: int | None = Field(None, ge=1, description="recent tokens kept (incl. the newest)")
-    budget: float | None = Field(None, gt=0.0, le=1.0, description="sinks + window as a fraction")
     block_size: int = Field(1, ge=1, description="eviction granularity in tokens (vLLM: its block size)")
-    merge_targets: int = Field(16, ge=1, description="CaM: oldest window tokens receiving a merge (m)")
+    merge_targets: int = Field(16, ge=1, description=HELP_MERGE_TARGETS, json_schema_extra={"cli": "M"})
     merge_clamp: tuple[float, float] = Field((0.0, 1.0), description="CaM: clamp interval of Eq. 14")
     merge_target_mode: Literal["even", "random-single"] = "even"
     merge_similarity: float = Field(
-        0.8, ge=-1.0, le=1.0, description="kvmerger: key cosine joining adjacent evicted tokens into a set"
+        0.8, ge=-1.0, le=1.0, description=HELP_MERGE_SIMILARITY, json_schema_extra={"cli": "COS"}
     )
-    heavy_tokens: int | None = Field(
-        None, ge=0, description="score-driven policies: heavy-hitter tokens kept (default: half the budget)"
-    )
+    heavy_tokens: int | None = Field(None, ge=0, description=HELP_HEAVY, json_schema_extra={"cli": "N"})
     score_history: int = Field(
-        32, ge=1, le=MAX_HISTORY, description="scissorhands, corm: queries whose importance is remembered"
+        32, ge=1, le=MAX_HISTORY, description=HELP_SCORE_HISTORY, json_schema_extra={"cli": "N"}
     )
     score_threshold: float = Field(
-        1.0, gt=0.0, description="scissorhands, corm: important = attention >= threshold / tokens seen"
+        1.0, gt=0.0, description=HELP_SCORE_THRESHOLD, json_schema_extra={"cli": "ALPHA"}
     )
-    prompt_hold: bool | None = Field(
-        None,
-        description="score-driven policies: keep every prompt token until the prompt has been read, "
-        "then choose (default: on for snapkv, off for the others)",
-    )
+    prompt_hold: bool | None = Field(None, description=HELP_PROMPT_HOLD, json_schema_extra={"cli": ""})
     prompt_hold_tokens: int | None = Field(
-        None,
-        ge=1,
-        description="score-driven policies: a bounded prompt hold: at most this many tokens per sequence "
-        "while its prompt is read, compressed each time it is reached (implies prompt_hold; "
-        "default: the whole prompt)",
+        None, ge=1, description=HELP_PROMPT_HOLD_TOKENS, json_schema_extra={"cli": "N"}
     )
     observation_window: int = Field(
-        32, ge=1, description="snapkv: the last prompt queries whose attention chooses the heavy tokens"
+        32, ge=1, description=HELP_OBSERVATION_WINDOW, json_schema_extra={"cli": "N"}
     )
     pooling_kernel: int = Field(
-        31, ge=1, le=255, description="snapkv: positions pooled around each token (odd; 1: no pooling)"
+        31, ge=1, le=255, description=HELP_POOLING_KERNEL, json_schema_extra={"cli": "K"}
     )
     merge_count_attention: bool = Field(
         False,
         description="reference engine only (an experiment): attention adds ln(tokens merged into a slot) "
         "to its logits; weighted or kvmerger on streaming",
     )
-    token_exact: bool = Field(
-        False,
-        description="streaming, with blocks: queries see exactly the per-token policy's sinks and window "
-        "(the blocks held cover them; the engine masks the rest and computes attention itself)",
-    )
+    token_exact: bool = Field(False, description=HELP_TOKEN_EXACT, json_schema_extra={"cli": ""})
     score_mode: Literal["accumulated", "current"] = "accumulated"
-    seed: int = Field(0, description="CaM: default seed of the merge draws")
-    allow_full_cache_requests: bool = Field(
-        False, description='vLLM: a request may ask for the full cache (vllm_xargs {"kv_policy": "none"})'
-    )
+    seed: int = Field(0, description=HELP_SEED, json_schema_extra={"cli": "SEED"})
+    allow_full_cache_requests: bool = Field(False, description=HELP_ALLOW_FULL, json_schema_extra={"cli": ""})
 
     @model_validator(mode="after")
     def _check(self) -> KVPolicyConfig:
@@ -141,7 +170,7 @@ class KVPolicyConfig(BaseModel):
         if base == "snapkv" and self.prompt_hold is False:
             raise ValueError(
                 "snapkv scores the prompt with its last queries, so it always holds the prompt; "
-                "drop prompt_hold false (--kv-prompt-hold false)"
+                "drop prompt_hold false (--no-kv-prompt-hold)"
             )
         if self.pooling_kernel % 2 == 0:
             raise ValueError(

@@ -40,7 +40,7 @@ class StormConfig:
     request_timeout: float = 600.0
     settle_seconds: float = 60.0  # how long aborted requests may take to leave the engine
     # share of requests asking for the full cache (vllm_xargs {"kv_policy": "none"}; the server
-    # must allow it: --kv-allow-full-cache-requests true)
+    # must allow it: --kv-allow-full-cache-requests)
     full_cache_fraction: float = 0.0
 
     def __post_init__(self) -> None:
@@ -142,6 +142,30 @@ def parse_metrics(text: str) -> dict[str, float]:
         except ValueError:
             continue
     return values
+
+
+def peak_running(text: str) -> float | None:
+    """The most requests running at once, from one ``/metrics`` scrape (label sets summed);
+    None where ``cam_vllm:scheduler_running_requests`` is absent."""
+    import re
+
+    buckets: dict[float, float] = {}
+    for labels, value in re.findall(
+        r"^cam_vllm:scheduler_running_requests_bucket\{(.*)\} (\S+)$", text, re.M
+    ):
+        le = float(re.search(r'(?:^|,)le="([^"]+)"', labels).group(1))
+        buckets[le] = buckets.get(le, 0.0) + float(value)
+    return peak_from_buckets(buckets) if buckets else None
+
+
+def peak_from_buckets(cumulative: dict[float, float]) -> float:
+    """The most requests running at once, from the cumulative bucket counts of
+    ``cam_vllm:scheduler_running_requests`` (``{le: count}``, ``inf`` included) or their increase
+    over a window: the smallest bound every observation is under."""
+    total = cumulative.get(float("inf"), 0.0)
+    if total <= 0:
+        return 0.0
+    return min(le for le, count in cumulative.items() if count >= total)
 
 
 def _quantile(values: list[float], q: float) -> float:

@@ -33,14 +33,20 @@ KVPRESS = "kvpress==0.5.5"
 # the presses compared, as a user would construct them (kvpress defaults), plus SnapKV with the
 # pooling kernel cam-vllm's snapkv uses (chosen on cam-vllm's dev samples, not these)
 PRESSES = ("none", "snapkv", "snapkv-k31", "expected_attention", "streaming_llm", "tova", "knorm")
+# not a kvpress press: snapkv-k31's selection, then the kept values refitted by least squares over
+# the observation queries (Attention Matching's value fit, without its per-slot bias); run only
+# when asked (``--presses snapkv-k31-refit --ridge ...``), a trial of the merge rule it would be
+TRIALS = ("snapkv-k31-refit",)
 PLACEMENTS = ("appended", "inside")
 
 
-def _press(name: str, ratio: float):  # noqa: ANN202 (kvpress types exist only in the worker)
+def _press(name: str, ratio: float, ridge: float = 0.0):  # noqa: ANN202 (kvpress types: worker only)
     import kvpress
 
     if name == "none":
         return None
+    if name == "snapkv-k31-refit":
+        return _refit_press()(compression_ratio=ratio, kernel_size=31, ridge=ridge)
     make = {
         "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio),
         "snapkv-k31": lambda: kvpress.SnapKVPress(compression_ratio=ratio, kernel_size=31),
@@ -50,6 +56,55 @@ def _press(name: str, ratio: float):  # noqa: ANN202 (kvpress types exist only i
         "knorm": lambda: kvpress.KnormPress(compression_ratio=ratio),
     }
     return make[name]()
+
+
+def _refit_press():  # noqa: ANN202
+    """SnapKV's choice, then per KV head the kept values V' minimising
+    ``||A V' - O||^2 + lam ||V' - V||^2``: ``O`` the full cache's attention output of the observation
+    queries (all query heads of the group), ``A`` their attention over the kept keys alone, ``lam``
+    ``ridge`` times the mean of ``diag(A^T A)`` (the pull towards the original values)."""
+    import math
+    from dataclasses import dataclass
+
+    import kvpress
+    import torch
+    from kvpress.presses.scorer_press import compute_n_kept
+    from kvpress.utils import get_prerope_query_states
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    @dataclass
+    class RefitSnapKV(kvpress.SnapKVPress):
+        ridge: float = 0.01
+
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):  # noqa: ANN001, ANN202
+            if self.compression_ratio == 0:
+                return keys, values
+            scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+            b, h, length, d = keys.shape
+            idx = scores.topk(compute_n_kept(length, self.compression_ratio), dim=-1).indices
+            idx = idx.sort(dim=-1).values  # [B, H, n]
+            w = self.window_size
+            q = get_prerope_query_states(module, hidden_states[:, -w:])  # [B, Hq, w, D]
+            cos, sin = kwargs["position_embeddings"]
+            cos, sin = cos[:, -w:].unsqueeze(1), sin[:, -w:].unsqueeze(1)
+            q = q * cos + rotate_half(q) * sin
+            g = q.shape[1] // h
+            q = q.reshape(b, h, g * w, d).float()  # query head j reads KV head j // g
+            logits = q @ keys.float().transpose(-1, -2) / math.sqrt(d)  # [B, H, gw, L]
+            qpos = (length - w + torch.arange(w)).repeat(g)
+            logits = logits.masked_fill(torch.arange(length)[None, :] > qpos[:, None], float("-inf"))
+            full_out = torch.softmax(logits, dim=-1) @ values.float()  # [B, H, gw, D]
+            a = torch.softmax(logits.gather(-1, idx.unsqueeze(2).expand(-1, -1, g * w, -1)), dim=-1)
+            gather = idx.unsqueeze(-1).expand(-1, -1, -1, d)
+            kept_v = values.gather(2, gather).float()
+            ata = a.transpose(-1, -2) @ a  # [B, H, n, n]
+            lam = self.ridge * ata.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+            eye = torch.eye(ata.shape[-1], dtype=ata.dtype)
+            chol = torch.linalg.cholesky(ata + lam * eye)  # (torch.linalg.solve stalled in this hook)
+            new_v = torch.cholesky_solve(a.transpose(-1, -2) @ full_out + lam * kept_v, chol)
+            return keys.gather(2, gather).contiguous(), new_v.to(values.dtype).contiguous()
+
+    return RefitSnapKV
 
 
 def worker(jobs_file: str, out_file: str) -> None:
@@ -71,7 +126,7 @@ def worker(jobs_file: str, out_file: str) -> None:
             "context_ids": torch.tensor([ids[:cut]]),
             "questions_ids": [torch.tensor([ids[cut:]])],
         }
-        press = _press(run["press"], 1.0 - run["kept"])
+        press = _press(run["press"], 1.0 - run["kept"], run.get("ridge") or 0.0)
         start = time.monotonic()
         with torch.inference_mode():
             answer = pipe._forward(inputs, max_new_tokens=jobs["max_new_tokens"], press=press)[0]
@@ -114,7 +169,16 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=12, help="samples per task")
     p.add_argument("--ruler-tasks", nargs="+", default=["niah_single_number", "niah_multivalue"])
     p.add_argument("--kept", nargs="+", type=float, default=[0.1, 0.25], help="kept fractions")
-    p.add_argument("--presses", nargs="+", default=list(PRESSES), choices=PRESSES)
+    p.add_argument("--presses", nargs="+", default=list(PRESSES), choices=PRESSES + TRIALS)
+    p.add_argument(
+        "--ridge", nargs="+", type=float, default=[0.1], help="snapkv-k31-refit: pulls towards the old values"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sample seed (default: the evaluation seed; 97, DEV_SEED, to choose settings)",
+    )
     p.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
     p.add_argument("--venv", type=Path, default=Path(".venv-kvpress"))
     p.add_argument("--threads", type=int, default=2)
@@ -128,17 +192,18 @@ def main() -> None:
 
     import tempfile
 
-    from cam_vllm.eval.ruler import make_samples, score
+    from cam_vllm.eval.ruler import EVAL_SEED, make_samples, score
     from cam_vllm.eval.runner import environment
     from cam_vllm.models import prepare_model
 
+    seed = EVAL_SEED if args.seed is None else args.seed
     model = prepare_model()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
     samples = []
     for task in args.ruler_tasks:
-        for s in make_samples(tok, task, args.tokens, args.limit):
+        for s in make_samples(tok, task, args.tokens, args.limit, seed):
             q_at, end_at = _split(tok, list(s.prompt_ids))
             samples.append(
                 {
@@ -151,12 +216,13 @@ def main() -> None:
             )
     runs = [{"sample": i, "press": "none", "kept": 1.0, "placement": "inside"} for i in range(len(samples))]
     for press in (x for x in args.presses if x != "none"):
-        for kept in args.kept:
-            for placement in args.placements:
-                runs += [
-                    {"sample": i, "press": press, "kept": kept, "placement": placement}
-                    for i in range(len(samples))
-                ]
+        for ridge in args.ridge if press in TRIALS else [None]:
+            for kept in args.kept:
+                for placement in args.placements:
+                    runs += [
+                        {"sample": i, "press": press, "kept": kept, "placement": placement, "ridge": ridge}
+                        for i in range(len(samples))
+                    ]
     py = _ensure_venv(args.venv.resolve(), args.no_progress)
     with tempfile.TemporaryDirectory() as tmp:
         jobs = Path(tmp) / "jobs.json"
@@ -188,14 +254,15 @@ def main() -> None:
     rows: dict[tuple, dict] = {}
     for r in results:
         s = samples[r["sample"]]
-        key = (s["task"], r["press"], r["kept"], r["placement"])
+        name = r["press"] if r.get("ridge") is None else f"{r['press']}@{r['ridge']:g}"
+        key = (s["task"], name, r["kept"], r["placement"])
         row = rows.setdefault(
             key,
             {
                 "task": "ruler",
                 "data": f"{s['task']}-{args.tokens}",
                 "engine": "kvpress",
-                "policy": r["press"],
+                "policy": name,
                 "variant": r["placement"],
                 "budget": None if r["press"] == "none" else r["kept"],
                 "n_items": 0,
@@ -217,10 +284,12 @@ def main() -> None:
         "kvpress": version[0],
         "transformers": version[1],  # the kvpress environment's
         "dtype": "float32",
+        "sample_seed": seed,
         "command": "python scripts/kvpress_ruler.py " + " ".join(sys.argv[1:]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"kvpress-ruler-{args.tokens}.json"
+    tail = "" if seed == EVAL_SEED else f"-seed{seed}"
+    path = args.out / f"kvpress-ruler-{args.tokens}{tail}.json"
     path.write_text(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=1))
     print(f"{'task':24} {'press':20} {'placement':9} {'kept':>5} {'score':>6}")
     for (task, press, kept, placement), row in sorted(rows.items()):

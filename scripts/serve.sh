@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job: set up, prepare SmolLM2-135M-Instruct offline, and serve it with KV eviction on CPU.
-# The Docker images run this same script (docker/), so what CI tests is what the images run.
+# The main job from a checkout: set up, prepare SmolLM2-135M-Instruct offline, and serve it with
+# KV eviction on CPU. (The Docker images are vLLM's shape instead: `vllm serve` is their entrypoint.)
 #
 #   bash scripts/serve.sh                       # http://127.0.0.1:8000/v1, model name "smollm2"
 #   PORT=9000 bash scripts/serve.sh --kv-window-tokens 512   # extra args go to `vllm serve`

@@ -87,6 +87,7 @@ def test_pip_installed_wheel_makes_vllm_cpus_command_work(wheel, venv, tmp_path)
     after = _vllm(venv, "--version", timeout=300)
     assert after.returncode == 0, after.stderr[-3000:]
     assert after.stdout.strip().startswith("0.32.0"), after.stdout
+    assert "cam-vllm: torchvision" not in after.stderr  # the checkout's environment has no CUDA builds
 
     model = make_peaky_model(tmp_path / "model")
     with socket.socket() as s:

@@ -155,3 +155,29 @@ def test_no_import_cycle_between_settings_and_registry_or_manager_and_checks(use
     graph = _import_graph()
     assert _reaches(graph, user, used)
     assert not _reaches(graph, used, user), f"{used} imports {user} (directly or through others)"
+
+
+def test_cuda_builds_of_torchvision_next_to_cpu_torch_are_named_with_the_fix():
+    import importlib.metadata as md
+
+    from _cam_vllm_startup import companion_problem
+
+    def lookup(installed: dict[str, str]):
+        def version(name: str) -> str:
+            if name not in installed:
+                raise md.PackageNotFoundError(name)
+            return installed[name]
+
+        return version
+
+    # what `pip install "cam-vllm[cpu]"` brings from PyPI next to PyTorch's CPU torch
+    problem = companion_problem(
+        lookup({"torch": "2.13.0+cpu", "torchvision": "0.28.0", "torchaudio": "2.13.0"})
+    )
+    assert problem and "torchvision 0.28.0, torchaudio 2.13.0" in problem
+    assert "Fix: pip uninstall -y torchvision torchaudio torchcodec" in problem
+    # fine: none of them, their CPU builds, or a CUDA torch with its own companions
+    assert companion_problem(lookup({"torch": "2.13.0+cpu"})) is None
+    assert companion_problem(lookup({"torch": "2.13.0+cpu", "torchvision": "0.28.0+cpu"})) is None
+    assert companion_problem(lookup({"torch": "2.13.0", "torchvision": "0.28.0"})) is None
+    assert companion_problem(lookup({})) is None

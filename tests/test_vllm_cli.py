@@ -63,6 +63,12 @@ def test_flags_land_in_additional_config(serve_parser) -> None:
         *("--kv-policy", "h2o", "--kv-budget", "0.25", "--kv-prompt-hold", "true"),
     )
     assert ea.additional_config["kv_policy"] == {"policy": "h2o", "budget": 0.25, "prompt_hold": True}
+    # booleans as vLLM's own: --flag, --no-flag (and an explicit value, as above)
+    for flag, value in (("--kv-prompt-hold", True), ("--no-kv-prompt-hold", False)):
+        ea = _engine_args(serve_parser, "--kv-policy", "h2o", "--kv-budget", "0.25", flag)
+        assert ea.additional_config["kv_policy"]["prompt_hold"] is value
+    ea = _engine_args(serve_parser, "--kv-policy", "none", "--no-kv-allow-full-cache-requests")
+    assert ea.additional_config["kv_policy"] == {"policy": "none", "allow_full_cache_requests": False}
     ea = _engine_args(
         serve_parser, "--kv-policy", "snapkv", "--kv-budget", "0.25", "--kv-prompt-hold-tokens", "1024"
     )
@@ -137,6 +143,9 @@ def test_flags_appear_in_help(serve_parser) -> None:
         "--kv-score-history",
         "--kv-score-threshold",
         "--kv-token-exact",
+        "--no-kv-token-exact",
+        "--kv-prompt-hold",
+        "--no-kv-prompt-hold",
     } <= flags
 
 
@@ -177,6 +186,10 @@ def test_additional_config_route(serve_parser) -> None:
             "always holds the prompt",
         ),
         (
+            ["--kv-policy", "snapkv", "--kv-window-tokens", "256", "--no-kv-prompt-hold"],
+            "always holds the prompt",
+        ),
+        (
             ["--kv-policy", "snapkv", "--kv-budget", "0.2", "--kv-pooling-kernel", "0"],
             "greater than or equal to 1",
         ),
@@ -196,6 +209,9 @@ def test_unknown_policy_is_an_argparse_error(serve_parser, capsys: pytest.Captur
     with pytest.raises(SystemExit):
         serve_parser.parse_args(["serve", "m", "--kv-policy", "streaming", "--kv-merge", "mean"])
     assert "invalid choice: 'mean'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve_parser.parse_args(["serve", "m", "--kv-policy", "h2o", "--kv-prompt-hold", "maybe"])
+    assert "--kv-prompt-hold: expected true or false, got 'maybe'" in capsys.readouterr().err
 
 
 def test_prefix_caching_handling() -> None:

@@ -72,8 +72,11 @@ def test_process_stats_files_are_summed_by_the_collector(tmp_path, monkeypatch):
     text = generate_latest(registry).decode()
     labels = 'model_name="m",policy="cam-streaming"'
     assert f"cam_vllm:kv_blocks_evicted_total{{{labels}}} 8.0" in text
-    assert f"cam_vllm:merge_acceptance_rate{{{labels}}} 0.4" in text
-    assert f"cam_vllm:merge_value_growth{{{labels}}} 1.5" in text
+    assert f"cam_vllm:merges_accepted_total{{{labels}}} 4.0" in text  # rates are PromQL's
+    assert f"cam_vllm:merge_value_growth_sum{{{labels}}} 4.5" in text  # a summary, not counters
+    assert f"cam_vllm:merge_value_growth_count{{{labels}}} 3.0" in text
+    assert "merge_value_growth_sum_total" not in text and "acceptance_rate" not in text
+    assert f"cam_vllm:kv_policy_info{{{labels}}} 1.0" in text
     assert f"cam_vllm:request_kv_retained_ratio_count{{{labels}}} 1.0" in text
     assert f"cam_vllm:request_kv_retained_ratio_sum{{{labels}}} {(1000 - 96) / 1000}" in text
     assert f'cam_vllm:request_logical_tokens_bucket{{le="1024.0",{labels}}} 1.0' in text
@@ -81,25 +84,42 @@ def test_process_stats_files_are_summed_by_the_collector(tmp_path, monkeypatch):
     assert f"cam_vllm:requests_tracked{{{labels}}} 1.0" in text, "a's entry is gone, b's is left"
 
 
-def test_running_peak_is_the_high_water_mark_of_the_engines_summed(tmp_path):
-    """What the stat logger records each step: the most requests running at once, over engines."""
+def test_running_requests_histogram_gives_the_peak_of_the_engines_summed(tmp_path):
+    """What the stat logger records each step: the requests running at once, over engines, as a
+    histogram whose highest reached bucket is the peak."""
     from prometheus_client import CollectorRegistry, generate_latest
     from vllm.v1.metrics.stats import SchedulerStats
 
-    peak = metrics.RunningPeak()
+    from cam_vllm.loadtest import parse_metrics, peak_from_buckets, peak_running
+
+    running = metrics.RunningRequests()
     logger = metrics.CamStatLogger.__new__(metrics.CamStatLogger)  # record() only; no collector
-    for engine, running in [(0, 2), (1, 3), (0, 1), (1, 0), (0, 4)]:
-        peak.observe(engine, running)
-    assert peak.peak == 5  # 2 + 3 at once; 4 + 0 later is less
-    before = metrics.RUNNING_PEAK.peak
-    logger.record(SchedulerStats(num_running_reqs=before + 7), None, engine_idx=0)
+    for engine, n in [(0, 2), (1, 3), (0, 1), (1, 0), (0, 4)]:
+        running.observe(engine, n)
+    assert running.peak == 5  # 2 + 3 at once; 4 + 0 later is less
+    before = sum(metrics.RUNNING.buckets)
+    logger.record(SchedulerStats(num_running_reqs=7), None, engine_idx=0)
     logger.record(None, None, engine_idx=0)  # a step without scheduler stats changes nothing
-    logger.record(SchedulerStats(num_running_reqs=0), None, engine_idx=0)
-    assert metrics.RUNNING_PEAK.peak == before + 7
+    assert sum(metrics.RUNNING.buckets) == before + 1
     registry = CollectorRegistry()
-    registry.register(metrics.CamCollector({"model_name": "m", "policy": "streaming"}, str(tmp_path), peak))
+    info = {"window_tokens": "64", "merging": "false"}
+    registry.register(
+        metrics.CamCollector({"model_name": "m", "policy": "streaming"}, str(tmp_path), running, info)
+    )
     text = generate_latest(registry).decode()
-    assert 'cam_vllm:requests_running_peak{model_name="m",policy="streaming"} 5.0' in text
+    labels = 'model_name="m",policy="streaming"'
+    assert f'cam_vllm:scheduler_running_requests_bucket{{le="4.0",{labels}}} 4.0' in text
+    assert f'cam_vllm:scheduler_running_requests_bucket{{le="5.0",{labels}}} 5.0' in text
+    assert f"cam_vllm:scheduler_running_requests_count{{{labels}}} 5.0" in text
+    assert f"cam_vllm:scheduler_running_requests_sum{{{labels}}} 16.0" in text  # 2 + 5 + 4 + 1 + 4
+    info_line = (
+        'cam_vllm:kv_policy_info{merging="false",model_name="m",policy="streaming",window_tokens="64"} 1.0'
+    )
+    assert info_line in text
+    assert "cam_vllm:requests_running_peak" not in parse_metrics(text)
+    assert peak_running(text) == 5.0
+    assert peak_running("vllm:num_requests_running 3.0") is None
+    assert peak_from_buckets({float("inf"): 0.0}) == 0.0
 
 
 def test_setup_metrics_dir_exports_one_directory(monkeypatch):
@@ -217,3 +237,16 @@ def test_policy_report():
         32,
     )
     assert resolved["pooling_kernel"] == 15 and resolved["heavy_tokens"] == 480
+
+
+def test_a_merge_event_is_counted_in_this_process():
+    from types import SimpleNamespace
+
+    before = dict(metrics.STATS.counters)
+    decided = SimpleNamespace(decisions=6, merged=4, growth_sum=5.0, growth_count=4)
+    metrics.record_merge(2, decided, count_tokens=True)
+    after = metrics.STATS.counters
+    assert after["tokens_merged"] - before["tokens_merged"] == 2
+    assert after["merges_accepted"] - before["merges_accepted"] == 4
+    assert after["merge_value_growth_sum"] - before["merge_value_growth_sum"] == 5.0
+    assert after["merge_value_growth_count"] - before["merge_value_growth_count"] == 4

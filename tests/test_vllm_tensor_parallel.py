@@ -15,6 +15,22 @@ POLICIES = {
     "cam-streaming": {"policy": "cam-streaming", "sink_tokens": 4, "window_tokens": 64, "seed": 3},
     # score-driven: each rank chooses the heavy region of its own KV head
     "cam-h2o": {"policy": "cam-h2o", "sink_tokens": 4, "heavy_tokens": 64, "window_tokens": 64, "seed": 3},
+    # the prompt held until read, then one choice per KV head by the last queries (bounded: each
+    # rank compresses its own heads at the same steps)
+    "cam-snapkv": {
+        "policy": "cam-snapkv",
+        "sink_tokens": 4,
+        "heavy_tokens": 64,
+        "window_tokens": 64,
+        "seed": 3,
+    },
+    "snapkv@256": {
+        "policy": "snapkv",
+        "sink_tokens": 4,
+        "heavy_tokens": 64,
+        "window_tokens": 64,
+        "prompt_hold_tokens": 256,
+    },
 }
 PROMPT_LENS = (300, 600)
 NEW_TOKENS = 24

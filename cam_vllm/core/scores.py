@@ -16,7 +16,7 @@ Importance (Scissorhands, CORM): a query finds a token important when it gives i
 uniform share). The last ``history`` importance bits of every token are kept newest in bit 0, so a
 chunk of queries updates them exactly like the same queries one by one. They are stored in an
 int32 when ``history`` <= 32 (the default: 4 bytes per slot instead of 8, which keeps the worker's
-state within 5 % of the KV at head_dim 64, issue 11) and computed on in int64.
+state within 5 % of the KV at head_dim 64) and computed on in int64.
 """
 
 from __future__ import annotations

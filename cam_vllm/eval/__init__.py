@@ -1,4 +1,4 @@
-"""Evaluation harness (issue 4): perplexity, zero-shot multiple choice, retrieval, ablations.
+"""Evaluation harness: perplexity, zero-shot multiple choice, retrieval, ablations.
 
 One module per task family (:mod:`.perplexity`, :mod:`.multiple_choice`, :mod:`.needle`), the
 engines behind one protocol (:mod:`.engines`: the reference engine; :mod:`.parallel`: the same

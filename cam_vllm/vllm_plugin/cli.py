@@ -54,124 +54,49 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-# flag -> (dest, KVPolicyConfig field, type, metavar, help)
-_FLAGS: dict[str, tuple[str, str, Any, str, str]] = {
-    "--kv-policy": ("cam_kv_policy", "policy", str, "", "KV-cache policy (default: none, plain vLLM)"),
-    "--kv-sink-tokens": (
-        "cam_kv_sink_tokens",
-        "sink_tokens",
-        int,
-        "N",
-        "first tokens always kept (default: 4)",
-    ),
-    "--kv-window-tokens": (
-        "cam_kv_window_tokens",
-        "window_tokens",
-        int,
-        "N",
-        "recent tokens kept, a multiple of the block size",
-    ),
-    "--kv-heavy-tokens": (
-        "cam_kv_heavy_tokens",
-        "heavy_tokens",
-        int,
-        "N",
-        "h2o, tova, scissorhands, corm, snapkv: heavy tokens kept, a multiple of the block size "
-        "(default: half of the budget, or the window)",
-    ),
-    "--kv-score-history": (
-        "cam_kv_score_history",
-        "score_history",
-        int,
-        "N",
-        "scissorhands, corm: recent queries whose importance counts (1..62, default: 32)",
-    ),
-    "--kv-score-threshold": (
-        "cam_kv_score_threshold",
-        "score_threshold",
-        float,
-        "ALPHA",
-        "scissorhands, corm: important = attention >= ALPHA / tokens the query sees (default: 1)",
-    ),
-    "--kv-prompt-hold": (
-        "cam_kv_prompt_hold",
-        "prompt_hold",
-        _parse_bool,
-        "{true,false}",
-        "h2o, tova, scissorhands, corm, snapkv: keep the whole prompt until it has been read, then "
-        "choose the heavy tokens (the prompt occupies its full size until then; default: true for "
-        "snapkv, false for the others)",
-    ),
-    "--kv-prompt-hold-tokens": (
-        "cam_kv_prompt_hold_tokens",
-        "prompt_hold_tokens",
-        int,
-        "N",
-        "h2o, tova, scissorhands, corm, snapkv: bound the prompt hold to N tokens per request (a "
-        "multiple of the block size above sinks + heavy + window): the heavy tokens are chosen each "
-        "time a prompt being read reaches N, and once more at its end (implies --kv-prompt-hold; "
-        "default: the whole prompt is held)",
-    ),
-    "--kv-observation-window": (
-        "cam_kv_observation_window",
-        "observation_window",
-        int,
-        "N",
-        "snapkv: the last N prompt queries choose the heavy tokens (at most the window; default: 32)",
-    ),
-    "--kv-pooling-kernel": (
-        "cam_kv_pooling_kernel",
-        "pooling_kernel",
-        int,
-        "K",
-        "snapkv: scores are pooled over K neighbouring positions (odd, 1..255; default: 31)",
-    ),
-    "--kv-budget": (
-        "cam_kv_budget",
-        "budget",
-        float,
-        "FRACTION",
-        "sinks + window as a fraction of max_model_len (instead of --kv-window-tokens)",
-    ),
-    "--kv-merge": (
-        "cam_kv_merge",
-        "merge",
-        str,
-        "",
-        "merge rule for evicted tokens (default: the one the policy name gives, e.g. cam-streaming)",
-    ),
-    "--kv-merge-targets": (
-        "cam_kv_merge_targets",
-        "merge_targets",
-        int,
-        "M",
-        "CaM: oldest window tokens that receive a merge (default: 16)",
-    ),
-    "--kv-merge-similarity": (
-        "cam_kv_merge_similarity",
-        "merge_similarity",
-        float,
-        "COS",
-        "kvmerger: key cosine joining adjacent evicted tokens into a merging set (default: 0.8)",
-    ),
-    "--kv-token-exact": (
-        "cam_kv_token_exact",
-        "token_exact",
-        _parse_bool,
-        "{true,false}",
-        "streaming (with a merge rule or not): attend to exactly the per-token sinks and window inside "
-        "the held blocks; holds about one block more per request and computes attention itself "
-        "(default: false)",
-    ),
-    "--kv-seed": ("cam_kv_seed", "seed", int, "SEED", "CaM: default seed of the merge draws (default: 0)"),
-    "--kv-allow-full-cache-requests": (
-        "cam_kv_allow_full_cache_requests",
-        "allow_full_cache_requests",
-        _parse_bool,
-        "{true,false}",
-        'a request may ask for the full KV cache with vllm_xargs {"kv_policy": "none"} (default: false)',
-    ),
-}
+class _BoolFlag(argparse.Action):
+    """``--kv-x`` (true) and its twin ``--no-kv-x`` (false), as vLLM's own booleans; ``--kv-x`` also
+    takes an explicit value (``--kv-x false``) so that configurations written that way keep working."""
+
+    def __init__(
+        self, option_strings: list[str], dest: str, value: bool | None = None, **kwargs: Any
+    ) -> None:
+        kwargs.pop("type", None)
+        self.value = value
+        super().__init__(option_strings, dest, nargs="?" if value is None else 0, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        if self.value is not None:
+            setattr(namespace, self.dest, self.value)
+            return
+        try:
+            setattr(namespace, self.dest, True if values is None else _parse_bool(values))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{option_string}: {exc}")
+
+
+def _flags() -> dict[str, tuple[str, str, Any, str, str]]:
+    """flag -> (dest, KVPolicyConfig field, type, metavar, help), from the config model's fields
+    that carry a ``cli`` entry (one source for flags, help, config keys and the Helm schema);
+    type ``_parse_bool``: a --flag/--no-flag boolean."""
+    import types
+    import typing
+
+    from cam_vllm.config import KVPolicyConfig
+
+    flags = {}
+    for field, info in KVPolicyConfig.model_fields.items():
+        extra = info.json_schema_extra
+        if not isinstance(extra, dict) or "cli" not in extra:
+            continue
+        kinds = [a for a in typing.get_args(info.annotation) if a is not types.NoneType] or [info.annotation]
+        typ = {bool: _parse_bool, int: int, float: float, str: str}[kinds[0]]
+        flag = "--kv-" + field.replace("_", "-")
+        flags[flag] = (f"cam_kv_{field}", field, typ, str(extra["cli"]), info.description or "")
+    return flags
+
+
+_FLAGS = _flags()
 
 
 def add_policy_cli_args(parser: Any) -> Any:
@@ -191,6 +116,12 @@ def add_policy_cli_args(parser: Any) -> Any:
     for flag, (dest, _field, typ, metavar, help_text) in _FLAGS.items():
         # SUPPRESS: an absent flag leaves no attribute (and no "(default: None)" in the help)
         kwargs: dict[str, Any] = {"dest": dest, "type": typ, "default": argparse.SUPPRESS, "help": help_text}
+        if typ is _parse_bool:
+            kwargs["help"] = f"{help_text}; --no-{flag[2:]} turns it off"
+            group.add_argument(flag, action=_BoolFlag, metavar="BOOL", **kwargs)
+            no = {**kwargs, "help": argparse.SUPPRESS}
+            group.add_argument("--no-" + flag[2:], action=_BoolFlag, value=False, **no)
+            continue
         choices = {"--kv-policy": policy_names(), "--kv-merge": ["none", *MERGE_RULES]}.get(flag)
         if choices:
             kwargs["choices"] = choices

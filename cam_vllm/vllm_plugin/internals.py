@@ -297,7 +297,7 @@ INTERNALS: list[Internal] = [
     Internal(
         "vllm.v1.metrics.loggers:StatLoggerBase.record",
         "method",
-        "CamStatLogger.record gets each engine step's SchedulerStats (cam_vllm:requests_running_peak)",
+        "CamStatLogger.record gets each engine step's SchedulerStats (cam_vllm:scheduler_running_requests)",
         params=("scheduler_stats", "iteration_stats", "mm_cache_stats", "engine_idx"),
     ),
     Internal(

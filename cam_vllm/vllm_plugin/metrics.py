@@ -21,26 +21,28 @@ This is the same scheme as prometheus_client's multiprocess mode, kept private: 
 stay in vLLM's registry mode (single API server) untouched. With ``--api-server-count > 1`` vLLM
 serves a multiprocess registry and cam-vllm's metrics are not exported (a warning is logged).
 
-Metrics (labels ``model_name``, ``policy``):
+Metrics (labels ``model_name``, ``policy``), by Prometheus' conventions (counters end in ``_total``,
+ratios and rates are left to PromQL, nothing is "since start" but counters):
 
+* ``cam_vllm:kv_policy_info`` - 1, with the policy's settings as labels;
 * ``cam_vllm:kv_blocks_evicted_total`` / ``cam_vllm:kv_tokens_evicted_total`` - KV blocks (tokens)
   the policy freed (engine core);
 * ``cam_vllm:tokens_merged_total`` - tokens that left the retained set and went through the merge
   rule, counted once per token; ``cam_vllm:merge_decisions_total`` /
   ``cam_vllm:merges_accepted_total`` - decisions per (token, layer, KV head) (CaM: its Bernoulli
   draws; weighted: whether a similar receiver was found) and how many merged;
-  ``cam_vllm:merge_acceptance_rate`` = accepted / decisions; ``cam_vllm:merge_value_growth`` - the
-  mean norm ratio after / before of the retained values a merge changed (from the counters
-  ``..._value_growth_sum`` / ``_count``): > 1 where merges add mass (CaM), usually < 1 for convex rules;
+* ``cam_vllm:merge_value_growth`` - a summary (``_sum`` / ``_count``) of the norm ratio after /
+  before of the retained values a merge changed: its mean is > 1 where merges add mass (CaM),
+  usually < 1 for convex rules;
 * ``cam_vllm:kv_tokens_retained`` / ``cam_vllm:kv_tokens_logical`` - summed over running requests;
   ``cam_vllm:requests_tracked`` - requests the KV manager holds per-request state for (0 when the
   engine is idle; anything else is a leak, which ``cam-vllm load-test`` checks);
   ``cam_vllm:worker_requests_stashed`` - requests whose decode queries the workers hold for deferred
   scoring (``query_stash.py``; also 0 when idle);
-* ``cam_vllm:requests_running_peak`` - the most requests the scheduler ran at once since the server
-  started (from vLLM's per-step ``SchedulerStats``, summed over engines), so a benchmark reads the
-  concurrency a policy reached exactly instead of sampling ``vllm:num_requests_running``, whose
-  short peaks a scrape misses while the server is busy;
+* ``cam_vllm:scheduler_running_requests`` - a histogram of the requests running at each engine step
+  (from vLLM's per-step ``SchedulerStats``, summed over engines), integer buckets up to 64: the
+  largest bucket an ``increase()`` over a window reaches is the concurrency a policy reached in
+  it, which scraping ``vllm:num_requests_running`` misses while a busy server answers late;
 * histograms per finished request: ``cam_vllm:request_kv_retained_ratio`` (retained KV tokens /
   logical length, the compression achieved), ``cam_vllm:request_kv_tokens_retained``,
   ``cam_vllm:request_logical_tokens``.
@@ -72,10 +74,11 @@ COUNTERS = {
     "tokens_merged": "Tokens that left the retained set and went through the merge rule (once per token)",
     "merge_decisions": "Merge decisions (CaM: draws), one per (evicted token, layer, KV head)",
     "merges_accepted": "Merge decisions that merged the evicted value into a retained token",
-    "merge_value_growth_sum": "Sum over retained values a merge changed of ||v after|| / ||v before||",
-    "merge_value_growth_count": "Retained (token, layer, KV head) values changed by a merge",
     "requests_full_cache": 'Requests accepted with the full KV cache (vllm_xargs {"kv_policy": "none"})',
 }
+# a summary's two parts, counted like counters: sum over the retained (token, layer, KV head)
+# values a merge changed of ||v after|| / ||v before||, and how many
+SUMMARY_PARTS = ("merge_value_growth_sum", "merge_value_growth_count")
 GAUGES = {
     "kv_tokens_retained": "KV tokens held for running requests (after eviction)",
     "kv_tokens_logical": "Logical length (tokens with KV written) of running requests",
@@ -88,6 +91,8 @@ GAUGES = {
         "Requests the scheduler holds with the full KV cache (per-request kv_policy none; 0 when idle)"
     ),
 }
+# requests running at an engine step: exact up to 64, coarse above
+RUNNING_BUCKETS = (*map(float, range(65)), 96.0, 128.0, 192.0, 256.0, 512.0, 1024.0)
 RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 TOKEN_BUCKETS = tuple(float(2**i) for i in range(5, 18))
 HISTOGRAMS = {
@@ -135,7 +140,7 @@ class ProcessStats:
 
     def _reset(self) -> None:
         self.pid = os.getpid()
-        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.counters = dict.fromkeys((*COUNTERS, *SUMMARY_PARTS), 0)
         self.histograms = {name: [0] * (len(b) + 1) + [0.0] for name, (_, b) in HISTOGRAMS.items()}
         self.running: dict[str, list[int]] = {}  # request id -> [logical tokens, evicted tokens]
         self.gauges: dict[str, dict[int, float]] = {}  # set_gauge: name -> owner -> value
@@ -257,7 +262,7 @@ def read_totals(directory: str | os.PathLike | None = None) -> dict[str, Any]:
     """The sums over every process's file (gauges: live processes only)."""
     directory = directory or os.environ.get(METRICS_DIR_ENV)
     total = {
-        "counters": dict.fromkeys(COUNTERS, 0),
+        "counters": dict.fromkeys((*COUNTERS, *SUMMARY_PARTS), 0),
         "gauges": dict.fromkeys(GAUGES, 0),
         "histograms": {name: [0] * (len(b) + 1) + [0.0] for name, (_, b) in HISTOGRAMS.items()},
     }
@@ -282,23 +287,30 @@ def read_totals(directory: str | os.PathLike | None = None) -> dict[str, Any]:
     return total
 
 
-class RunningPeak:
-    """High-water mark of running requests, from the API server's per-step scheduler stats.
+class RunningRequests:
+    """Requests running at each engine step, from the API server's per-step scheduler stats, as a
+    histogram (:data:`RUNNING_BUCKETS`).
 
-    Each engine reports its own count; the peak is taken over the sum of every engine's latest
-    count (with data parallelism the engines' steps interleave, so this is the concurrency the
-    server as a whole reached to within one step)."""
+    Each engine reports its own count; an observation is the sum of every engine's latest count
+    (with data parallelism the engines' steps interleave, so this is the concurrency the server as
+    a whole had, to within one step)."""
 
     def __init__(self) -> None:
         self.latest: dict[int, int] = {}
-        self.peak = 0
+        self.buckets = [0] * (len(RUNNING_BUCKETS) + 1)  # the last: above every bound
+        self.total = 0.0
+        self.peak = 0  # for tests and logs; not exported (a window's peak comes from the buckets)
 
     def observe(self, engine_idx: int, running: int) -> None:
         self.latest[engine_idx] = running
-        self.peak = max(self.peak, sum(self.latest.values()))
+        now = sum(self.latest.values())
+        self.peak = max(self.peak, now)
+        self.total += now
+        i = next((i for i, b in enumerate(RUNNING_BUCKETS) if now <= b), len(RUNNING_BUCKETS))
+        self.buckets[i] += 1
 
 
-RUNNING_PEAK = RunningPeak()
+RUNNING = RunningRequests()
 
 
 class CamCollector:
@@ -306,54 +318,66 @@ class CamCollector:
     (and the running-requests peak this process's stat logger observes)."""
 
     def __init__(
-        self, labels: dict[str, str], directory: str | None = None, peak: RunningPeak | None = None
+        self,
+        labels: dict[str, str],
+        directory: str | None = None,
+        running: RunningRequests | None = None,
+        info: dict[str, str] | None = None,
     ) -> None:
         self.labels = labels
         self.directory = directory
-        self.peak = peak or RUNNING_PEAK
+        self.running = running or RUNNING
+        self.info = info or {}
 
     def describe(self) -> Iterable[Any]:
         return []  # no up-front description: collect() reads files, keep registration cheap
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+            SummaryMetricFamily,
+        )
 
         names, values = list(self.labels), list(self.labels.values())
+        info = GaugeMetricFamily(
+            PREFIX + "kv_policy_info",
+            "The KV policy and its settings, as labels (value 1)",
+            labels=[*names, *self.info],
+        )
+        info.add_metric([*values, *self.info.values()], 1.0)
+        yield info
         totals = read_totals(self.directory)
         for name, doc in COUNTERS.items():
             family = CounterMetricFamily(PREFIX + name, doc, labels=names)
             family.add_metric(values, totals["counters"][name])
             yield family
-        decisions = totals["counters"]["merge_decisions"]
-        rate = GaugeMetricFamily(
-            PREFIX + "merge_acceptance_rate",
-            "Merges accepted / merge decisions since start (0 before the first decision)",
-            labels=names,
-        )
-        rate.add_metric(values, totals["counters"]["merges_accepted"] / decisions if decisions else 0.0)
-        yield rate
-        changed = totals["counters"]["merge_value_growth_count"]
-        growth = GaugeMetricFamily(
+        growth = SummaryMetricFamily(
             PREFIX + "merge_value_growth",
-            "Mean ||v after|| / ||v before|| of the retained values merges changed (0 before any; "
-            "CaM adds mass: > 1, convex rules usually < 1)",
+            "||v after|| / ||v before|| of each retained (token, layer, KV head) value a merge changed "
+            "(mean: CaM adds mass, > 1; convex rules usually < 1)",
             labels=names,
         )
-        growth.add_metric(values, totals["counters"]["merge_value_growth_sum"] / changed if changed else 0.0)
+        growth.add_metric(
+            values,
+            count_value=totals["counters"]["merge_value_growth_count"],
+            sum_value=totals["counters"]["merge_value_growth_sum"],
+        )
         yield growth
         for name, doc in GAUGES.items():
             family = GaugeMetricFamily(PREFIX + name, doc, labels=names)
             family.add_metric(values, totals["gauges"][name])
             yield family
-        peak = GaugeMetricFamily(
-            PREFIX + "requests_running_peak",
-            "Most requests the scheduler ran at once since the server started (summed over engines)",
-            labels=names,
+        histograms = {
+            name: (doc, bounds, totals["histograms"][name]) for name, (doc, bounds) in HISTOGRAMS.items()
+        }
+        histograms["scheduler_running_requests"] = (
+            "Requests running at each engine step (summed over engines)",
+            RUNNING_BUCKETS,
+            [*self.running.buckets, self.running.total],
         )
-        peak.add_metric(values, self.peak.peak)
-        yield peak
-        for name, (doc, bounds) in HISTOGRAMS.items():
-            counts = totals["histograms"][name]
+        for name, (doc, bounds, counts) in histograms.items():
             cumulative, running = [], 0
             for bound, count in zip([*map(str, bounds), "+Inf"], counts[:-1], strict=True):
                 running += count
@@ -393,7 +417,14 @@ def install_collector(vllm_config: Any) -> CamCollector | None:
     model_name = getattr(vllm_config.model_config, "served_model_name", None) or "unknown"
     if isinstance(model_name, list | tuple):
         model_name = model_name[0]
-    _collector = CamCollector({"model_name": str(model_name), "policy": str(policy)})
+    info = {}
+    if config is not None:  # what the settings resolve to for this engine (as GET /v1/kv_policy says)
+        from cam_vllm.vllm_plugin.endpoint import policy_report
+
+        resolved = policy_report(vllm_config).get("resolved") or {}
+        info = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in resolved.items()}
+        info = {k: v for k, v in info.items() if v != "None" and k != "name"}
+    _collector = CamCollector({"model_name": str(model_name), "policy": str(policy)}, info=info)
     REGISTRY.register(_collector)
     return _collector
 
@@ -408,7 +439,7 @@ class CamStatLogger(_stat_logger_base()):  # type: ignore[misc]
     """``vllm.stat_logger_plugins`` entry: installs :class:`CamCollector` in the API server.
 
     vLLM's stat-logger hook is where a plugin gets the engine's config in the process serving
-    ``/metrics``; the per-step ``record`` only feeds :data:`RUNNING_PEAK` (our other counts come
+    ``/metrics``; the per-step ``record`` only feeds :data:`RUNNING` (our other counts come
     from the files).
     """
 
@@ -418,7 +449,7 @@ class CamStatLogger(_stat_logger_base()):  # type: ignore[misc]
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:  # noqa: ANN001
         if scheduler_stats is not None:
-            RUNNING_PEAK.observe(engine_idx, int(scheduler_stats.num_running_reqs))
+            RUNNING.observe(engine_idx, int(scheduler_stats.num_running_reqs))
 
     def log_engine_initialized(self) -> None:
         return None

@@ -182,7 +182,7 @@ def check_request(
     if not allow_full:
         raise ValueError(
             "vllm_xargs kv_policy='none' (the full KV cache for this request) is not allowed by this "
-            "server; its operator can allow it with --kv-allow-full-cache-requests true"
+            "server; its operator can allow it with --kv-allow-full-cache-requests"
         )
     if pool_tokens is not None and num_tokens > pool_tokens:
         raise ValueError(
