@@ -309,8 +309,15 @@ def test_serve_engine_core_refuses_silent_full_attention(tmp_path_factory) -> No
             "decode/prefill context parallelism is not supported",
         ),
         ({"kv_sharing_fast_prefill": True}, "--kv-sharing-fast-prefill is not supported"),
+        ({"pipeline_parallel_size": 2}, "Fix: --pipeline-parallel-size 1"),
     ],
-    ids=["speculative-decoding", "kv-connector", "decode-context-parallel", "kv-sharing"],
+    ids=[
+        "speculative-decoding",
+        "kv-connector",
+        "decode-context-parallel",
+        "kv-sharing",
+        "pipeline-parallel",
+    ],
 )
 def test_set_ups_a_policy_cannot_serve_are_refused_by_name(tmp_path_factory, extra, message) -> None:
     """vLLM's own EngineArgs.create_engine_config (what `vllm serve` and `vllm.LLM` call before any

