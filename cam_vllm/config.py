@@ -44,50 +44,6 @@ def split_heavy(rest: int, block_size: int, heavy_tokens: int | None = None) -> 
     return heavy, (rest - heavy) // b * b
 
 
-# Help of the flags (and descriptions of the fields): what a `vllm serve --help=KVPolicy` reader needs.
-HELP_POLICY = "KV-cache policy (default: none, plain vLLM)"
-HELP_SINKS = "first tokens always kept (default: 4)"
-HELP_WINDOW = "recent tokens kept, a multiple of the block size"
-HELP_HEAVY = (
-    "h2o, tova, scissorhands, corm, snapkv: heavy tokens kept, a multiple of the block size "
-    "(default: half of the budget, or the window)"
-)
-HELP_SCORE_HISTORY = "scissorhands, corm: recent queries whose importance counts (1..62, default: 32)"
-HELP_SCORE_THRESHOLD = (
-    "scissorhands, corm: important = attention >= ALPHA / tokens the query sees (default: 1)"
-)
-HELP_PROMPT_HOLD = (
-    "h2o, tova, scissorhands, corm, snapkv: keep the whole prompt until it has been read, then "
-    "choose the heavy tokens (the prompt occupies its full size until then; default: true for "
-    "snapkv, false for the others)"
-)
-HELP_PROMPT_HOLD_TOKENS = (
-    "h2o, tova, scissorhands, corm, snapkv: bound the prompt hold to N tokens per request (a "
-    "multiple of the block size above sinks + heavy + window): the heavy tokens are chosen each "
-    "time a prompt being read reaches N, and once more at its end (implies --kv-prompt-hold; "
-    "default: the whole prompt is held)"
-)
-HELP_OBSERVATION_WINDOW = (
-    "snapkv: the last N prompt queries choose the heavy tokens (at most the window; default: 32)"
-)
-HELP_POOLING_KERNEL = "snapkv: scores are pooled over K neighbouring positions (odd, 1..255; default: 31)"
-HELP_BUDGET = "sinks + window as a fraction of max_model_len (instead of --kv-window-tokens)"
-HELP_MERGE = "merge rule for evicted tokens (default: the one the policy name gives, e.g. cam-streaming)"
-HELP_MERGE_TARGETS = "CaM: oldest window tokens that receive a merge (default: 16)"
-HELP_MERGE_SIMILARITY = (
-    "kvmerger: key cosine joining adjacent evicted tokens into a merging set (default: 0.8)"
-)
-HELP_TOKEN_EXACT = (
-    "streaming (with a merge rule or not): attend to exactly the per-token sinks and window inside "
-    "the held blocks; holds about one block more per request and computes attention itself "
-    "(default: false)"
-)
-HELP_SEED = "CaM: default seed of the merge draws (default: 0)"
-HELP_ALLOW_FULL = (
-    'a request may ask for the full KV cache with vllm_xargs {"kv_policy": "none"} (default: false)'
-)
-
-
 class KVPolicyConfig(BaseModel):
     """A KV policy and its budget.
 
@@ -106,46 +62,130 @@ class KVPolicyConfig(BaseModel):
     # Fields with a ``cli`` entry are ``vllm serve`` flags (``--kv-<field in kebab case>``, the
     # description their help, the entry their metavar; booleans are --flag/--no-flag). One source:
     # ``vllm_plugin.cli`` builds the flags from here.
-    policy: str = Field("none", description=HELP_POLICY, json_schema_extra={"cli": ""})
-    merge: str | None = Field(None, description=HELP_MERGE, json_schema_extra={"cli": ""})
-    sink_tokens: int = Field(4, ge=0, description=HELP_SINKS, json_schema_extra={"cli": "N"})
-    window_tokens: int | None = Field(None, ge=1, description=HELP_WINDOW, json_schema_extra={"cli": "N"})
+    policy: str = Field(
+        "none", description="KV-cache policy (default: none, plain vLLM)", json_schema_extra={"cli": ""}
+    )
+    merge: str | None = Field(
+        None,
+        description=(
+            "merge rule for evicted tokens (default: the one the policy name gives, e.g. cam-streaming)"
+        ),
+        json_schema_extra={"cli": ""},
+    )
+    sink_tokens: int = Field(
+        4, ge=0, description="first tokens always kept (default: 4)", json_schema_extra={"cli": "N"}
+    )
+    window_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="recent tokens kept, a multiple of the block size",
+        json_schema_extra={"cli": "N"},
+    )
     budget: float | None = Field(
-        None, gt=0.0, le=1.0, description=HELP_BUDGET, json_schema_extra={"cli": "FRACTION"}
+        None,
+        gt=0.0,
+        le=1.0,
+        description="sinks + window as a fraction of max_model_len (instead of --kv-window-tokens)",
+        json_schema_extra={"cli": "FRACTION"},
     )
     block_size: int = Field(1, ge=1, description="eviction granularity in tokens (vLLM: its block size)")
-    merge_targets: int = Field(16, ge=1, description=HELP_MERGE_TARGETS, json_schema_extra={"cli": "M"})
+    merge_targets: int = Field(
+        16,
+        ge=1,
+        description="CaM: oldest window tokens that receive a merge (default: 16)",
+        json_schema_extra={"cli": "M"},
+    )
     merge_clamp: tuple[float, float] = Field((0.0, 1.0), description="CaM: clamp interval of Eq. 14")
     merge_target_mode: Literal["even", "random-single"] = "even"
     merge_similarity: float = Field(
-        0.8, ge=-1.0, le=1.0, description=HELP_MERGE_SIMILARITY, json_schema_extra={"cli": "COS"}
+        0.8,
+        ge=-1.0,
+        le=1.0,
+        description="kvmerger: key cosine joining adjacent evicted tokens into a merging set (default: 0.8)",
+        json_schema_extra={"cli": "COS"},
     )
-    heavy_tokens: int | None = Field(None, ge=0, description=HELP_HEAVY, json_schema_extra={"cli": "N"})
+    heavy_tokens: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "h2o, tova, scissorhands, corm, snapkv: heavy tokens kept, a multiple of the block size "
+            "(default: half of the budget, or the window)"
+        ),
+        json_schema_extra={"cli": "N"},
+    )
     score_history: int = Field(
-        32, ge=1, le=MAX_HISTORY, description=HELP_SCORE_HISTORY, json_schema_extra={"cli": "N"}
+        32,
+        ge=1,
+        le=MAX_HISTORY,
+        description="scissorhands, corm: recent queries whose importance counts (1..62, default: 32)",
+        json_schema_extra={"cli": "N"},
     )
     score_threshold: float = Field(
-        1.0, gt=0.0, description=HELP_SCORE_THRESHOLD, json_schema_extra={"cli": "ALPHA"}
+        1.0,
+        gt=0.0,
+        description="scissorhands, corm: important = attention >= ALPHA / tokens the query sees (default: 1)",
+        json_schema_extra={"cli": "ALPHA"},
     )
-    prompt_hold: bool | None = Field(None, description=HELP_PROMPT_HOLD, json_schema_extra={"cli": ""})
+    prompt_hold: bool | None = Field(
+        None,
+        description=(
+            "h2o, tova, scissorhands, corm, snapkv: keep the whole prompt until it has been read, then "
+            "choose the heavy tokens (the prompt occupies its full size until then; default: true for "
+            "snapkv, false for the others)"
+        ),
+        json_schema_extra={"cli": ""},
+    )
     prompt_hold_tokens: int | None = Field(
-        None, ge=1, description=HELP_PROMPT_HOLD_TOKENS, json_schema_extra={"cli": "N"}
+        None,
+        ge=1,
+        description=(
+            "h2o, tova, scissorhands, corm, snapkv: bound the prompt hold to N tokens per request (a "
+            "multiple of the block size above sinks + heavy + window): the heavy tokens are chosen each "
+            "time a prompt being read reaches N, and once more at its end (implies --kv-prompt-hold; "
+            "default: the whole prompt is held)"
+        ),
+        json_schema_extra={"cli": "N"},
     )
     observation_window: int = Field(
-        32, ge=1, description=HELP_OBSERVATION_WINDOW, json_schema_extra={"cli": "N"}
+        32,
+        ge=1,
+        description=(
+            "snapkv: the last N prompt queries choose the heavy tokens (at most the window; default: 32)"
+        ),
+        json_schema_extra={"cli": "N"},
     )
     pooling_kernel: int = Field(
-        31, ge=1, le=255, description=HELP_POOLING_KERNEL, json_schema_extra={"cli": "K"}
+        31,
+        ge=1,
+        le=255,
+        description="snapkv: scores are pooled over K neighbouring positions (odd, 1..255; default: 31)",
+        json_schema_extra={"cli": "K"},
     )
     merge_count_attention: bool = Field(
         False,
         description="reference engine only (an experiment): attention adds ln(tokens merged into a slot) "
         "to its logits; weighted or kvmerger on streaming",
     )
-    token_exact: bool = Field(False, description=HELP_TOKEN_EXACT, json_schema_extra={"cli": ""})
+    token_exact: bool = Field(
+        False,
+        description=(
+            "streaming (with a merge rule or not): attend to exactly the per-token sinks and window inside "
+            "the held blocks; holds about one block more per request and computes attention itself "
+            "(default: false)"
+        ),
+        json_schema_extra={"cli": ""},
+    )
     score_mode: Literal["accumulated", "current"] = "accumulated"
-    seed: int = Field(0, description=HELP_SEED, json_schema_extra={"cli": "SEED"})
-    allow_full_cache_requests: bool = Field(False, description=HELP_ALLOW_FULL, json_schema_extra={"cli": ""})
+    seed: int = Field(
+        0, description="CaM: default seed of the merge draws (default: 0)", json_schema_extra={"cli": "SEED"}
+    )
+    allow_full_cache_requests: bool = Field(
+        False,
+        description=(
+            'a request may ask for the full KV cache with vllm_xargs {"kv_policy": "none"} (default: false)'
+        ),
+        json_schema_extra={"cli": ""},
+    )
 
     @model_validator(mode="after")
     def _check(self) -> KVPolicyConfig:

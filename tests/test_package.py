@@ -160,10 +160,7 @@ def test_no_import_cycle_between_settings_and_registry_or_manager_and_checks(use
 def test_cuda_builds_of_torchvision_next_to_cpu_torch_are_named_with_the_fix():
     import importlib.metadata as md
 
-    version = md.version
     from _cam_vllm_startup import companion_problem
-
-    md.version = version  # importing it installs the version shim: leave this process as it was
 
     def lookup(installed: dict[str, str]):
         def version(name: str) -> str:

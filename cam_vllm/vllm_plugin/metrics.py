@@ -51,6 +51,7 @@ ratios and rates are left to PromQL, nothing is "since start" but counters):
 from __future__ import annotations
 
 import atexit
+import bisect
 import json
 import logging
 import multiprocessing
@@ -108,6 +109,12 @@ HISTOGRAMS = {
 }
 
 _metrics_dir: tempfile.TemporaryDirectory | None = None
+
+
+def observe(counts: list, bounds: tuple[float, ...], value: float) -> None:
+    """One histogram observation; ``counts``: a count per bound, one above them all, then the sum."""
+    counts[bisect.bisect_left(bounds, value)] += 1
+    counts[-1] += value
 
 
 def setup_metrics_dir() -> None:
@@ -191,10 +198,7 @@ class ProcessStats:
             self._observe("request_logical_tokens", logical)
 
     def _observe(self, name: str, value: float) -> None:
-        counts, bounds = self.histograms[name], HISTOGRAMS[name][1]
-        index = next((i for i, b in enumerate(bounds) if value <= b), len(bounds))
-        counts[index] += 1
-        counts[-1] += value
+        observe(self.histograms[name], HISTOGRAMS[name][1], value)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -297,17 +301,14 @@ class RunningRequests:
 
     def __init__(self) -> None:
         self.latest: dict[int, int] = {}
-        self.buckets = [0] * (len(RUNNING_BUCKETS) + 1)  # the last: above every bound
-        self.total = 0.0
+        self.counts = [0] * (len(RUNNING_BUCKETS) + 1) + [0.0]  # as a process's histograms
         self.peak = 0  # for tests and logs; not exported (a window's peak comes from the buckets)
 
     def observe(self, engine_idx: int, running: int) -> None:
         self.latest[engine_idx] = running
         now = sum(self.latest.values())
         self.peak = max(self.peak, now)
-        self.total += now
-        i = next((i for i, b in enumerate(RUNNING_BUCKETS) if now <= b), len(RUNNING_BUCKETS))
-        self.buckets[i] += 1
+        observe(self.counts, RUNNING_BUCKETS, now)
 
 
 RUNNING = RunningRequests()
@@ -375,7 +376,7 @@ class CamCollector:
         histograms["scheduler_running_requests"] = (
             "Requests running at each engine step (summed over engines)",
             RUNNING_BUCKETS,
-            [*self.running.buckets, self.running.total],
+            self.running.counts,
         )
         for name, (doc, bounds, counts) in histograms.items():
             cumulative, running = [], 0
