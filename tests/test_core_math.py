@@ -13,7 +13,7 @@ from cam_vllm.core.attention import (
     attention_totals,
     attention_with_probs,
     reduce_to_kv_heads,
-    totals_bias,
+    totals_mask,
 )
 from cam_vllm.core.kvmerger import kvmerger_merge, merging_sets
 from cam_vllm.core.merge import MergeConfig, cam_merge, merge_probability, merge_values
@@ -58,34 +58,55 @@ def test_gqa_reduction_is_mean_over_group_9_query_to_3_kv_heads():
     torch.testing.assert_close(red.sum(-1), torch.ones(4, 3))  # still a distribution per KV head
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     nq=st.integers(1, 40),
     nk=st.integers(1, 30),
     hkv=st.sampled_from([1, 2, 3]),
     group=st.sampled_from([1, 3]),
     block=st.sampled_from([1, 37, 1 << 17]),
+    causal=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_attention_totals_equal_the_summed_probabilities(nq, nk, hkv, group, block, seed):
+def test_attention_totals_equal_the_summed_probabilities(nq, nk, hkv, group, block, causal, seed):
     """The prefill scoring shortcut adds what the probabilities would, for any visibility
-    (rows with nothing visible add nothing) and any block of rows."""
+    (rows with nothing visible add nothing), any block of rows, and a chunk's shape (a cached
+    prefix, then its own keys causally: blocks of rows skip the keys they cannot see)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(nq, hkv * group, 8, generator=g) * 3
+    q[0] *= 40  # logits far below a row's maximum (where torch's exp is slow) still add exactly
     k = torch.randn(nk, hkv, 8, generator=g)
     visible = torch.rand(nq, nk, generator=g) > 0.4
+    if causal:  # the chunk's queries are the last of its keys
+        pos = torch.arange(nq)[:, None] + max(nk - nq, 0)
+        visible = (torch.arange(nk)[None, :] <= pos) & (torch.rand(nq, nk, generator=g) > 0.1)
     old = core_attention.TOTALS_BLOCK_ELEMENTS
     core_attention.TOTALS_BLOCK_ELEMENTS = block
     try:
         got = attention_totals(q, k, visible, 0.35)
-        # the mask made once and kept across layers (ScorePack.totals_bias) gives the same numbers
-        shared = attention_totals(q, k, visible, 0.35, totals_bias(visible, group))
+        # the mask made once and kept across layers (ScorePack.totals_mask) gives the same numbers
+        shared = attention_totals(q, k, visible, 0.35, totals_mask(visible, group, hkv * group))
     finally:
         core_attention.TOTALS_BLOCK_ELEMENTS = old
     _, probs = attention_with_probs(q, k, torch.zeros(nk, hkv, 1), visible, 0.35)
     want = accumulate_attention(torch.zeros(nk, hkv), reduce_to_kv_heads(probs, hkv))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(shared, got)
+
+
+def test_totals_mask_trims_a_causal_chunk_to_the_keys_its_rows_see():
+    """A 64-query chunk after 32 cached keys, rows in blocks of 16: each block computes only up
+    to its last query's key, and adds the mask only over its own diagonal part."""
+    nq, prefix, hq = 64, 32, 4
+    nk = prefix + nq
+    visible = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + prefix
+    old = core_attention.TOTALS_BLOCK_ELEMENTS
+    core_attention.TOTALS_BLOCK_ELEMENTS = 16 * hq * nk
+    try:
+        spans = totals_mask(visible, 2, hq).spans
+    finally:
+        core_attention.TOTALS_BLOCK_ELEMENTS = old
+    assert spans == tuple((s, s + 16, 0, prefix + s + 16, prefix + s + 1) for s in range(0, nq, 16))
 
 
 def test_accumulate_modes():

@@ -17,7 +17,7 @@ from cam_vllm.core.scores import (
     store_bits,
     trailing_zeros,
 )
-from cam_vllm.core.selection import select_heavy
+from cam_vllm.core.selection import choose_heavy, select_heavy
 from cam_vllm.policies import SCORES, build_policy
 from cam_vllm.reference.cache import PolicyCache
 
@@ -87,6 +87,33 @@ def test_selection_keeps_the_best_per_head_ties_to_the_newer():
     assert order[:2, 1].tolist() == [1, 3]
     shared = select_heavy(rank, pos, 2, per_head=False)  # means 1.5, 3, 1.5, 4.5
     assert shared[:2, 0].tolist() == shared[:2, 1].tolist() == [1, 3]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    capacity=st.integers(0, 12),
+    leaving=st.integers(0, 10),
+    heads=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_heavy_choice_keeps_stayers_in_their_slots_and_fills_freed_ones(capacity, leaving, heads, seed):
+    """The choice holds exactly the best ``capacity`` candidates per head (as ``select_heavy``
+    ranks them); a kept heavy token never moves, and entering tokens fill the freed slots in
+    position order."""
+    g = torch.Generator().manual_seed(seed)
+    c = capacity + leaving
+    pos = torch.randperm(100, generator=g)[:c].sort().values[:, None].expand(c, heads).contiguous()
+    abar = torch.rand(c, heads, generator=g).round(decimals=1)  # ties too
+    score = SCORES["h2o"]()
+    choice = choose_heavy({"pos": pos}, abar, capacity, score, 200)
+    order = select_heavy(score.rank({"pos": pos}, abar, 200 - pos), pos, capacity, per_head=True)
+    assert torch.equal(choice.evicted, order[capacity:])
+    for h in range(heads):
+        fill, kept = choice.fill[:, h].tolist(), set(order[:capacity, h].tolist())
+        assert sorted(fill) == sorted(kept)
+        assert all(fill[j] == j for j in range(capacity) if j in kept)
+        entering = [i for i in fill if i >= capacity]
+        assert entering == sorted(entering)
 
 
 def _naive(name, q, k, v, sinks, heavy, window, history=8, threshold=1.0):

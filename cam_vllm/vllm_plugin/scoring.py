@@ -19,7 +19,7 @@ from cam_vllm.core.attention import (
     reduce_to_kv_heads,
 )
 from cam_vllm.core.rules import merge_leaving, merge_rule
-from cam_vllm.core.selection import Tokens, heavy_step
+from cam_vllm.core.selection import Tokens, choose_heavy, merge_evicted
 from cam_vllm.policies import KVPolicy
 from cam_vllm.vllm_plugin.metrics import record_merge
 
@@ -123,8 +123,9 @@ def score_and_merge(
             if not scoring:
                 continue
         elif PREFILL_TOTALS and policy.score_mode == "accumulated" and not fields:  # totals suffice
-            bias = pack.totals_bias(query.shape[1] // k.shape[1])
-            abar[pack.kv_slots] += attention_totals(query[pack.q_rows], k, pack.visible, scale, bias)
+            hq = query.shape[1]
+            mask = pack.totals_mask(hq // k.shape[1], hq)
+            abar[pack.kv_slots] += attention_totals(query[pack.q_rows], k, pack.visible, scale, mask)
             continue
         else:
             # only the probabilities are used (the output is the kernel's), so the values passed
@@ -289,9 +290,12 @@ def _choose_heavy(
     heads: torch.Tensor,
     count_tokens: bool,
 ) -> None:
-    """The step's heavy-region choices: candidates compete, winners are copied into the heavy
-    slots (per KV head), the evicted are merged into the receivers (``core.selection.heavy_step``).
-    Events with the same numbers of candidates and receivers run as one call (side by side)."""
+    """The step's heavy-region choices (``core.selection.choose_heavy``, as ``heavy_step`` makes
+    them): candidates compete by their scores; only the heavy slots that change hands are
+    rewritten (their new tokens' keys, values and scores, per KV head), and with a merge rule the
+    evicted are merged into the receivers. Keys and values are read only for the tokens that
+    move or merge, not the whole region. Events with the same numbers of candidates and receivers
+    run as one call (side by side)."""
     score = policy.score
     assert score is not None
     merging = policy.merge is not None
@@ -301,42 +305,60 @@ def _choose_heavy(
         key = (e.heavy_slots.numel(), e.leaving_slots.numel(), num_recv, e.seed if merging else None)
         shapes.setdefault(key, []).append(e)
     num_heads = abar.shape[1]
-    for (capacity, _, num_recv, seed), group in shapes.items():
+    for (capacity, num_leaving, num_recv, seed), group in shapes.items():
         ev = len(group)
         heavy_slots = torch.stack([e.heavy_slots for e in group])  # [Ev, capacity]
         cand = torch.cat([heavy_slots, torch.stack([e.leaving_slots for e in group])], dim=1)
-        receivers = None
-        if num_recv:
-            recv_slots = torch.stack([e.receivers for e in group])
-            receivers = _gather_side_by_side(paged, abar, state, recv_slots)
+        flat = cand.flatten()
+        cand_abar = _side_by_side(abar[flat], ev)
+        cand_state = {n: _side_by_side(t[flat], ev) for n, t in state.items()}
         num_tokens = torch.tensor([e.num_tokens for e in group]).repeat_interleave(num_heads)
-        res = heavy_step(
-            _gather_side_by_side(paged, abar, state, cand),
-            receivers,
-            capacity,
-            score,
-            num_tokens,
+        choice = choose_heavy(cand_state, cand_abar, capacity, score, num_tokens, group=num_heads)
+        # candidates whose keys and values are read: the heavy slots that change hands in some
+        # head, what enters them, and what merges
+        changed = torch.nonzero((choice.fill != torch.arange(capacity)[:, None]).any(dim=1)).flatten()
+        merges_now = merging and num_recv > 0 and choice.evicted.shape[0] > 0
+        if not (changed.numel() or merges_now):
+            continue
+        parts = [choice.fill[changed].flatten()]
+        if merges_now:
+            parts.append(choice.evicted.flatten())
+        need = torch.unique(torch.cat(parts))
+        where = torch.full((capacity + num_leaving,), -1, dtype=torch.int64)
+        where[need] = torch.arange(need.numel())
+        sub_slots = cand[:, need].flatten()
+        sub = Tokens(
+            _side_by_side(paged.gather_k(sub_slots), ev),
+            _side_by_side(paged.gather_v(sub_slots), ev),
+            cand_abar[need],
+            {n: t[need] for n, t in cand_state.items()},
+        )
+        if changed.numel():
+            new = sub.take(where[choice.fill[changed]])
+            hs = heavy_slots[:, changed].flatten()
+            paged.scatter_k(hs, _per_event(new.k, ev))
+            paged.scatter_v(hs, _per_event(new.v, ev))
+            abar[hs] = _per_event(new.abar, ev)
+            for name, t in new.state.items():
+                state[name][hs] = _per_event(t, ev)
+        if not merges_now:
+            continue
+        recv_slots = torch.stack([e.receivers for e in group])
+        assert policy.merge is not None
+        v, k, r_abar, decisions = merge_evicted(
+            sub.take(where[choice.evicted]),
+            _gather_side_by_side(paged, abar, state, recv_slots),
             policy.merge,
             layer_index,
             seed=seed,
             heads=heads.repeat(ev),
-            group=num_heads,
         )
-        hs = heavy_slots.flatten()
-        paged.scatter_k(hs, _per_event(res.heavy.k, ev))
-        paged.scatter_v(hs, _per_event(res.heavy.v, ev))
-        abar[hs] = _per_event(res.heavy.abar, ev)
-        for name, t in res.heavy.state.items():
-            state[name][hs] = _per_event(t, ev)
-        if res.receiver_v is not None:
-            rs = recv_slots.flatten()
-            paged.scatter_v(rs, _per_event(res.receiver_v, ev))
-            assert res.receiver_abar is not None
-            abar[rs] = _per_event(res.receiver_abar, ev).to(abar.dtype)
-            if res.receiver_k is not None:
-                paged.scatter_k(rs, _per_event(res.receiver_k, ev))
-        for d in res.decisions:
-            record_merge(int((d.num_targets > 0).sum()) * ev, d, count_tokens)
+        rs = recv_slots.flatten()
+        paged.scatter_v(rs, _per_event(v, ev))
+        abar[rs] = _per_event(r_abar, ev).to(abar.dtype)
+        if k is not None:
+            paged.scatter_k(rs, _per_event(k, ev))
+        record_merge(int((decisions.num_targets > 0).sum()) * ev, decisions, count_tokens)
     for e in events:  # a bounded hold's next observation window scores afresh
         if e.restart is not None:
             abar[e.restart] = 0.0

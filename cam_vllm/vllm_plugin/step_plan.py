@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cam_vllm.core.attention import totals_bias
+from cam_vllm.core.attention import TotalsMask, totals_mask
 from cam_vllm.core.merge import build_chain
 from cam_vllm.core.rules import merge_rule
 from cam_vllm.policies import HeavyPolicy, KVPolicy
@@ -245,14 +245,17 @@ class ScorePack:
     q_rows: slice  # rows of the step's query tensor
     kv_slots: torch.Tensor  # [Nk] physical slots of the scored tokens
     visible: torch.Tensor  # [Nq, Nk] bool (policy visibility within the same request)
-    _bias: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    _masks: dict[tuple[int, int], TotalsMask] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
-    def totals_bias(self, group: int) -> torch.Tensor:
-        """``core.attention.totals_bias`` of ``visible``, made by the step's first layer, then reused."""
-        bias = self._bias.get(group)
-        if bias is None:
-            bias = self._bias[group] = totals_bias(self.visible, group)
-        return bias
+    def totals_mask(self, group: int, num_q_heads: int) -> TotalsMask:
+        """``core.attention.totals_mask`` of ``visible``, made by the step's first layer, then reused."""
+        key = (group, num_q_heads)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = self._masks[key] = totals_mask(self.visible, group, num_q_heads)
+        return mask
 
 
 @dataclass(frozen=True)
