@@ -62,10 +62,11 @@ def main() -> None:
             q = torch.randn(nq, hq, d, generator=g).to(getattr(torch, dtype))
             k = torch.randn(nk, hkv, d, generator=g).to(q.dtype)
             visible = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + prefix
-            mask = totals_mask(visible, hq // hkv, hq)
+            mask = totals_mask(visible, hq)
             got = attention_totals(q, k, visible, scale, mask)
-            torch.testing.assert_close(got, _before(q, k, mask.bias, scale), atol=1e-4, rtol=1e-4)
-            before = _best_ms(functools.partial(_before, q, k, mask.bias, scale))
+            bias = mask.bias.repeat_interleave(hq // hkv, dim=0)  # the former mask: a row per query head
+            torch.testing.assert_close(got, _before(q, k, bias, scale), atol=1e-4, rtol=1e-4)
+            before = _best_ms(functools.partial(_before, q, k, bias, scale))
             now = _best_ms(functools.partial(attention_totals, q, k, visible, scale, mask))
             qk = q.float().view(nq, hkv, -1, d).transpose(0, 1).reshape(hkv, -1, d)
             floor = _best_ms(functools.partial(torch.bmm, qk, k.float().permute(1, 2, 0)))

@@ -85,7 +85,7 @@ def test_attention_totals_equal_the_summed_probabilities(nq, nk, hkv, group, blo
     try:
         got = attention_totals(q, k, visible, 0.35)
         # the mask made once and kept across layers (ScorePack.totals_mask) gives the same numbers
-        shared = attention_totals(q, k, visible, 0.35, totals_mask(visible, group, hkv * group))
+        shared = attention_totals(q, k, visible, 0.35, totals_mask(visible, hkv * group))
     finally:
         core_attention.TOTALS_BLOCK_ELEMENTS = old
     _, probs = attention_with_probs(q, k, torch.zeros(nk, hkv, 1), visible, 0.35)
@@ -103,7 +103,7 @@ def test_totals_mask_trims_a_causal_chunk_to_the_keys_its_rows_see():
     old = core_attention.TOTALS_BLOCK_ELEMENTS
     core_attention.TOTALS_BLOCK_ELEMENTS = 16 * hq * nk
     try:
-        spans = totals_mask(visible, 2, hq).spans
+        spans = totals_mask(visible, hq).spans
     finally:
         core_attention.TOTALS_BLOCK_ELEMENTS = old
     assert spans == tuple((s, s + 16, 0, prefix + s + 16, prefix + s + 1) for s in range(0, nq, 16))

@@ -27,12 +27,14 @@ def attention_with_probs(
     visible: torch.Tensor,
     scale: float,
     bias: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax attention that also returns the probabilities.
 
     q: [Nq, Hq, D]; k, v: [Nk, Hkv, D]; visible: [Nq, Nk] bool (True = may attend); bias: None
     or [Nk, Hkv] float added to every logit of that key and KV head (count-weighted attention:
-    ``ln(count)``, which makes one slot attend like ``count`` copies of itself).
+    ``ln(count)``, which makes one slot attend like ``count`` copies of itself); hidden:
+    :func:`additive_mask` of ``visible`` when the caller keeps it across layers.
     Returns (output [Nq, Hq, D] in q's dtype, probs [Nq, Hq, Nk] float32).
     Computed in float32; a query row with no visible token gets zeros (never NaN).
     """
@@ -46,15 +48,21 @@ def attention_with_probs(
     logits = torch.bmm(qf, k.float().permute(1, 2, 0)).view(hkv, nq, group, nk)
     if bias is not None:
         logits = logits + bias.float().T[:, None, None, :]
-    hidden = torch.zeros(nq, nk, dtype=torch.float32, device=logits.device).masked_fill_(
-        ~visible, float("-inf")
-    )
+    if hidden is None:
+        hidden = additive_mask(visible)
     probs = torch.softmax(logits.add_(hidden[None, :, None, :]), dim=-1)
     if not bool(visible.any(dim=1).all()):
         probs = torch.nan_to_num(probs, nan=0.0)  # a row that sees nothing: zeros, not NaN
     probs = probs.transpose(0, 1)  # [Nq, Hkv, G, Nk]
     out = torch.einsum("qhgk,khd->qhgd", probs, v.float())
     return out.reshape(nq, hq, -1).to(q.dtype), probs.reshape(nq, hq, nk)
+
+
+def additive_mask(visible: torch.Tensor) -> torch.Tensor:
+    """[Nq, Nk] float32: 0 where ``visible``, -inf elsewhere (added to the logits)."""
+    return torch.zeros(visible.shape, dtype=torch.float32, device=visible.device).masked_fill_(
+        ~visible, float("-inf")
+    )
 
 
 def reduce_to_kv_heads(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -92,21 +100,19 @@ LOG2E = 1.4426950408889634
 @dataclass(frozen=True)
 class TotalsMask:
     """The mask of :func:`attention_totals` for one visibility pattern, made once per step and
-    read by every layer: ``bias`` [Nq * group, Nk] float32 (0 visible, -inf hidden; one row per
-    query and head of a KV group), and per block of query rows ``(s, e, c0, c1, cm)``: the rows'
-    visible keys lie in columns [c0, c1) (causal chunks see fewer keys early on) and only columns
-    [cm, c1) hide any key from some row (the rest needs no mask)."""
+    read by every layer: ``bias`` [Nq, Nk] (:func:`additive_mask`), and per block of query rows
+    ``(s, e, c0, c1, cm)``: the rows' visible keys lie in columns [c0, c1) (causal chunks see
+    fewer keys early on) and only columns [cm, c1) hide any key from some row (the rest needs no
+    mask)."""
 
     bias: torch.Tensor
     spans: tuple[tuple[int, int, int, int, int], ...]
 
 
-def totals_mask(visible: torch.Tensor, group: int, num_q_heads: int) -> TotalsMask:
-    """The :class:`TotalsMask` of ``visible`` [Nq, Nk] for ``num_q_heads`` in KV groups of ``group``."""
+def totals_mask(visible: torch.Tensor, num_q_heads: int, bias: torch.Tensor | None = None) -> TotalsMask:
+    """The :class:`TotalsMask` of ``visible`` [Nq, Nk] for ``num_q_heads`` (``bias``: its
+    :func:`additive_mask`, if the caller has it)."""
     nq, nk = visible.shape
-    bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
-    if group > 1:
-        bias = bias.repeat_interleave(group, dim=0)
     step = max(1, TOTALS_BLOCK_ELEMENTS // max(num_q_heads * nk, 1))
     spans = []
     for s in range(0, nq, step):
@@ -118,7 +124,7 @@ def totals_mask(visible: torch.Tensor, group: int, num_q_heads: int) -> TotalsMa
         hidden = torch.nonzero((~visible[s:e, c0:c1]).any(dim=0)).flatten()
         cm = c0 + int(hidden[0]) if hidden.numel() else c1
         spans.append((s, e, c0, c1, cm))
-    return TotalsMask(bias, tuple(spans))
+    return TotalsMask(additive_mask(visible) if bias is None else bias, tuple(spans))
 
 
 def attention_totals(
@@ -144,15 +150,15 @@ def attention_totals(
     nk, hkv = k.shape[0], k.shape[1]
     g = hq // hkv
     if mask is None:
-        mask = totals_mask(visible, g, hq)
+        mask = totals_mask(visible, hq)
     kt = k.float().permute(1, 2, 0)  # [Hkv, D, Nk]
     qf = (q.float() * (scale * LOG2E)).view(nq, hkv, g, d).transpose(0, 1)  # [Hkv, Nq, G, D]
     total = q.new_zeros(hkv, 1, nk, dtype=torch.float32)
     for s, e, c0, c1, cm in mask.spans:
         rows = (e - s) * g
         x = torch.bmm(qf[:, s:e].reshape(hkv, rows, d), kt[:, :, c0:c1])  # [Hkv, rows, c1 - c0], log2 units
-        if cm < c1:
-            x[:, :, cm - c0 :].add_(mask.bias[s * g : e * g, cm:c1])
+        if cm < c1:  # the rows are (query, head of the KV group): one mask row per query
+            x.view(hkv, e - s, g, c1 - c0)[..., cm - c0 :].add_(mask.bias[s:e, None, cm:c1])
         # a row with no visible key: max -inf, clamped so that exp2 gives 0 (not NaN) and adds 0
         x.sub_(x.amax(dim=-1, keepdim=True).clamp_min_(-3e38)).exp2_()
         inv = x.sum(dim=-1, keepdim=True).clamp_min_(1e-38).reciprocal_()  # [Hkv, rows, 1]

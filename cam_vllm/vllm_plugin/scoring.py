@@ -117,21 +117,20 @@ def score_and_merge(
         k = paged.gather_k(pack.kv_slots)
         if output is not None:
             out, probs = attention_with_probs(
-                query[pack.q_rows], k, paged.gather_v(pack.kv_slots), pack.visible, scale
+                query[pack.q_rows], k, paged.gather_v(pack.kv_slots), pack.visible, scale, hidden=pack.hidden
             )
             output[pack.q_rows] = out.reshape(out.shape[0], *output.shape[1:])
             if not scoring:
                 continue
         elif PREFILL_TOTALS and policy.score_mode == "accumulated" and not fields:  # totals suffice
-            hq = query.shape[1]
-            mask = pack.totals_mask(hq // k.shape[1], hq)
+            mask = pack.totals_mask(query.shape[1])
             abar[pack.kv_slots] += attention_totals(query[pack.q_rows], k, pack.visible, scale, mask)
             continue
         else:
             # only the probabilities are used (the output is the kernel's), so the values passed
             # are a 1-wide zero tensor: the unused output costs nothing and V is not gathered
             v = k.new_zeros(k.shape[0], k.shape[1], 1)
-            _, probs = attention_with_probs(query[pack.q_rows], k, v, pack.visible, scale)
+            _, probs = attention_with_probs(query[pack.q_rows], k, v, pack.visible, scale, hidden=pack.hidden)
         probs_kv = reduce_to_kv_heads(probs, num_kv_heads)
         abar[pack.kv_slots] = accumulate_attention(abar[pack.kv_slots], probs_kv, policy.score_mode)
         if fields:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cam_vllm.core.attention import TotalsMask, totals_mask
+from cam_vllm.core.attention import TotalsMask, additive_mask, totals_mask
 from cam_vllm.core.merge import build_chain
 from cam_vllm.core.rules import merge_rule
 from cam_vllm.policies import HeavyPolicy, KVPolicy
@@ -245,16 +245,18 @@ class ScorePack:
     q_rows: slice  # rows of the step's query tensor
     kv_slots: torch.Tensor  # [Nk] physical slots of the scored tokens
     visible: torch.Tensor  # [Nq, Nk] bool (policy visibility within the same request)
-    _masks: dict[tuple[int, int], TotalsMask] = dataclasses.field(
-        default_factory=dict, compare=False, repr=False
-    )
+    _masks: dict[int, TotalsMask] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
-    def totals_mask(self, group: int, num_q_heads: int) -> TotalsMask:
+    @functools.cached_property
+    def hidden(self) -> torch.Tensor:
+        """``core.attention.additive_mask`` of ``visible``, made by the step's first layer, then reused."""
+        return additive_mask(self.visible)
+
+    def totals_mask(self, num_q_heads: int) -> TotalsMask:
         """``core.attention.totals_mask`` of ``visible``, made by the step's first layer, then reused."""
-        key = (group, num_q_heads)
-        mask = self._masks.get(key)
+        mask = self._masks.get(num_q_heads)
         if mask is None:
-            mask = self._masks[key] = totals_mask(self.visible, group, num_q_heads)
+            mask = self._masks[num_q_heads] = totals_mask(self.visible, num_q_heads, self.hidden)
         return mask
 
 
