@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cam_vllm.cli import register_subcommand
 from cam_vllm.errors import CamVllmError
+from cam_vllm.subcommands import register_subcommand
 
 WORKLOADS = {"decode": (128, 1024), "prefill": (2048, 32), "mixed": (1024, 128)}
 DEFAULT_POLICIES = ["none", "streaming", "cam-streaming", "h2o", "cam-h2o"]

@@ -1,9 +1,11 @@
 """The ``cam-vllm`` command line.
 
-Subcommands live in :data:`SUBCOMMANDS`. To add one, write an ``add_arguments(parser)`` and a
-``run(args) -> int`` function and call :func:`register_subcommand` (or add a :class:`Subcommand` to the
-dict). Import heavy modules inside ``run`` so that ``cam-vllm --help`` stays fast. A ``run`` that raises
-:class:`~cam_vllm.errors.CamVllmError` gets its message printed without a traceback and exit status 1.
+Subcommands live in :data:`cam_vllm.subcommands.SUBCOMMANDS`. To add one, write an
+``add_arguments(parser)`` and a ``run(args) -> int`` function and call
+:func:`~cam_vllm.subcommands.register_subcommand` (or add a ``Subcommand`` to the dict). Import
+heavy modules inside ``run`` so that ``cam-vllm --help`` stays fast. A ``run`` that raises
+:class:`~cam_vllm.errors.CamVllmError` gets its message printed without a traceback and exit
+status 1.
 """
 
 from __future__ import annotations
@@ -11,33 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-from cam_vllm import __version__
+from cam_vllm import __version__, subcommands
 from cam_vllm.errors import CamVllmError
-
-
-@dataclass(frozen=True)
-class Subcommand:
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int | None]
-
-
-SUBCOMMANDS: dict[str, Subcommand] = {}
-
-
-def register_subcommand(
-    name: str,
-    help: str,
-    add_arguments: Callable[[argparse.ArgumentParser], None],
-    run: Callable[[argparse.Namespace], int | None],
-) -> None:
-    if name in SUBCOMMANDS:
-        raise ValueError(f"subcommand {name!r} is already registered")
-    SUBCOMMANDS[name] = Subcommand(help, add_arguments, run)
-
+from cam_vllm.subcommands import register_subcommand
 
 # --- prepare-model ------------------------------------------------------------------------------
 
@@ -92,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, command in SUBCOMMANDS.items():
+    for name, command in subcommands.SUBCOMMANDS.items():
         command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
     return parser
 
@@ -105,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return SUBCOMMANDS[args.command].run(args) or 0
+        return subcommands.SUBCOMMANDS[args.command].run(args) or 0
     except CamVllmError as error:
         print(f"cam-vllm: error: {error}", file=sys.stderr)
         return 1

@@ -23,8 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cam_vllm.cli import register_subcommand
 from cam_vllm.errors import CamVllmError
+from cam_vllm.subcommands import register_subcommand
 
 
 @dataclass(frozen=True)

@@ -433,7 +433,7 @@ def test_cli_parses_an_eval_row():
             "0.5",
         ]
     )
-    from cam_vllm.eval.cli import overrides_from_args
+    from cam_vllm.eval.tasks import overrides_from_args
 
     assert args.budgets == [0.2, 0.5] and args.seeds == [0, 1] and args.limit == 3
     assert overrides_from_args(args) == {"merge_clamp": (0.0, 0.5)}

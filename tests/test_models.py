@@ -281,8 +281,10 @@ def test_cli_errors_are_clear_and_without_traceback(monkeypatch, tmp_path, capsy
 
 
 def test_cli_subcommands_are_extensible(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "SUBCOMMANDS", dict(cli.SUBCOMMANDS))
-    cli.register_subcommand(
+    from cam_vllm import subcommands
+
+    monkeypatch.setattr(subcommands, "SUBCOMMANDS", dict(subcommands.SUBCOMMANDS))
+    subcommands.register_subcommand(
         "hello",
         "say hello",
         lambda parser: parser.add_argument("--name", default="world"),
@@ -291,7 +293,7 @@ def test_cli_subcommands_are_extensible(monkeypatch, capsys):
     assert cli.main(["hello", "--name", "cam"]) == 3
     assert capsys.readouterr().out == "hello cam\n"
     with pytest.raises(ValueError, match="already registered"):
-        cli.register_subcommand("hello", "again", lambda p: None, lambda a: 0)
+        subcommands.register_subcommand("hello", "again", lambda p: None, lambda a: 0)
 
 
 def test_cli_rejects_unknown_subcommands(capsys):

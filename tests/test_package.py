@@ -157,6 +157,25 @@ def test_no_import_cycle_between_settings_and_registry_or_manager_and_checks(use
     assert not _reaches(graph, used, user), f"{used} imports {user} (directly or through others)"
 
 
+def test_no_import_cycles_anywhere():
+    """No module of ours reaches itself through the modules it imports (inside functions too),
+    except through the plugin's registrar, which imports its parts to register them."""
+    graph = _import_graph()
+    graph = {m: uses - {_REGISTRAR} for m, uses in graph.items() if m != _REGISTRAR}
+    cycles = []
+    for start in graph:  # a cycle through `start`: a path from one of its imports back to it
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m == start:
+                cycles.append(start)
+                break
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph[m])
+    assert cycles == [], f"modules on an import cycle: {sorted(cycles)}"
+
+
 def test_cuda_builds_of_torchvision_next_to_cpu_torch_are_named_with_the_fix():
     import importlib.metadata as md
 

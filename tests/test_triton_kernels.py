@@ -120,10 +120,11 @@ def test_decode_score_kernel_equals_the_torch_scores(ops):
 
 @child
 def test_cuda_worker_steps_with_the_kernels_reproduce_policy_cache(ops, monkeypatch):
-    """The CUDA impl's step loop (decodes through the decode kernel, CaM chains through the chain
-    kernel) against the reference cache, as ``test_vllm_cuda`` runs it with torch ops."""
+    """The FlashAttention builder and the CUDA impl's forward (decodes, stashed ones too, through
+    the decode kernel, CaM chains through the chain kernel) against the reference cache, as
+    ``test_vllm_cuda`` runs them with torch ops."""
     pytest.importorskip("vllm")
-    import test_vllm_cuda
+    from worker_harness import run_worker_steps
 
     from cam_vllm.vllm_plugin import scoring
 
@@ -138,5 +139,28 @@ def test_cuda_worker_steps_with_the_kernels_reproduce_policy_cache(ops, monkeypa
 
     use_chain_kernel(dataclasses.replace(ops.chain_kernel(), run=counted("chain", ops.chain_merge_values)))
     scoring.use_triton_kernels(ops.available, counted("decode", ops.decode_scores))
-    test_vllm_cuda.test_worker_steps_reproduce_policy_cache("accumulated", monkeypatch)
+    chunks = [[150] + [1] * 41 + [37] + [1] * 34, [1, 70] + [1] * 44 + [100] + [1] * 30]
+    run_worker_steps("cam", "accumulated", "streaming", chunks, monkeypatch, deferred=True, backend="flash")
+    run_worker_steps("cam", "accumulated", "streaming", chunks, monkeypatch, deferred=False, backend="flash")
     assert calls["decode"] > 0 and calls["chain"] > 0, calls
+
+
+@pytest.mark.skipif(CHILD, reason="the parent's test")
+def test_gpu_check_script_runs_its_checks_under_the_interpreter(tmp_path):
+    """``scripts/gpu_check.py --quick`` (the GPU check at tiny shapes, Triton's interpreter on the
+    CPU): every check runs and passes, and the JSON it writes holds each check's result."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu_check.json"
+    run = subprocess.run(
+        [sys.executable, str(root / "scripts" / "gpu_check.py"), "--quick", "--out", str(out)],
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
+    assert run.returncode == 0 and "all checks passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+    checks = {r["check"] for r in json.loads(out.read_text())["results"]}
+    assert checks == {"decode_scores", "chain_merge", "prompt_scores_from_lse"}

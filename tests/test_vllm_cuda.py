@@ -22,6 +22,16 @@ import torch
 
 pytest.importorskip("vllm")
 
+from worker_harness import (  # noqa: E402
+    LAYOUTS,
+    common_metadata,
+    flash_reference,
+    logical_cache,
+    run_worker_steps,
+    write_tokens,
+)
+from worker_harness import cpu_flash_builder as _cpu_flash_builder  # noqa: E402
+
 from cam_vllm.config import KVPolicyConfig  # noqa: E402
 from cam_vllm.core.attention import attention_with_probs  # noqa: E402
 from cam_vllm.policies import build_policy  # noqa: E402
@@ -38,30 +48,6 @@ def streaming(cam: bool = False, block: int = BLOCK, window: int = WINDOW):
 
 
 # --- the NHD (logical [B, H, N, K|V]) layout -----------------------------------------------------
-
-# physical orders of vLLM 0.32's KVCacheLayout, restricted to one layer: permutations of the
-# logical per-layer axes (B, H, N, C)
-LAYOUTS = {"LBNHC (NHD)": (0, 2, 1, 3), "LBHNC (HND)": (0, 1, 2, 3)}
-
-
-def logical_cache(layout, num_blocks, heads, block, head, dtype=torch.float32, device="cpu"):
-    """A per-layer cache as vLLM hands it to the backend: a [B, H, N, 2D] view of a buffer whose
-    memory order is ``layout``."""
-    shape = (num_blocks, heads, block, 2 * head)
-    physical = torch.zeros([shape[i] for i in layout], dtype=dtype, device=device)
-    inverse = [layout.index(i) for i in range(4)]
-    view = physical.permute(*inverse)
-    assert view.shape == shape
-    return view
-
-
-def write_tokens(kv, slots, k, v):
-    """Plain model of reshape_and_cache_flash: token ``s`` goes to block ``s // B``, offset ``s % B``,
-    K in the first ``D`` elements of the last axis, V in the rest."""
-    b, d = kv.shape[2], k.shape[-1]
-    for i, s in enumerate(slots.tolist()):
-        kv[s // b, :, s % b, :d] = k[i]
-        kv[s // b, :, s % b, d:] = v[i]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
@@ -100,62 +86,8 @@ def test_nhd_refuses_a_view_that_is_not_k_then_v():
 # --- FlashAttention metadata from a synthetic batch -----------------------------------------------
 
 
-def flash_reference(q, kv, meta, scale, head):
-    """Torch model of ``flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q, seqused_k,
-    block_table, causal=True)`` as documented in vllm/vllm_flash_attn/flash_attn_interface.py:
-    row ``i`` reads ``seqused_k[i]`` keys through its block-table row, and the causal mask is
-    aligned to the bottom right (query ``j`` of ``n`` sees keys ``< L - n + j + 1``)."""
-    key_cache, value_cache = kv.transpose(1, 2).split(head, dim=-1)  # as FlashAttentionImpl.forward
-    b = kv.shape[2]
-    qsl, lens, table = meta.query_start_loc, meta.seq_lens, meta.block_table
-    out = torch.zeros_like(q)
-    for i in range(lens.numel()):
-        q0, q1, n_k = int(qsl[i]), int(qsl[i + 1]), int(lens[i])
-        pos = torch.arange(n_k)
-        blocks = table[i].long()[pos // b]
-        k, v = key_cache[blocks, pos % b], value_cache[blocks, pos % b]
-        n_q = q1 - q0
-        vis = pos[None, :] <= (n_k - n_q + torch.arange(n_q))[:, None]
-        out[q0:q1] = attention_with_probs(q[q0:q1], k, v, vis, scale)[0]
-    return out
-
-
-def common_metadata(query_lens, seq_lens, table, slot_mapping):
-    from vllm.v1.attention.backend import CommonAttentionMetadata
-
-    qsl = torch.tensor([0, *query_lens]).cumsum(0).to(torch.int32)
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
-    return CommonAttentionMetadata(
-        query_start_loc=qsl.clone(),  # "device" copies (CPU here), host copies below
-        query_start_loc_cpu=qsl,
-        seq_lens=lens.clone(),
-        seq_lens_cpu_upper_bound=lens,
-        num_reqs=len(seq_lens),
-        num_actual_tokens=int(qsl[-1]),
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        block_table_tensor=table,
-        slot_mapping=slot_mapping,
-        is_prefilling=torch.tensor([q > 1 for q in query_lens]),
-    )
-
-
-def cpu_flash_builder(block_size=BLOCK):
-    """A FlashAttention builder without a GPU: the attributes the stock ``build`` reads, as its
-    constructor sets them on a machine without FA3 (no AOT schedule) and without CUDA graphs."""
-    from cam_vllm.vllm_plugin.attention_cuda import PolicyFlashAttentionMetadataBuilder
-
-    builder = object.__new__(PolicyFlashAttentionMetadataBuilder)
-    builder.block_size = block_size
-    builder.aot_schedule = False
-    builder.aot_sliding_window = None
-    builder.use_full_cuda_graph = False
-    builder.max_cudagraph_size = None
-    builder.max_num_splits = 0
-    builder.dcp_world_size = 1
-    builder.mm_prefix_query_ranges_np = None
-    builder.rswa_window = None
-    return builder
+def cpu_flash_builder(policy=None, block_size=BLOCK):
+    return _cpu_flash_builder(policy, block_size)
 
 
 def scenario(seed=0, head=32, hkv=2, hq=4):
@@ -194,7 +126,7 @@ def scenario(seed=0, head=32, hkv=2, hq=4):
 
 
 def test_compacted_metadata_attends_exactly_to_retained_blocks():
-    from cam_vllm.vllm_plugin.attention_cuda import compact_common_metadata
+    from cam_vllm.vllm_plugin.builder import compact_common_metadata
 
     s = scenario()
     kernel_cm = compact_common_metadata(s.policy.retained, s.cm, BLOCK)
@@ -227,7 +159,7 @@ def test_compacted_metadata_attends_exactly_to_retained_blocks():
 
 
 def test_nothing_evicted_keeps_the_stock_metadata():
-    from cam_vllm.vllm_plugin.attention_cuda import compact_common_metadata
+    from cam_vllm.vllm_plugin.builder import compact_common_metadata
 
     table = torch.arange(1, 13, dtype=torch.int32).view(2, 6)
     cm = common_metadata([50, 1], [50, 40], table, torch.arange(51))
@@ -238,15 +170,12 @@ def test_nothing_evicted_keeps_the_stock_metadata():
 def test_builder_build_gives_flash_metadata_of_the_compacted_batch(cam):
     from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
 
-    from cam_vllm.vllm_plugin.attention_cuda import (
-        PolicyFlashAttentionMetadata,
-        build_policy_metadata,
-        compact_common_metadata,
-    )
+    from cam_vllm.vllm_plugin.attention_cuda import PolicyFlashAttentionMetadata
+    from cam_vllm.vllm_plugin.builder import compact_common_metadata
 
     s = scenario()
     policy = streaming(cam=cam)
-    meta = build_policy_metadata(cpu_flash_builder(), policy, 0, s.cm)
+    meta = cpu_flash_builder(policy).build(0, s.cm)
     assert isinstance(meta, PolicyFlashAttentionMetadata) and isinstance(meta, FlashAttentionMetadata)
     kernel_cm = compact_common_metadata(policy.eviction.retained, s.cm, BLOCK)
     assert torch.equal(meta.query_start_loc, kernel_cm.query_start_loc)
@@ -256,95 +185,110 @@ def test_builder_build_gives_flash_metadata_of_the_compacted_batch(cam):
     assert meta.num_actual_tokens == s.cm.num_actual_tokens
     assert (meta.max_query_len, meta.max_seq_len) == (kernel_cm.max_query_len, kernel_cm.max_seq_len)
     assert meta.scheduler_metadata is None and meta.causal is True
-    assert (meta.cam_plan is not None) == cam
-    if cam:
-        assert meta.cam_plan.packs and meta.cam_plan.merges
-        assert torch.equal(meta.cam_plan.written_slots, s.cm.slot_mapping)
+    if not cam:
+        assert meta.cam_plan is None and meta.cam_waves is None
+        return
+    # chunks crossing window blocks run in waves, merging in between; the plans made on virtual
+    # blocks name the step's physical slots
+    assert meta.cam_plan is None and len(meta.cam_waves) > 1
+    plans = [w.plan for w in meta.cam_waves]
+    assert any(p.merges for p in plans)
+    resets = torch.cat([p.reset_slots for p in plans])
+    assert torch.equal(resets.sort().values, s.cm.slot_mapping.long().sort().values)
 
 
-def _impl(policy, hq, hkv, d, scale):
-    from cam_vllm.vllm_plugin.attention_cuda import PolicyFlashAttentionImpl
+@pytest.mark.parametrize("name", ["cam-h2o", "cam-streaming", "kvmerger-tova"])
+def test_plan_translation_names_the_physical_slots_of_every_field(name):
+    """A plan made on virtual block ids and translated (what both builders run) equals the plan
+    made on the physical table itself, field by field: resets, packs, merges, heavy-region events,
+    decodes with their null-block padding."""
+    from cam_vllm.vllm_plugin.builder import plan_step, step_tokens
+    from cam_vllm.vllm_plugin.step_plan import plan_scores
 
-    impl = PolicyFlashAttentionImpl(hq, d, scale, hkv, None, None, "auto")
-    assert impl.policy is None  # no current vLLM config with a kv_policy: stock behaviour
-    impl.policy = policy
-    return impl
-
-
-@pytest.mark.parametrize("mode", ["accumulated", "current"])
-def test_worker_steps_reproduce_policy_cache(mode, monkeypatch):
-    """The builder's metadata (waves where a chunk crosses window blocks) + the flash model +
-    device plans + impl, step by step, two requests with different chunkings, against one
-    reference PolicyCache per request (outputs, values, Abar); evicted blocks are poisoned with
-    NaN after every step."""
-    from cam_vllm.reference.cache import PolicyCache
-    from cam_vllm.vllm_plugin import step_plan
-    from cam_vllm.vllm_plugin.attention_cuda import build_policy_metadata, plan_device_scores, step_tokens
-    from cam_vllm.vllm_plugin.paged import NHDPagedKV
-
-    monkeypatch.setattr(step_plan, "MAX_PAIRS_PER_CALL", 3000)  # exercise query slicing
-    torch.manual_seed(0)
-    policy = dataclasses.replace(streaming(cam=True), score_mode=mode)
-    hq, hkv, d, scale = 4, 2, 32, 0.125
-    chunks = [[150, 1, 1, 37, 1, 1, 1, 40, 1, 1], [1, 70, 1, 1, 1, 100, 1, 30, 1, 1]]
-    widths = [-(-sum(c) // BLOCK) for c in chunks]
-    num_blocks = sum(widths) + 1
-    table = torch.zeros(2, max(widths), dtype=torch.int32)
-    perm = torch.randperm(num_blocks - 1) + 1
-    table[0, : widths[0]], table[1, : widths[1]] = perm[: widths[0]], perm[widths[0] :]
-    kv = logical_cache(LAYOUTS["LBNHC (NHD)"], num_blocks, hkv, BLOCK, d)
-    impl = _impl(policy, hq, hkv, d, scale)
-    layer = SimpleNamespace(layer_name="model.layers.3.self_attn.attn")
-    refs = [PolicyCache(policy) for _ in chunks]
-    done = [0, 0]
-    builder, waves_seen = cpu_flash_builder(), 0
-    for step in range(len(chunks[0])):
-        qs, slots, expected = [], [], []
-        for r in range(2):
-            n, c = chunks[r][step], done[r]
-            q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
-            pos = torch.arange(c, c + n)
-            slot = table[r].long()[pos // BLOCK] * BLOCK + pos % BLOCK
-            write_tokens(kv, slot, k, v)  # do_kv_cache_update runs before forward on CUDA
-            qs.append(q)
-            slots.append(slot)
-            expected.append(refs[r].attend(3, q, k, v, scale))
-            done[r] += n
-        q_all = torch.cat(qs)
-        cm = common_metadata([chunks[0][step], chunks[1][step]], list(done), table, torch.cat(slots))
-        meta = build_policy_metadata(builder, policy, 0, cm)  # what PolicyImplMixin.forward runs:
-        parts = meta.cam_waves or [SimpleNamespace(rows=torch.arange(q_all.shape[0]), meta=meta, plan=None)]
-        out = torch.empty_like(q_all)
-        for part in parts:  # wave by wave (a chunk across window blocks), else the whole step
-            out[part.rows] = flash_reference(q_all[part.rows], kv, part.meta, scale, d)
-            plan = part.plan if meta.cam_waves else plan_device_scores(policy, step_tokens(cm), cm, BLOCK)
-            impl._score_and_merge(layer, q_all[part.rows], kv, plan)
-        waves_seen += len(meta.cam_waves or ())
-        torch.testing.assert_close(out, torch.cat(expected), atol=2e-5, rtol=1e-5)
-        paged = NHDPagedKV(kv, d)
-        for r in range(2):
-            st = refs[r].layers[3]
-            slot = table[r].long()[st.positions // BLOCK] * BLOCK + st.positions % BLOCK
-            torch.testing.assert_close(paged.gather_v(slot), st.v, atol=1e-6, rtol=1e-6)
-            torch.testing.assert_close(impl._abar[slot], st.abar, atol=1e-6, rtol=1e-5)
-            for j in range(widths[r]):  # blocks the scheduler frees now: poison them
-                if not bool(policy.eviction.retained(torch.tensor(j * BLOCK), done[r] + 1)):
-                    kv[int(table[r, j])] = float("nan")
-    assert sum(ref.stats.merged for ref in refs) > 0
-    assert waves_seen > 0, "the long chunks must cross window blocks (merges between waves)"
+    s = scenario()
+    extra = {"heavy_tokens": 32} if "streaming" not in name else {}
+    policy = build_policy(
+        KVPolicyConfig(policy=name, sink_tokens=SINKS, window_tokens=WINDOW, block_size=BLOCK, **extra)
+    )
+    tokens = step_tokens(s.cm)
+    got = plan_step(policy, tokens, s.cm, BLOCK)
+    want = plan_scores(policy, tokens, s.cm.block_table_tensor, s.cm.slot_mapping, BLOCK)
+    assert torch.equal(got.reset_slots, want.reset_slots)
+    assert torch.equal(got.reset_positions, want.reset_positions)
+    assert len(got.packs) == len(want.packs) > 0
+    for g, w in zip(got.packs, want.packs, strict=True):
+        assert g.q_rows == w.q_rows and torch.equal(g.kv_slots, w.kv_slots)
+        assert torch.equal(g.visible, w.visible)
+    assert len(got.merges) == len(want.merges)
+    for g, w in zip(got.merges, want.merges, strict=True):
+        assert torch.equal(g.slots, w.slots) and torch.equal(g.leaving, w.leaving)
+    assert len(got.heavy) == len(want.heavy)
+    for g, w in zip(got.heavy, want.heavy, strict=True):
+        for field in ("heavy_slots", "leaving_slots", "receivers"):
+            assert torch.equal(getattr(g, field), getattr(w, field)), field
+    if policy.score is not None:
+        assert got.heavy, "the scenario must evict at the end of the step"
+    else:
+        assert got.merges, "the scenario must merge at the end of the step"
+    assert (got.decode is None) == (want.decode is None)
+    if want.decode is not None:
+        for field in ("blocks", "slots", "valid", "q_rows"):
+            assert torch.equal(getattr(got.decode, field), getattr(want.decode, field)), field
+        assert bool((want.decode.blocks == 0).any()), "decodes padded with the null block"
 
 
-def test_padding_slots_do_not_reset_real_scores():
-    """slot_mapping may hold -1 (padding); the Abar reset sends those to a spare row."""
-    from cam_vllm.vllm_plugin.attention_cuda import DeviceStepPlan
+# what the CPU path's harness runs (tests/test_vllm_worker.py), through the FlashAttention builder
+FLASH_WORKER_CASES = [
+    ("cam", "accumulated", "streaming"),
+    ("cam", "current", "streaming"),
+    ("kvmerger", "accumulated", "streaming"),
+    (None, "accumulated", "h2o"),
+    ("cam", "accumulated", "h2o"),
+    (None, "accumulated", "tova"),
+    ("weighted", "accumulated", "scissorhands"),
+    ("kvmerger", "accumulated", "corm"),
+]
+WORKER_CHUNKS = [[150, 1, 1, 37, 1, 1, 1, 40, 1, 1], [1, 70, 1, 1, 1, 100, 1, 30, 1, 1]]
 
-    impl = _impl(streaming(cam=True), 4, 2, 32, 0.125)
-    kv = logical_cache(LAYOUTS["LBNHC (NHD)"], 3, 2, BLOCK, 32)
-    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
-    impl._bind(layer, kv)
-    impl._abar.fill_(1.0)
-    impl._score_and_merge(layer, torch.zeros(3, 4, 32), kv, DeviceStepPlan(torch.tensor([5, -1, -1]), [], []))
-    assert impl._abar[5].eq(0).all() and impl._abar[:-1].sum() == (3 * BLOCK - 1) * 2
+
+@pytest.mark.parametrize(("rule", "mode", "base"), FLASH_WORKER_CASES)
+def test_flash_builder_and_impl_reproduce_policy_cache(rule, mode, base, monkeypatch):
+    """The FlashAttention builder's ``build`` (waves where a chunk crosses window blocks, the plan
+    on virtual blocks translated), the CUDA impl's ``forward`` over a torch model of the kernel,
+    NHD layout: outputs, keys, values, Abar and score state equal the reference cache at every
+    step, freed blocks poisoned."""
+    run_worker_steps(rule, mode, base, WORKER_CHUNKS, monkeypatch, deferred=False, backend="flash")
+
+
+@pytest.mark.parametrize(("rule", "base"), [("cam", "streaming"), (None, "h2o"), ("kvmerger", "corm")])
+def test_flash_builder_deferred_decode_scoring_reproduces_policy_cache(rule, base, monkeypatch):
+    chunks = [[150] + [1] * 41 + [37] + [1] * 34, [1, 70] + [1] * 44 + [100] + [1] * 30]
+    run_worker_steps(rule, "accumulated", base, chunks, monkeypatch, deferred=True, backend="flash")
+
+
+@pytest.mark.parametrize(("rule", "base"), [(None, "snapkv"), ("cam", "snapkv"), ("cam", "scissorhands")])
+def test_flash_builder_prompt_hold_reproduces_policy_cache(rule, base, monkeypatch):
+    chunks = [[150, 1, 1, 37] + [1] * 40 + [40, 1, 1], [1, 70, 1, 1, 1, 100] + [1] * 38 + [30, 1, 1]]
+    run_worker_steps(
+        rule, "accumulated", base, chunks, monkeypatch, deferred=True, hold=(189, 174), backend="flash"
+    )
+
+
+def test_flash_builder_bounded_prompt_hold_reproduces_policy_cache(monkeypatch):
+    chunks = [[150, 1, 1, 137] + [1] * 40 + [40, 1, 1], [1, 70, 1, 1, 1, 200] + [1] * 38 + [30, 1, 1]]
+    refs = run_worker_steps(
+        "cam", "accumulated", "snapkv", chunks, monkeypatch, deferred=True, hold=(289, 274),
+        hold_tokens=192, backend="flash",
+    )  # fmt: skip
+    assert all(ref.stats.max_retained == 192 for ref in refs)
+
+
+@pytest.mark.parametrize("rule", [None, "cam"])
+def test_flash_builder_token_exact_reproduces_the_per_token_cache(rule, monkeypatch):
+    run_worker_steps(
+        rule, "accumulated", "streaming", WORKER_CHUNKS, monkeypatch, deferred=False, exact=True,
+        backend="flash",
+    )  # fmt: skip
 
 
 # --- registration and start-up ------------------------------------------------------------------
@@ -405,9 +349,10 @@ def test_cuda_engine_args_defaults_select_flash_attention_eagerly():
     assert problems == [] and len(changes) == 3
     assert args.attention_backend is AttentionBackendEnum.FLASH_ATTN
     assert args.enforce_eager is True and args.async_scheduling is False
-    # already as required: nothing to change
-    problems, changes = cuda_engine_args_fixes(args, "streaming")
-    assert problems == [] and changes == []
+    # already as required: nothing to change, for every policy (score-driven ones included)
+    for name in ("streaming", "h2o", "cam-snapkv", "kvmerger-corm"):
+        problems, changes = cuda_engine_args_fixes(args, name)
+        assert problems == [] and changes == [], name
 
 
 @pytest.mark.parametrize(
@@ -450,7 +395,8 @@ def test_cuda_engine_args_through_real_engine_args(monkeypatch):
 
 
 def test_builder_config_checks_are_a_second_line_of_defence():
-    from cam_vllm.vllm_plugin.attention_cuda import engine_config_problems
+    from cam_vllm.vllm_plugin.attention_cpu import PolicyCPUAttentionBackend
+    from cam_vllm.vllm_plugin.attention_cuda import PolicyFlashAttentionBackend
 
     spec = SimpleNamespace(block_size=BLOCK, sliding_window=None, prefix_cacheable=False)
     ok = SimpleNamespace(
@@ -458,14 +404,26 @@ def test_builder_config_checks_are_a_second_line_of_defence():
         scheduler_config=SimpleNamespace(async_scheduling=False),
         cache_config=SimpleNamespace(cache_dtype="auto", enable_prefix_caching=False),
     )
-    assert engine_config_problems(ok, streaming(cam=True), spec) == []
+    heavy = build_policy(
+        KVPolicyConfig(
+            policy="cam-h2o", sink_tokens=SINKS, window_tokens=WINDOW, heavy_tokens=32, block_size=32
+        )
+    )
+    for policy in (streaming(cam=True), heavy):  # score-driven policies run on CUDA too
+        assert PolicyFlashAttentionBackend.policy_problems(ok, policy, spec) == []
     bad = SimpleNamespace(
         compilation_config=SimpleNamespace(cudagraph_mode=SimpleNamespace(name="FULL_AND_PIECEWISE")),
         scheduler_config=SimpleNamespace(async_scheduling=True),
-        cache_config=SimpleNamespace(cache_dtype="fp8", enable_prefix_caching=False),
+        cache_config=SimpleNamespace(cache_dtype="fp8", enable_prefix_caching=True),
     )
-    problems = engine_config_problems(bad, streaming(), SimpleNamespace(block_size=32, sliding_window=None))
-    assert len(problems) == 4, problems  # block size, CUDA graphs, async, fp8
+    cacheable = SimpleNamespace(block_size=BLOCK, sliding_window=None)
+    problems = PolicyFlashAttentionBackend.policy_problems(bad, heavy, cacheable)
+    assert len(problems) == 4, problems  # prefix caching with score state, CUDA graphs, async, fp8
+    # FlashAttention pages in kernel blocks the policy's blocks are made of; CPU blocks must be equal
+    assert PolicyFlashAttentionBackend.policy_problems(ok, streaming(block=8), spec)
+    assert PolicyFlashAttentionBackend.policy_problems(ok, streaming(block=32), spec) == []
+    assert PolicyCPUAttentionBackend.policy_problems(ok, streaming(block=32), spec)
+    assert PolicyCPUAttentionBackend.policy_problems(bad, streaming(), spec) == []  # engine rules: CUDA's
 
 
 # --- internals ----------------------------------------------------------------------------------
@@ -526,7 +484,7 @@ def test_gpu_nhd_reads_what_reshape_and_cache_flash_writes():
 def test_gpu_flash_attention_on_the_compacted_batch_matches_retained_attention():
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
-    from cam_vllm.vllm_plugin.attention_cuda import compact_common_metadata
+    from cam_vllm.vllm_plugin.builder import compact_common_metadata
 
     s = scenario(head=64)
     dev = torch.device("cuda")

@@ -12,43 +12,15 @@ import contextlib
 
 import pytest
 import torch
+from worker_harness import BLOCK, SINKS, WINDOW, _kernel, run_worker_steps, streaming
 
 from cam_vllm.config import KVPolicyConfig
 from cam_vllm.core.attention import attention_with_probs
 from cam_vllm.policies import build_policy
 
-BLOCK = 32
-SINKS, WINDOW = 4, 64
 PROMPT_LENS = (300, 77, 161)
 NEW_TOKENS = 24
 SMALL_CHUNK = 40  # not a multiple of the block size on purpose
-
-
-HEAVY = 64
-
-
-def streaming(
-    block: int = BLOCK,
-    window: int = WINDOW,
-    cam: bool = False,
-    rule: str | None = None,
-    base: str = "streaming",
-    exact: bool = False,
-    hold: bool | None = None,
-    hold_tokens: int | None = None,
-):
-    rule = rule or ("cam" if cam else None)
-    name = f"{rule}-{base}" if rule else base
-    extra = {"heavy_tokens": HEAVY} if base != "streaming" else {}
-    if exact:
-        extra["token_exact"] = True
-    if hold is not None:
-        extra["prompt_hold"] = hold
-    if hold_tokens is not None:
-        extra["prompt_hold_tokens"] = hold_tokens
-    return build_policy(
-        KVPolicyConfig(policy=name, sink_tokens=SINKS, window_tokens=window, block_size=block, **extra)
-    )
 
 
 def test_register_attention_repoints_cpu_attn_idempotently():
@@ -93,44 +65,6 @@ def test_layout_probe_reads_what_the_backend_writes(isa, head, dtype):
 
 
 # --- the compacted batch, run through vLLM's own CPU kernel -------------------------------------
-
-
-def _kernel(q, kv, batch, scale, isa="vec"):
-    from vllm import _custom_ops as ops
-
-    nb, h, b, _ = kv.shape
-    key_cache, value_cache = kv.view(nb, h, 2 * b, -1).chunk(2, dim=2)
-    out = torch.zeros_like(q)
-    meta = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=batch.seq_lens.numel(),
-        num_heads=q.shape[1],
-        num_kv_heads=h,
-        head_dim=q.shape[2],
-        seq_lens=batch.seq_lens,
-        dtype=q.dtype,
-        query_start_loc=batch.query_start_loc,
-        causal=True,
-        sliding_window_size=-1,
-        isa=isa,
-        enable_kv_split=False,
-    )
-    ops.cpu_attention_with_kv_cache(
-        query=q,
-        key_cache=key_cache,
-        value_cache=value_cache,
-        output=out,
-        query_start_loc=batch.query_start_loc,
-        seq_lens=batch.seq_lens,
-        scale=scale,
-        causal=True,
-        alibi_slopes=None,
-        sliding_window=-1,
-        block_table=batch.block_table,
-        softcap=0.0,
-        scheduler_metadata=meta,
-        s_aux=None,
-    )
-    return out
 
 
 def test_compacted_batch_attends_exactly_to_retained_blocks_in_the_stock_kernel():
@@ -198,22 +132,6 @@ def test_nothing_evicted_keeps_the_stock_batch():
     assert compact_for_kernel(streaming().eviction.retained, tokens, table, BLOCK) is None
 
 
-def _impl_for(policy, hq, hkv, d, scale, monkeypatch):
-    """Our impl outside an engine (vLLM's constructor reads the model dtype from the config)."""
-    from types import SimpleNamespace
-
-    from vllm.v1.attention.backends import cpu_attn
-
-    from cam_vllm.vllm_plugin.attention_cpu import PolicyCPUAttentionBackendImpl
-
-    config = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))
-    monkeypatch.setattr(cpu_attn, "get_current_vllm_config", lambda: config)
-    impl = PolicyCPUAttentionBackendImpl(hq, d, scale, hkv, None, None, "auto")
-    assert impl.policy is None  # no current vLLM config with a kv_policy: stock behaviour
-    impl.policy = policy
-    return impl
-
-
 WORKER_CASES = [
     ("cam", "accumulated", "streaming"),
     ("cam", "current", "streaming"),
@@ -235,7 +153,7 @@ def test_worker_steps_reproduce_policy_cache_without_an_engine(rule, mode, base,
     different chunkings, against one reference PolicyCache per request (outputs, values, Abar).
     Freed blocks are poisoned with NaN after every step, as if reused by someone else."""
     chunks = [[150, 1, 1, 37, 1, 1, 1, 40, 1, 1], [1, 70, 1, 1, 1, 100, 1, 30, 1, 1]]
-    _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred=False)
+    run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred=False)
 
 
 @pytest.mark.parametrize("rule", [None, "cam", "weighted", "kvmerger"])
@@ -245,7 +163,7 @@ def test_token_exact_worker_steps_reproduce_the_per_token_cache(rule, monkeypatc
     a token at every step; against a per-token (block size 1) PolicyCache, with freed blocks
     poisoned."""
     chunks = [[150, 1, 1, 37, 1, 1, 1, 40, 1, 1], [1, 70, 1, 1, 1, 100, 1, 30, 1, 1]]
-    _run_worker_steps(rule, "accumulated", "streaming", chunks, monkeypatch, deferred=False, exact=True)
+    run_worker_steps(rule, "accumulated", "streaming", chunks, monkeypatch, deferred=False, exact=True)
 
 
 @pytest.mark.parametrize(("rule", "mode", "base"), WORKER_CASES)
@@ -258,7 +176,7 @@ def test_deferred_decode_scoring_reproduces_policy_cache_without_an_engine(rule,
     # request 0's 37-token chunk starts at 191, the last slot of a block: its first wave is one
     # token, which is not a decode and must be scored at once
     chunks = [[150] + [1] * 41 + [37] + [1] * 34, [1, 70] + [1] * 44 + [100] + [1] * 30]
-    _run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred=True)
+    run_worker_steps(rule, mode, base, chunks, monkeypatch, deferred=True)
 
 
 HOLD_CASES = [
@@ -279,7 +197,7 @@ def test_prompt_hold_worker_steps_reproduce_policy_cache_without_an_engine(rule,
     past the prompt (a recompute after preemption) runs in waves; against the reference cache
     with the same prompt lengths, freed blocks poisoned, deferred scoring where the builder uses it."""
     chunks = [[150, 1, 1, 37] + [1] * 40 + [40, 1, 1], [1, 70, 1, 1, 1, 100] + [1] * 38 + [30, 1, 1]]
-    _run_worker_steps(rule, "accumulated", base, chunks, monkeypatch, deferred=True, hold=(189, 174))
+    run_worker_steps(rule, "accumulated", base, chunks, monkeypatch, deferred=True, hold=(189, 174))
 
 
 BOUNDED_HOLD_CASES = [(None, "snapkv"), ("cam", "snapkv"), ("kvmerger", "snapkv"), (None, "h2o")]
@@ -292,157 +210,11 @@ def test_bounded_prompt_hold_worker_steps_reproduce_policy_cache_without_an_engi
     end; SnapKV's scores start afresh after each compression. The blocks freed are the block
     manager's own (``freeable_blocks``), poisoned, so the worker must never read one again."""
     chunks = [[150, 1, 1, 137] + [1] * 40 + [40, 1, 1], [1, 70, 1, 1, 1, 200] + [1] * 38 + [30, 1, 1]]
-    refs = _run_worker_steps(
+    refs = run_worker_steps(
         rule, "accumulated", base, chunks, monkeypatch, deferred=True, hold=(289, 274), hold_tokens=192
     )
     for ref in refs:  # never more than the bound held, and the bound was reached
         assert ref.stats.max_retained == 192
-
-
-def _run_worker_steps(
-    rule,
-    mode,
-    base,
-    chunks,
-    monkeypatch,
-    deferred: bool,
-    exact: bool = False,
-    hold: tuple | None = None,
-    hold_tokens: int | None = None,
-) -> list:
-    pytest.importorskip("vllm")
-    import dataclasses
-    from types import SimpleNamespace
-
-    from cam_vllm.reference.cache import PolicyCache
-    from cam_vllm.vllm_plugin import step_plan, step_requests
-    from cam_vllm.vllm_plugin.kv_manager import freeable_blocks
-    from cam_vllm.vllm_plugin.paged import _write
-    from cam_vllm.vllm_plugin.query_stash import StashPlanner, stash_for_wave
-    from cam_vllm.vllm_plugin.step_plan import StepTokens, compact_for_kernel, plan_scores, split_waves
-
-    monkeypatch.setattr(step_plan, "MAX_PAIRS_PER_CALL", 3000)  # exercise query slicing
-    torch.manual_seed(0)
-    window = 61 if exact else WINDOW  # token-exact: not a whole number of blocks
-    policy = dataclasses.replace(
-        streaming(
-            rule=rule,
-            base=base,
-            window=window,
-            exact=exact,
-            hold=True if hold else None,
-            hold_tokens=hold_tokens,
-        ),
-        score_mode=mode,
-    )
-    observe = policy.score is not None and policy.score.observation_window is not None
-    if rule == "kvmerger":  # random keys are nearly orthogonal: let every adjacent pair form a set
-        policy = dataclasses.replace(policy, merge=dataclasses.replace(policy.merge, similarity=-1.0))
-    # the oracle: the same policy per token (token-exact: block size 1, nothing held beyond it)
-    oracle = policy
-    if exact:
-        oracle = dataclasses.replace(
-            policy, eviction=dataclasses.replace(policy.eviction, block_size=1, token_exact=False)
-        )
-    hq, hkv, d, scale = 4, 2, 64, 0.125
-    lengths = [sum(c) for c in chunks]
-    widths = [-(-n // BLOCK) for n in lengths]
-    num_blocks = sum(widths) + 1
-    table = torch.zeros(2, max(widths), dtype=torch.int32)
-    perm = torch.randperm(num_blocks - 1) + 1
-    table[0, : widths[0]], table[1, : widths[1]] = perm[: widths[0]], perm[widths[0] :]
-    kv = torch.zeros(num_blocks, hkv, BLOCK, 2 * d)
-    impl = _impl_for(policy, hq, hkv, d, scale, monkeypatch)
-    layer = SimpleNamespace(isa="vec", layer_name="model.layers.3.self_attn.attn")
-    prompts = hold or (0, 0)
-    refs = [PolicyCache(oracle, prompt_len=p) for p in prompts]
-    hold_t = torch.tensor(prompts, dtype=torch.int64) if hold else None
-    planner = StashPlanner(BLOCK) if deferred and mode == "accumulated" and not observe else None
-    done = [0, 0]
-    waves_seen: list[int] = []
-    flushed = 0
-    for step in range(len(chunks[0])):
-        qs, slots, expected = [], [], []
-        for r in range(2):
-            n, c = chunks[r][step], done[r]
-            q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
-            pos = torch.arange(c, c + n)
-            slot = table[r].long()[pos // BLOCK] * BLOCK + pos % BLOCK
-            _write(kv, k, v, slot, "vec")
-            qs.append(q)
-            slots.append(slot)
-            expected.append(refs[r].attend(3, q, k, v, scale))
-            done[r] += n
-        qsl = torch.tensor([0, chunks[0][step], chunks[0][step] + chunks[1][step]], dtype=torch.int32)
-        held_rule = policy.eviction.held if hold_tokens else None
-        tokens = StepTokens.from_batch(
-            qsl, torch.tensor(done, dtype=torch.int32), 2, hold=hold_t, held=held_rule
-        )
-        q_all, slot_all = torch.cat(qs), torch.cat(slots)
-        out = torch.empty_like(q_all)
-        stash = None
-        if planner is not None:
-            step_requests.publish(["a", "b"], [None, None], done)
-            pub = step_requests.current(2, torch.tensor(done))
-            stash = planner.plan(tokens.query_lens.tolist(), tokens.context_lens.tolist(), pub)
-            flushed += int(stash.flush_req.numel())
-        waves = split_waves(policy, tokens)  # merging/scoring chunks crossing window blocks: several
-        waves_seen.append(len(waves))
-        for i, wave in enumerate(waves):  # as PolicyImplMixin.forward runs them
-            t, rows, bt = wave.tokens, wave.rows, table[wave.requests]
-            w_stash = stash_for_wave(stash, wave) if i == 0 else None
-            plan = plan_scores(policy, t, bt, slot_all[rows], BLOCK, stash=w_stash, defer_decodes=deferred)
-            if exact:  # the stock kernel does not run: the impl writes every row's output
-                w_out = torch.full_like(q_all[rows], float("nan"))
-                impl._score_and_merge(layer, q_all[rows], kv, plan, w_out)
-                out[rows] = w_out
-                continue
-            batch = compact_for_kernel(policy.eviction.block_retained, t, bt, BLOCK)
-            if batch is None:
-                batch = SimpleNamespace(
-                    query_start_loc=t.query_start_loc.to(torch.int32),
-                    seq_lens=t.seq_lens.to(torch.int32),
-                    block_table=bt,
-                )
-            out[rows] = _kernel(q_all[rows].contiguous(), kv, batch, scale)
-            impl._score_and_merge(layer, q_all[rows], kv, plan)
-        torch.testing.assert_close(out, torch.cat(expected), atol=2e-5, rtol=1e-5)
-        for r in range(2):
-            st = refs[r].layers[3]
-            slot = table[r].long()[st.positions // BLOCK] * BLOCK + st.positions % BLOCK
-            torch.testing.assert_close(impl._paged.gather_v(slot), st.v, atol=1e-6, rtol=1e-6)
-            torch.testing.assert_close(impl._paged.gather_k(slot), st.k, atol=1e-6, rtol=1e-6)
-            settled = not deferred or (
-                "ab"[r] not in planner.entries if planner is not None else done[r] % BLOCK == 0
-            )
-            if settled:  # no query of this request waits to be scored
-                torch.testing.assert_close(impl._abar[slot], st.abar, atol=1e-6, rtol=1e-5)
-                for name, t in st.state.items():  # score-driven: per-head token positions, scores
-                    torch.testing.assert_close(impl._state[name][slot], t, atol=1e-6, rtol=1e-5)
-            if hold:  # the blocks the scheduler frees now (its own rule): poison them
-                ev = policy.eviction
-                first, last = freeable_blocks(
-                    done[r], ev.prefix_end, ev.window_tokens, BLOCK, 0, prompts[r], ev.hold_span
-                )
-                kv[table[r, first:last].long()] = float("nan")
-                continue
-            for j in range(widths[r]):  # blocks the scheduler frees now: poison them
-                if not bool(policy.eviction.block_retained(torch.tensor(j * BLOCK), done[r] + 1)):
-                    kv[int(table[r, j])] = float("nan")
-    if rule is not None and not (exact and rule == "kvmerger"):  # per token kvmerger never merges
-        assert sum(ref.stats.merged for ref in refs) > 0
-    if planner is not None:
-        assert flushed >= 4 and planner.rows <= 2, "stash rows are scored at block ends and reused"
-    runs_in_waves = rule is not None or base != "streaming"
-    assert (max(waves_seen) > 1) == runs_in_waves, "long chunks of merging or score policies run in waves"
-    if base != "streaming":  # heavy slots hold tokens from beyond the region, per head differently
-        st = refs[0].layers[3]
-        heavy = (st.positions >= policy.eviction.heavy_start) & (st.positions < policy.eviction.prefix_end)
-        pos = st.state["pos"][heavy]
-        assert (pos >= policy.eviction.prefix_end).any(), "the heavy region never took a later token"
-        if type(policy.score).per_head:
-            assert not torch.equal(pos[:, 0], pos[:, 1]), "KV heads should keep different tokens"
-    return refs
 
 
 # --- real engines -------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from cam_vllm.cli import register_subcommand
 from cam_vllm.eval.ruler import TASKS as RULER_TASKS
+from cam_vllm.subcommands import register_subcommand
 
 TASKS = (
     "ppl",
@@ -131,19 +131,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--batch", type=int, default=1, help="vllm engine: sequences in flight (ruler)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    from cam_vllm.eval.runner import READING_KEYS  # imports torch: not at the CLI's start
-
-    ov = {}
-    names = ("block_size", "merge_targets", "merge_target_mode", "merge_similarity", "score_mode")
-    for name in (*names, *READING_KEYS):
-        if getattr(args, name) is not None:
-            ov[name] = getattr(args, name)
-    if args.merge_clamp is not None:
-        ov["merge_clamp"] = tuple(args.merge_clamp)
-    return ov
 
 
 def run(args: argparse.Namespace) -> int:

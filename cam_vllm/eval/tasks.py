@@ -76,7 +76,6 @@ def run_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from cam_vllm.eval.cli import overrides_from_args
     from cam_vllm.eval.engines import load_model
 
     torch.set_num_threads(max(1, args.threads))
@@ -189,3 +188,16 @@ def run_command(args: argparse.Namespace) -> int:
         log.info("wrote %s", p)
     print(path)
     return 0
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    from cam_vllm.eval.runner import READING_KEYS  # imports torch: not at the CLI's start
+
+    ov = {}
+    names = ("block_size", "merge_targets", "merge_target_mode", "merge_similarity", "score_mode")
+    for name in (*names, *READING_KEYS):
+        if getattr(args, name) is not None:
+            ov[name] = getattr(args, name)
+    if args.merge_clamp is not None:
+        ov["merge_clamp"] = tuple(args.merge_clamp)
+    return ov

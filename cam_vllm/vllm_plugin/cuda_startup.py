@@ -37,22 +37,10 @@ def cuda_engine_args_fixes(engine_args: Any, policy_name: str) -> tuple[list[str
     * attention backend: ``FLASH_ATTN`` is selected when none was chosen; any other is refused;
     * CUDA graphs: ``enforce_eager`` is forced on (pseudo-request counts vary per step);
     * async scheduling: forced off when unset, refused when requested explicitly;
-    * FP8 (or any quantized) KV cache: refused;
-    * score-driven policies (h2o, tova, scissorhands, corm): refused (CPU build only so far).
+    * FP8 (or any quantized) KV cache: refused.
     """
     problems: list[str] = []
     changes: list[str] = []
-    from cam_vllm.policies import is_score_driven, split_policy_name
-
-    try:
-        base = split_policy_name(policy_name)[0]
-    except ValueError:  # an unknown name is reported by the settings check
-        base = policy_name
-    if is_score_driven(base):
-        problems.append(
-            "score-driven policies run on the CPU build only so far. Fix: use streaming or "
-            "cam-streaming on CUDA"
-        )
     attention_config = getattr(engine_args, "attention_config", None)
     if isinstance(attention_config, dict):
         config_backend = _backend_name(attention_config.get("backend"))

@@ -1,8 +1,8 @@
-"""What the CPU and CUDA attention backends share: the policy a layer serves, the vLLM config the
-layers were built under, and the impl's hook that scores and merges after the stock kernel.
+"""What the CPU and CUDA attention impls share: the policy a layer serves, the vLLM config the
+layers were built under, and the step that scores and merges after the stock kernel.
 
-Each backend keeps only what differs: its kernel's metadata, its paged-KV layout, and the list of
-features it cannot combine with a policy.
+Each backend keeps only what differs: its paged-KV layout (``_paged_view``) and the features of
+its impl it cannot combine with a policy. The metadata builders share ``builder.py``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from cam_vllm.policies import KVPolicy
-from cam_vllm.vllm_plugin.scoring import global_kv_heads
+from cam_vllm.vllm_plugin.query_stash import ensure_rows
+from cam_vllm.vllm_plugin.scoring import global_kv_heads, new_score_state, reset_slots, score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
-from cam_vllm.vllm_plugin.step_plan import Wave
+from cam_vllm.vllm_plugin.step_plan import StepPlan, Wave
 
 _KV_MANAGER_MODULE = "cam_vllm.vllm_plugin.kv_manager"
 
@@ -209,13 +210,64 @@ class PolicyImplMixin(ABC):
         self._score_and_merge(layer, query, kv_cache, plan, output)
 
     @abstractmethod
+    def _paged_view(self, layer: Any, kv_cache: torch.Tensor) -> Any:
+        """The layer's paged cache by physical slot (``gather_k`` / ``gather_v`` / ``scatter_*``),
+        in the layout this backend's kernel reads (device-specific)."""
+
+    def _bind(self, layer: Any, kv_cache: torch.Tensor) -> None:
+        """Per-layer state, (re)made when the KV cache tensor is first seen or replaced."""
+        key = (kv_cache.data_ptr(), tuple(kv_cache.shape), tuple(kv_cache.stride()))
+        if key == self._cache_key:
+            return
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape  # the logical [B, H, N, 2D] view
+        assert self.policy is not None
+        device = kv_cache.device
+        self._paged = self._paged_view(layer, kv_cache)
+        num_slots = num_blocks * block_size
+        self._abar = torch.zeros(num_slots, num_kv_heads, dtype=torch.float32, device=device)
+        self._state = new_score_state(self.policy, num_slots, num_kv_heads, device)
+        self._bind_heads(layer, num_kv_heads, device)
+        self._cache_key = key
+
     def _score_and_merge(
         self,
         layer: Any,
         query: torch.Tensor,
         kv_cache: torch.Tensor,
-        plan: Any,
+        plan: StepPlan,
         output: torch.Tensor | None = None,
     ) -> None:
-        """Score this step's queries and merge what leaves the retained set (backend-specific);
-        ``output`` (token-exact policies): write every query's attention output into it."""
+        """Score this step's queries and merge what leaves the retained set (or choose the heavy
+        region); ``output`` (token-exact policies): write every query's attention output into it."""
+        self._bind(layer, kv_cache)
+        paged, abar, policy = self._paged, self._abar, self.policy
+        assert paged is not None and abar is not None and policy is not None
+        stash = None
+        if plan.stash is not None:  # this step's decode queries wait in the stash (query_stash.py)
+            self._stash = ensure_rows(self._stash, plan.stash, query)
+            write_q = plan.stash.write_q
+            if write_q.numel():
+                rows = query[: write_q.numel()] if plan.stash.writes_first_rows else query[write_q]
+                self._stash.index_copy_(0, plan.stash.write_at, rows)
+            if plan.idle:  # decodes only, none ends a block: nothing else to do in this layer
+                return
+            stash = self._stash.view(-1, plan.stash.length, *query.shape[1:])
+        reset_slots(abar, self._state, plan.reset_slots, plan.reset_positions)
+        score_and_merge(
+            paged=paged,
+            abar=abar,
+            query=query,
+            packs=plan.packs,
+            merges=plan.merges,
+            policy=policy,
+            scale=self.scale,  # type: ignore[attr-defined]
+            num_kv_heads=self.num_kv_heads,  # type: ignore[attr-defined]
+            layer_index=self._layer_index,
+            heads=self._heads,
+            count_tokens=self._counts_tokens,
+            state=self._state,
+            heavy=plan.heavy,
+            decode=plan.decode,
+            stash=stash,
+            output=output,
+        )

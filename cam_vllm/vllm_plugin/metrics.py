@@ -430,27 +430,38 @@ def install_collector(vllm_config: Any) -> CamCollector | None:
     return _collector
 
 
-def _stat_logger_base() -> type:
+def _make_stat_logger() -> type:
+    """:class:`CamStatLogger`, made on first use: its base is vLLM's, and the workers' math that
+    records merges (``scoring``) must import without vLLM (``scripts/gpu_check.py``)."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
-    return StatLoggerBase
+    class CamStatLogger(StatLoggerBase):
+        """``vllm.stat_logger_plugins`` entry: installs :class:`CamCollector` in the API server.
+
+        vLLM's stat-logger hook is where a plugin gets the engine's config in the process serving
+        ``/metrics``; the per-step ``record`` only feeds :data:`RUNNING` (our other counts come
+        from the files).
+        """
+
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+            install_collector(vllm_config)
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:  # noqa: ANN001
+            if scheduler_stats is not None:
+                RUNNING.observe(engine_idx, int(scheduler_stats.num_running_reqs))
+
+        def log_engine_initialized(self) -> None:
+            return None
+
+    CamStatLogger.__module__ = __name__
+    CamStatLogger.__qualname__ = "CamStatLogger"
+    return CamStatLogger
 
 
-class CamStatLogger(_stat_logger_base()):  # type: ignore[misc]
-    """``vllm.stat_logger_plugins`` entry: installs :class:`CamCollector` in the API server.
-
-    vLLM's stat-logger hook is where a plugin gets the engine's config in the process serving
-    ``/metrics``; the per-step ``record`` only feeds :data:`RUNNING` (our other counts come
-    from the files).
-    """
-
-    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-        self.engine_index = engine_index
-        install_collector(vllm_config)
-
-    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:  # noqa: ANN001
-        if scheduler_stats is not None:
-            RUNNING.observe(engine_idx, int(scheduler_stats.num_running_reqs))
-
-    def log_engine_initialized(self) -> None:
-        return None
+def __getattr__(name: str) -> Any:
+    if name == "CamStatLogger":  # the entry point's target, made once
+        cls = _make_stat_logger()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -208,18 +208,6 @@ def _check_window(extra_args: Mapping[str, Any], server_policy: str, window: int
         raise ValueError(f"vllm_xargs kv_window_tokens{'' if problem.startswith('=') else ' '}{problem}")
 
 
-def own_windows(policy: Any, step: Any) -> tuple[Any, tuple[int, int]]:
-    """Workers: (each row's own smaller window or None, (prefix end, block size)) for a step."""
-    from cam_vllm.vllm_plugin import step_requests
-
-    eviction = policy.eviction
-    window = int(getattr(eviction, "window_tokens", 0) or 0)
-    if policy.name != WINDOW_POLICY or not window or policy.token_exact:
-        return None, (0, 1)
-    cut = (int(eviction.prefix_end), int(eviction.block_size))
-    return step_requests.windows_of(step, policy.name, window, cut[1]), cut
-
-
 # --------------------------------------------------------------------------------------------
 # API server: the 400
 # --------------------------------------------------------------------------------------------

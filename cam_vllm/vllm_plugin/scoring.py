@@ -242,7 +242,7 @@ def _score_decodes(
         for a in range(0, r, group):
             e = min(a + group, r)
             m = e - a
-            eye = torch.eye(m, dtype=torch.bool)
+            eye = torch.eye(m, dtype=torch.bool, device=probs.device)
             visible = (eye[:, None, :, None] & decode.valid[a:e, :, None, :]).reshape(m * sq, m * n)
             pm = probs[a:e].transpose(1, 2)[:, :, :, None, :]  # [m, S, H, 1, N]
             probs_kv = (eye[:, None, None, :, None].to(probs.dtype) * pm).reshape(m * sq, h, m * n)
@@ -311,11 +311,13 @@ def _choose_heavy(
         flat = cand.flatten()
         cand_abar = _side_by_side(abar[flat], ev)
         cand_state = {n: _side_by_side(t[flat], ev) for n, t in state.items()}
-        num_tokens = torch.tensor([e.num_tokens for e in group]).repeat_interleave(num_heads)
+        dev = abar.device
+        num_tokens = torch.tensor([e.num_tokens for e in group], device=dev).repeat_interleave(num_heads)
         choice = choose_heavy(cand_state, cand_abar, capacity, score, num_tokens, group=num_heads)
         # candidates whose keys and values are read: the heavy slots that change hands in some
         # head, what enters them, and what merges
-        changed = torch.nonzero((choice.fill != torch.arange(capacity)[:, None]).any(dim=1)).flatten()
+        stay = torch.arange(capacity, device=dev)[:, None]
+        changed = torch.nonzero((choice.fill != stay).any(dim=1)).flatten()
         merges_now = merging and num_recv > 0 and choice.evicted.shape[0] > 0
         if not (changed.numel() or merges_now):
             continue
@@ -323,8 +325,8 @@ def _choose_heavy(
         if merges_now:
             parts.append(choice.evicted.flatten())
         need = torch.unique(torch.cat(parts))
-        where = torch.full((capacity + num_leaving,), -1, dtype=torch.int64)
-        where[need] = torch.arange(need.numel())
+        where = torch.full((capacity + num_leaving,), -1, dtype=torch.int64, device=dev)
+        where[need] = torch.arange(need.numel(), device=dev)
         sub_slots = cand[:, need].flatten()
         sub = Tokens(
             _side_by_side(paged.gather_k(sub_slots), ev),

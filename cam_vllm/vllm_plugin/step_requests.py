@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from cam_vllm.vllm_plugin.request_policy import request_window, wants_full_cache
+from cam_vllm.vllm_plugin.request_policy import WINDOW_POLICY, request_window, wants_full_cache
 
 logger = logging.getLogger("cam_vllm")
 
@@ -108,6 +108,16 @@ def windows_of(step: StepRequests | None, policy_name: str, window: int, block: 
         return None
     own = [request_window(p, policy_name, window, block) for p in step.params]
     return torch.tensor(own, dtype=torch.int64) if any(own) else None
+
+
+def own_windows(policy: Any, step: StepRequests | None) -> tuple[torch.Tensor | None, tuple[int, int]]:
+    """(each row's own smaller window or None, (prefix end, block size)) for a step."""
+    eviction = policy.eviction
+    window = int(getattr(eviction, "window_tokens", 0) or 0)
+    if policy.name != WINDOW_POLICY or not window or policy.token_exact:
+        return None, (0, 1)
+    cut = (int(eviction.prefix_end), int(eviction.block_size))
+    return windows_of(step, policy.name, window, cut[1]), cut
 
 
 def holds_of(step: StepRequests | None, policy: Any) -> torch.Tensor | None:
