@@ -11,7 +11,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cam_vllm.core.merge import COUNTING_RULES
 from cam_vllm.core.scores import MAX_HISTORY
 from cam_vllm.policies import is_score_driven, resolve_merge
 
@@ -161,11 +160,6 @@ class KVPolicyConfig(BaseModel):
         description="snapkv: scores are pooled over K neighbouring positions (odd, 1..255; default: 31)",
         json_schema_extra={"cli": "K"},
     )
-    merge_count_attention: bool = Field(
-        False,
-        description="reference engine only (an experiment): attention adds ln(tokens merged into a slot) "
-        "to its logits; weighted or kvmerger on streaming",
-    )
     token_exact: bool = Field(
         False,
         description=(
@@ -222,18 +216,10 @@ class KVPolicyConfig(BaseModel):
         lo, hi = self.merge_clamp
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"merge_clamp must satisfy 0 <= lo <= hi <= 1, got {self.merge_clamp}")
-        if self.merge_count_attention:
-            base, rule = resolve_merge(self.policy, self.merge)
-            if rule not in COUNTING_RULES or is_score_driven(base):
-                raise ValueError(
-                    f"merge_count_attention needs a merge rule that moves each token into one slot "
-                    f"({', '.join(COUNTING_RULES)}) on positional eviction (streaming); "
-                    f"policy {self.policy!r} with merge {rule!r} is not one"
-                )
-        if self.token_exact and (base != "streaming" or self.merge_count_attention):
+        if self.token_exact and base != "streaming":
             raise ValueError(
                 f"token_exact applies to streaming eviction (with or without a merge rule), not to "
-                f"policy {self.policy!r}{' with merge_count_attention' if base == 'streaming' else ''}"
+                f"policy {self.policy!r}"
             )
         return self
 

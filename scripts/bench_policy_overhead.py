@@ -1,7 +1,7 @@
 """What a KV policy adds to a decode step on the CPU worker, measured without an engine.
 
     python scripts/bench_policy_overhead.py                    # SmolLM2-135M shapes, batch 8
-    python scripts/bench_policy_overhead.py --policies streaming,h2o,h2o@eager --steps 128
+    python scripts/bench_policy_overhead.py --policies streaming,h2o,cam-h2o --steps 128
 
 The end-to-end benchmarks (``scripts/bench_vllm_worker.py``, ``cam-vllm bench``) time whole
 engines, and on a shared 2-core box their repeats differ by tens of percent. This script times
@@ -11,15 +11,13 @@ requests, stash plan, waves, compaction, score plan) and, per layer, the impl's
 ``_score_and_merge`` (stash writes, scoring, merges, heavy-region choices). It also times the
 stock CPU attention kernel on the compacted batch, per layer, to put the numbers in proportion.
 The model's shapes (layers, query/KV heads, head size) are SmolLM2-135M's by default; the KV
-cache holds random keys and values (the costs do not depend on the numbers). ``@eager`` scores
-every decode query in its own step (CAM_VLLM_DEFERRED_SCORING=0); ``@probs`` scores prefill packs
-through the probabilities instead of ``attention_totals`` (the path before 2026-12-02).
+cache holds random keys and values (the costs do not depend on the numbers). To compare with an
+older version of the code, run it with ``PYTHONPATH`` pointing at a checkout of that version.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from types import SimpleNamespace
 
@@ -67,12 +65,12 @@ def run(name: str, args: argparse.Namespace) -> dict[str, float]:
     from cam_vllm.config import KVPolicyConfig
     from cam_vllm.policies import build_policy, same_memory_settings
     from cam_vllm.vllm_plugin import step_requests
+    from cam_vllm.vllm_plugin.builder import plan_step
     from cam_vllm.vllm_plugin.paged import _write
     from cam_vllm.vllm_plugin.query_stash import StashPlanner, stash_for_wave
-    from cam_vllm.vllm_plugin.step_plan import StepTokens, compact_for_kernel, plan_scores, split_waves
+    from cam_vllm.vllm_plugin.step_plan import StepTokens, compact_for_kernel, split_waves
 
-    policy_name, _, variant = name.partition("@")
-    deferred = variant != "eager"
+    policy_name = name
     b, hq, hkv, d, layers = args.block_size, args.q_heads, args.kv_heads, args.head_size, args.layers
     scale = d**-0.5
     settings = {
@@ -90,7 +88,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, float]:
     impls = [_impl(policy, hq, hkv, d, scale) for _ in range(layers)]
     lnames = [SimpleNamespace(isa="vec", layer_name=f"model.layers.{i}.attn") for i in range(layers)]
     scoring = policy.tracks_scores
-    planner = StashPlanner(b) if scoring and deferred and policy.score_mode == "accumulated" else None
+    planner = StashPlanner(b) if scoring and policy.score_mode == "accumulated" else None
     ids = [f"r{i}" for i in range(r)]
     times = {"plan": 0.0, "score": 0.0, "kernel": 0.0, "prefill_plan": 0.0, "prefill_score": 0.0}
     times["prefill_kernel"] = 0.0
@@ -129,9 +127,11 @@ def run(name: str, args: argparse.Namespace) -> dict[str, float]:
             plan = None
             if scoring:
                 w_stash = stash_for_wave(stash, w) if i == 0 else None
-                plan = plan_scores(
-                    policy, w.tokens, bt, slots[w.rows], b, stash=w_stash, defer_decodes=deferred
-                )
+                # as the builder plans: on virtual blocks, translated to this table's slots
+                plan = plan_step(
+                    policy, w.tokens, SimpleNamespace(block_table_tensor=bt), b, stash=w_stash,
+                    defer_decodes=True,
+                )  # fmt: skip
             parts.append((w.rows, batch, plan))
         t2 = time.perf_counter()
         t_kernel = t_score = 0.0
@@ -167,7 +167,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policies", default="streaming,h2o,h2o@eager,cam-h2o,cam-streaming,cam-streaming@eager")
+    ap.add_argument("--policies", default="streaming,h2o,cam-h2o,cam-streaming")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
@@ -181,15 +181,11 @@ def main() -> None:
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--window", type=int, default=128)
     args = ap.parse_args()
-    from cam_vllm.vllm_plugin import scoring
-
     torch.set_num_threads(1)  # vLLM's CPU worker runs attention on one thread per rank here
     names = args.policies.split(",")
     best: dict[str, dict[str, float]] = {}
     for _ in range(args.repeats):
         for name in names:
-            os.environ["CAM_VLLM_DEFERRED_SCORING"] = "0" if name.endswith("@eager") else "1"
-            scoring.PREFILL_TOTALS = not name.endswith("@probs")  # @probs: prefill scored by probabilities
             got = run(name, args)
             prev = best.setdefault(name, got)
             for k, v in got.items():

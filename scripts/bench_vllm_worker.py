@@ -11,16 +11,14 @@ prefill cost cancels; decode tokens/s = batch * N / that difference. Engines run
 other (an idle engine's worker keeps polling), each measured --repeats times, best of them;
 t(max_tokens = 1), the batch's prefill, is printed too.
 
-A name ending in ``@eager`` runs the policy with CAM_VLLM_DEFERRED_SCORING=0 (every decode query
-scored in its own step, as before deferred scoring), e.g. ``--policies streaming,h2o,h2o@eager``;
-one ending in ``@exact`` runs a streaming policy with ``token_exact`` (same visible window, about
-one block more held per request).
+A name ending in ``@exact`` runs a streaming policy with ``token_exact`` (same visible window, about
+one block more held per request). To compare with an older version of the code, run this script
+with ``PYTHONPATH`` pointing at a checkout of it.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -65,7 +63,6 @@ def main() -> None:
     ttft: dict[str, list[float]] = {n: [] for n in names}
     for name in names:
         policy_name, _, variant = name.partition("@")
-        os.environ["CAM_VLLM_DEFERRED_SCORING"] = "0" if variant == "eager" else "1"  # the engine inherits it
         policy = same_memory_settings(policy_name, args.sinks, args.window)
         if variant == "exact":  # token-exact window: the plugin computes every query's attention
             policy["token_exact"] = True

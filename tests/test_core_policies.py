@@ -205,5 +205,3 @@ def test_token_exact_settings_are_checked_and_the_window_is_not_rounded():
             KVPolicyConfig(token_exact=True, budget=0.2, **bad) if bad[
                 "policy"
             ] != "none" else KVPolicyConfig(token_exact=True, **bad)
-    with pytest.raises(ValueError, match="merge_count_attention"):
-        KVPolicyConfig(policy="weighted-streaming", token_exact=True, merge_count_attention=True)

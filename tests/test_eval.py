@@ -256,17 +256,9 @@ def test_make_specs():
     assert [s.variant for s in make_specs(["cam-streaming"], [0.2], [], {"merge_targets": 4})] == [
         "merge_targets=4"
     ]
-    # count-weighted attention: rows for the single-receiver rules only
-    counted = make_specs(
-        ["streaming", "cam-streaming", "weighted-streaming", "kvmerger-streaming"], [0.2], ["count-attn"]
-    )
-    assert [s.policy for s in counted] == ["weighted-streaming", "kvmerger-streaming"]
-    assert all(s.config().merge_count_attention for s in counted)
     # an ablation that does not apply gives no row, also with flags on top (no mislabelled copy)
-    blocks = make_specs(
-        ["streaming", "weighted-streaming"], [0.2], ["count-attn", "no-mask"], {"block_size": 32}
-    )
-    assert [(s.policy, s.variant) for s in blocks] == [("weighted-streaming", "count-attn,block_size=32")]
+    blocks = make_specs(["streaming", "weighted-streaming"], [0.2], ["no-mask"], {"block_size": 32})
+    assert blocks == []
     # token-exact windows: every streaming row (plain and each rule), no score-driven row
     exact = make_specs(
         ["streaming", "cam-streaming", "kvmerger-streaming", "h2o", "cam-h2o"], [0.1], ["token-exact"]

@@ -233,29 +233,3 @@ def test_batch_larger_than_one_is_refused(tiny_llama):
     eng.start()
     with pytest.raises(ValueError, match="one sequence at a time"), eng._active():
         tiny_llama(input_ids=torch.zeros(2, 3, dtype=torch.long), use_cache=False)
-
-
-@pytest.mark.parametrize("rule", ["weighted", "kvmerger"])
-def test_count_attention_makes_merging_duplicates_lossless(rule):
-    """Leaving tokens identical to a receiver: with counts the merged cache attends exactly like
-    the full cache (one slot of count 3 = three copies) until the next block leaves; without
-    counts it does not."""
-    g = torch.Generator().manual_seed(3)
-    n, hq, hkv, d = 10, 4, 2, 8
-    q, k, v = (torch.randn(n, h, d, generator=g) for h in (hq, hkv, hkv))
-    k[2], k[3], v[2], v[3] = k[4], k[4], v[4], v[4]  # block (2, 3) leaves first, as copies of 4
-    cfg = dict(policy=f"{rule}-streaming", sink_tokens=2, block_size=2, window_tokens=4)
-
-    def outputs(config: KVPolicyConfig) -> tuple[torch.Tensor, PolicyCache]:
-        cache = PolicyCache(build_policy(config))
-        steps = [cache.attend(0, q[t : t + 1], k[t : t + 1], v[t : t + 1], 0.35) for t in range(n)]
-        return torch.cat(steps), cache
-
-    full, _ = outputs(KVPolicyConfig(policy="none"))
-    counted, cache = outputs(KVPolicyConfig(merge_count_attention=True, **cfg))
-    plain, _ = outputs(KVPolicyConfig(**cfg))
-    assert cache.stats.merged > 0
-    # block (2, 3) leaves before query 6, block (4, 5) before query 8
-    torch.testing.assert_close(counted[:8], full[:8])
-    assert not torch.allclose(plain[6:8], full[6:8])
-    assert not torch.allclose(counted[8:], full[8:])

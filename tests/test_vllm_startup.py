@@ -149,11 +149,6 @@ BAD_SETTINGS = [
         ["prefix caching were both requested", "Fix: drop --enable-prefix-caching"],
     ),
     (
-        {"policy": "weighted-streaming", "window_tokens": 64, "merge_count_attention": True},
-        {},
-        ["merge_count_attention is an experiment of the reference engine", "Fix: drop"],
-    ),
-    (
         {"policy": "snapkv", "window_tokens": 32, "observation_window": 64},
         {},
         ["observation window of 64 queries is longer than the window of 32 tokens", "Fix: lower"],

@@ -26,14 +26,11 @@ def attention_with_probs(
     v: torch.Tensor,
     visible: torch.Tensor,
     scale: float,
-    bias: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax attention that also returns the probabilities.
 
-    q: [Nq, Hq, D]; k, v: [Nk, Hkv, D]; visible: [Nq, Nk] bool (True = may attend); bias: None
-    or [Nk, Hkv] float added to every logit of that key and KV head (count-weighted attention:
-    ``ln(count)``, which makes one slot attend like ``count`` copies of itself); hidden:
+    q: [Nq, Hq, D]; k, v: [Nk, Hkv, D]; visible: [Nq, Nk] bool (True = may attend); hidden:
     :func:`additive_mask` of ``visible`` when the caller keeps it across layers.
     Returns (output [Nq, Hq, D] in q's dtype, probs [Nq, Hq, Nk] float32).
     Computed in float32; a query row with no visible token gets zeros (never NaN).
@@ -46,8 +43,6 @@ def attention_with_probs(
     # masked_fill over every (query head, key)
     qf = (q.float() * scale).view(nq, hkv, group, d).transpose(0, 1).reshape(hkv, nq * group, d)
     logits = torch.bmm(qf, k.float().permute(1, 2, 0)).view(hkv, nq, group, nk)
-    if bias is not None:
-        logits = logits + bias.float().T[:, None, None, :]
     if hidden is None:
         hidden = additive_mask(visible)
     probs = torch.softmax(logits.add_(hidden[None, :, None, :]), dim=-1)

@@ -28,8 +28,6 @@ import torch
 from cam_vllm.core.rng import merge_uniforms, target_choices
 
 TargetMode = Literal["even", "random-single"]
-# merge rules whose merged tokens each land in one receiver, so a slot can count what it holds
-COUNTING_RULES = ("weighted", "kvmerger")
 
 
 @dataclass(frozen=True)
@@ -46,10 +44,6 @@ class MergeConfig:
     rule: the merge rule (``core.rules``): ``cam`` (this module) or another registered rule,
         which uses the fields that apply to it.
     similarity: ``kvmerger``: key cosine at or above which adjacent leaving tokens form a set.
-    count_attention: an experiment of the reference engine (docs/results.md section 12): every
-        slot counts the tokens merged into it and attention adds ``ln(count)`` to its logits
-        (ToMe's proportional attention, KeepKV), so a merged slot draws the attention of the
-        tokens it stands for. Convex single-receiver rules only (``weighted``, ``kvmerger``).
     """
 
     rule: str = "cam"
@@ -58,7 +52,6 @@ class MergeConfig:
     targets: TargetMode = "even"
     seed: int = 0
     similarity: float = 0.8
-    count_attention: bool = False
 
     def __post_init__(self) -> None:
         lo, hi = self.clamp
@@ -70,11 +63,6 @@ class MergeConfig:
             raise ValueError(f"merge similarity is a cosine in [-1, 1], got {self.similarity}")
         if self.targets not in ("even", "random-single"):
             raise ValueError(f"unknown merge target mode {self.targets!r}")
-        if self.count_attention and self.rule not in COUNTING_RULES:
-            raise ValueError(
-                f"count-weighted attention needs a rule that moves each merged token into one slot "
-                f"({', '.join(COUNTING_RULES)}); {self.rule!r} does not"
-            )
 
 
 def merge_probability(

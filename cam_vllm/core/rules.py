@@ -27,7 +27,6 @@ class MergeResult:
     abar: torch.Tensor  # [N, H]
     decisions: MergeDecisions
     keys: torch.Tensor | None = None  # [N, H, D] when the rule merges keys, else None (unchanged)
-    counts: torch.Tensor | None = None  # [N, H] tokens each entry stands for, when asked for
 
 
 @dataclass(frozen=True)
@@ -101,35 +100,14 @@ def merge_leaving(
     config: MergeConfig,
     seed: int | None = None,
     heads: torch.Tensor | None = None,
-    counts: torch.Tensor | None = None,
 ) -> MergeResult:
-    """Apply ``config.rule`` to one chain (shapes as in ``cam_merge``; keys only if the rule needs them).
-
-    ``counts`` [N, H]: how many tokens each entry stands for (count-weighted attention); the
-    result's ``counts`` then adds each merged token's count to its receiver's."""
+    """Apply ``config.rule`` to one chain (shapes as in ``cam_merge``; keys only if the rule needs them)."""
     rule = merge_rule(config.rule)
     if rule.needs_keys and keys is None:
         raise ValueError(f"merge rule {rule.name!r} needs the chain's keys")
     res = rule.run(values, keys, abar, leaving, positions, layer, config, seed, heads)
     total, count = value_growth(values, res.values, leaving)
-    new_counts = None if counts is None else merged_counts(counts, leaving, res.decisions, rule.name)
-    return replace(
-        res, decisions=replace(res.decisions, growth_sum=total, growth_count=count), counts=new_counts
-    )
-
-
-def merged_counts(
-    counts: torch.Tensor, leaving: torch.Tensor, decided: MergeDecisions, rule: str
-) -> torch.Tensor:
-    """[N, H] counts after a merge: every merged (token, head) adds its count to its receiver."""
-    if decided.receiver is None:
-        raise ValueError(f"merge rule {rule!r} spreads values over several targets; counts need one receiver")
-    out = counts.float().clone()
-    if decided.mask.numel():
-        src = torch.nonzero(leaving).flatten()
-        moved = counts[src].float() * decided.mask
-        out.scatter_add_(0, decided.receiver.clamp(min=0), moved)
-    return out
+    return replace(res, decisions=replace(res.decisions, growth_sum=total, growth_count=count))
 
 
 def value_growth(before: torch.Tensor, after: torch.Tensor, leaving: torch.Tensor) -> tuple[float, int]:

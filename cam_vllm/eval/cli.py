@@ -44,7 +44,6 @@ ABLATION_NAMES = [
     "clamp-0-1",
     "block16",
     "block32",
-    "count-attn",
     "token-exact",
 ]  # = runner.ABLATIONS (kept here so that --help imports no torch; tests check they agree)
 

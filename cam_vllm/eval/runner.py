@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cam_vllm.config import KVPolicyConfig
-from cam_vllm.core.merge import COUNTING_RULES
 from cam_vllm.eval.results import aggregate
 from cam_vllm.policies import base_policy_name, is_score_driven, merge_rule_of
 
@@ -37,8 +36,6 @@ ABLATIONS: dict[str, dict] = {
     "clamp-0-1": {"merge_clamp": (0.0, 1.0)},
     "block16": {"block_size": 16},  # eviction and merging a block at a time (vLLM CUDA blocks)
     "block32": {"block_size": 32},  # (the smallest block vLLM's CPU backend accepts)
-    # attention adds ln(tokens merged into a slot): convex single-receiver rules, reference engine
-    "count-attn": {"merge_count_attention": True},
     # queries see exactly the per-token sinks and window inside the held blocks (streaming, any rule)
     "token-exact": {"token_exact": True},
 }
@@ -107,13 +104,10 @@ def make_specs(
                 reading = ("prompt_hold", "prompt_hold_tokens")
             ov = {k: v for k, v in ov.items() if k not in READING_KEYS or k in reading}
             if rule != "cam":
-                counted = ("merge_count_attention",) if rule in COUNTING_RULES else ()
                 exact = ("token_exact",) if streaming else ()
-                ov = {k: v for k, v in ov.items() if k in ("block_size", *counted, *exact, *reading)}
+                ov = {k: v for k, v in ov.items() if k in ("block_size", *exact, *reading)}
                 if variant and not any(k in ov for k in ABLATIONS[variant]):
                     continue  # a merge ablation on plain eviction (or another rule) does not apply
-            elif ov.get("merge_count_attention"):
-                continue  # CaM spreads a token over m targets: nothing to count
             # flags on top of a named ablation stay in the label: another row, not the same one
             extra = {k: v for k, v in ov.items() if k not in ABLATIONS.get(variant, {})}
             label = ",".join(x for x in (variant, _label(extra)) if x)

@@ -38,7 +38,6 @@ from cam_vllm.policies.tova import TOVAScore
 if TYPE_CHECKING:
     from cam_vllm.config import KVPolicyConfig
 
-CAM_PREFIX = "cam-"
 
 # Score-driven policies: name -> score. Each gets a heavy region between sinks and window.
 SCORES: dict[str, type[TokenScore]] = {
@@ -250,7 +249,6 @@ def build_policy(config: KVPolicyConfig, length: int | None = None) -> KVPolicy:
             targets=config.merge_target_mode,
             seed=config.seed,
             similarity=config.merge_similarity,
-            count_attention=config.merge_count_attention,
         )
     return KVPolicy(_FACTORIES[base](config), merge, config.score_mode, canonical_name(base, rule))
 

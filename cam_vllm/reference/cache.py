@@ -38,15 +38,13 @@ from cam_vllm.policies import HeavyPolicy, KVPolicy
 @dataclass
 class LayerCache:
     """Retained slots of one layer: k, v [N, Hkv, D], positions [N], abar [N, Hkv] float32,
-    for score-driven policies the per-head state (``pos`` and the score's fields) [N, Hkv], and
-    with count-weighted attention the tokens each slot stands for (``count`` [N, Hkv] float32)."""
+    and for score-driven policies the per-head state (``pos`` and the score's fields) [N, Hkv]."""
 
     k: torch.Tensor
     v: torch.Tensor
     positions: torch.Tensor
     abar: torch.Tensor
     state: dict[str, torch.Tensor] = field(default_factory=dict)
-    count: torch.Tensor | None = None
 
     def select(self, idx: torch.Tensor) -> None:
         self.k, self.v, self.positions, self.abar = (
@@ -56,8 +54,6 @@ class LayerCache:
             self.abar[idx],
         )
         self.state = {name: t[idx] for name, t in self.state.items()}
-        if self.count is not None:
-            self.count = self.count[idx]
 
     def tokens(self, idx: torch.Tensor) -> Tokens:
         return Tokens(self.k[idx], self.v[idx], self.abar[idx], {n: t[idx] for n, t in self.state.items()})
@@ -138,8 +134,7 @@ class PolicyCache:
         self.stats.max_retained = max(self.stats.max_retained, st.positions.numel())
 
         visible = self.policy.eviction.visible(positions, st.positions, self.hold_end)
-        bias = None if st.count is None else st.count.log()
-        out, probs = attention_with_probs(q, st.k, st.v, visible, scale, bias)
+        out, probs = attention_with_probs(q, st.k, st.v, visible, scale)
         if self.policy.tracks_scores:
             probs_kv = reduce_to_kv_heads(probs, st.k.shape[1])
             score = self.policy.score
@@ -163,7 +158,6 @@ class PolicyCache:
             new_state["pos"] = pos[:, None].expand(-1, k.shape[1]).to(torch.int32)
             for name, dtype in score.fields.items():
                 new_state[name] = torch.zeros(k.shape[0], k.shape[1], dtype=dtype, device=k.device)
-        counts = self.policy.merge is not None and self.policy.merge.count_attention
         st = self.layers.get(layer)
         if st is None:
             st = LayerCache(
@@ -172,7 +166,6 @@ class PolicyCache:
                 pos.clone(),
                 zeros,
                 {n: t.clone() for n, t in new_state.items()},
-                torch.ones_like(zeros) if counts else None,
             )
             self.layers[layer] = st
         else:
@@ -181,8 +174,6 @@ class PolicyCache:
             st.positions = torch.cat([st.positions, pos])
             st.abar = torch.cat([st.abar, zeros])
             st.state = {n: torch.cat([st.state[n], t]) for n, t in new_state.items()}
-            if st.count is not None:
-                st.count = torch.cat([st.count, torch.ones_like(zeros)])
         return st
 
     def _evict(self, layer: int, st: LayerCache, next_num_tokens: int) -> None:
@@ -208,13 +199,10 @@ class PolicyCache:
                 layer=layer,
                 config=merge,
                 seed=self.seed,
-                counts=None if st.count is None else st.count[idx],
             )
             st.v[idx], st.abar[idx] = res.values, res.abar
             if res.keys is not None:
                 st.k[idx] = res.keys
-            if res.counts is not None:
-                st.count[idx] = res.counts
             self.stats.add(res.decisions)
         st.select(keep)
 

@@ -29,7 +29,7 @@ import torch
 from cam_vllm.policies import KVPolicy
 from cam_vllm.vllm_plugin import step_requests
 from cam_vllm.vllm_plugin.impl_common import NO_BATCH_CACHES, WavePart, wave_common_metadata
-from cam_vllm.vllm_plugin.query_stash import StashPlanner, deferred_scoring_enabled, stash_for_wave
+from cam_vllm.vllm_plugin.query_stash import StashPlanner, stash_for_wave
 from cam_vllm.vllm_plugin.request_policy import allows_full
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 from cam_vllm.vllm_plugin.step_plan import (
@@ -280,10 +280,12 @@ class PolicyBuilderMixin:
             problems = self.backend.policy_problems(vllm_config, policy, kv_cache_spec)
             if problems:
                 raise ValueError(f"KV policy {policy.name!r} cannot run: {'; '.join(problems)}")
-        self._set_policy(policy, allows_full(vllm_config), deferred_scoring_enabled())
+        self._set_policy(policy, allows_full(vllm_config), defer_decodes=True)
 
     def _set_policy(self, policy: KVPolicy | None, allow_full: bool, defer_decodes: bool) -> None:
-        """The builder's policy and per-step helpers (also how tests make one without an engine)."""
+        """The builder's policy and per-step helpers (also how tests make one without an engine);
+        ``defer_decodes``: deferred scoring of decode queries (``query_stash``), which an engine
+        always uses (the tests compare both with the reference)."""
         if policy is not None and hasattr(self, "supports_update_block_table"):
             # metadata cached for another KV-cache group must not be re-used with that group's
             # (uncompacted) block table

@@ -219,17 +219,6 @@ class PagedKV:
         self._scatter(slots, keys, self._k_view, self.layout.k_offsets)
 
 
-def block_slots(block_table_row: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Slots of ``positions`` of one request, given its block-table row."""
-    positions = positions.to(torch.int64)
-    return block_table_row.to(torch.int64)[positions // block_size] * block_size + positions % block_size
-
-
-# ------------------------------------------------------------------------------------------------
-# CUDA (FlashAttention): the logical [num_blocks, num_kv_heads, block_size, K | V] view
-# ------------------------------------------------------------------------------------------------
-
-
 class NHDPagedKV:
     """Gather/scatter tokens of one layer's CUDA KV cache by slot; same interface as :class:`PagedKV`.
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import torch
 
@@ -36,15 +35,6 @@ from cam_vllm.vllm_plugin.metrics import STATS
 from cam_vllm.vllm_plugin.step_plan import StashStep, Wave
 
 logger = logging.getLogger("cam_vllm")
-
-# CAM_VLLM_DEFERRED_SCORING=0 scores every decode query in its own step (the earlier path, kept
-# to measure the two side by side; results are the same up to float rounding).
-DEFERRED_SCORING_ENV = "CAM_VLLM_DEFERRED_SCORING"
-
-
-def deferred_scoring_enabled() -> bool:
-    return os.environ.get(DEFERRED_SCORING_ENV, "1") != "0"
-
 
 # Queries stashed per request before they are scored (also scored whenever a block ends).
 # Memory per layer and decoding request: length * Hq * D elements of the query dtype.

@@ -76,11 +76,6 @@ def reset_slots(
             t[slots] = 0
 
 
-# Score packs of accumulated-mode policies without score fields by ``attention_totals`` (False: through
-# the probabilities, as the fields need; scripts/bench_policy_overhead.py times both side by side).
-PREFILL_TOTALS = True
-
-
 def score_and_merge(
     *,
     paged: Any,
@@ -122,7 +117,7 @@ def score_and_merge(
             output[pack.q_rows] = out.reshape(out.shape[0], *output.shape[1:])
             if not scoring:
                 continue
-        elif PREFILL_TOTALS and policy.score_mode == "accumulated" and not fields:  # totals suffice
+        elif policy.score_mode == "accumulated" and not fields:  # the totals suffice (attention_totals)
             mask = pack.totals_mask(query.shape[1])
             abar[pack.kv_slots] += attention_totals(query[pack.q_rows], k, pack.visible, scale, mask)
             continue

@@ -70,12 +70,6 @@ def policy_or_error(vllm_config: Any) -> Any:
     config = policy_config_or_error(getattr(vllm_config, "additional_config", None))
     if config is None or not config.evicts:
         return None
-    if config.merge_count_attention:
-        raise KVPolicyStartupError(
-            f"KV policy {config.policy!r}: merge_count_attention is an experiment of the reference "
-            "engine (cam-vllm eval --engine reference); vLLM's attention kernels cannot add a per-slot "
-            "bias. Fix: drop merge_count_attention from --additional-config"
-        )
     try:
         return policy_from_vllm_config(vllm_config)
     except ValueError as exc:

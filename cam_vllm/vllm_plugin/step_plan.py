@@ -474,15 +474,13 @@ def plan_scores(
     slot_mapping: torch.Tensor,
     block_size: int,
     pack_elements: int = DEFAULT_PACK_ELEMENTS,
-    batch_decodes: bool = True,
     seeds: list[int | None] | None = None,
     stash: StashStep | None = None,
     defer_decodes: bool = False,
 ) -> StepPlan:
     """Score packs and merge events of one step of a merging policy.
 
-    ``batch_decodes``: score the decoding requests in one :class:`DecodeBatch` (the CPU worker);
-    False puts every request in the packs (the CUDA device plan translates packs only).
+    Decoding requests are scored in one :class:`DecodeBatch` (not in packs) where the mode allows.
     ``seeds``: each request's own seed of the merge draws (``step_requests``), None: the policy's.
     ``stash``: deferred scoring (``query_stash``, accumulated scores): the stashed decode queries
     are scored, and their slots reset, only in the step their row is scored. ``defer_decodes``:
@@ -491,6 +489,7 @@ def plan_scores(
     which a decoding request does only in the step that fills its newest block."""
     ev = policy.eviction
     exact = policy.token_exact
+    batch_decodes = True
     if exact:  # every query's output is computed from the packs, and tokens leave at every step
         if stash is not None:
             raise ValueError(
