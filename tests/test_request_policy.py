@@ -215,3 +215,107 @@ def test_a_row_with_its_own_window_is_planned_as_under_a_policy_with_that_window
     assert got.seq_lens.tolist() == [int(base_wide.seq_lens[0]), int(base_narrow.seq_lens[1])]
     assert got.block_table[0].tolist() == base_wide.block_table[0].tolist()
     assert got.block_table[1].tolist() == base_narrow.block_table[1].tolist()
+
+
+# --- a request's own prompt hold (vllm_xargs kv_prompt_hold) ------------------------------------
+
+
+def _hold_options(name: str, **extra):
+    from cam_vllm.vllm_plugin.request_policy import hold_options
+
+    cfg = {"heavy_tokens": 32} if name not in ("streaming", "cam-streaming") else {}
+    return hold_options(
+        build_policy(KVPolicyConfig(policy=name, sink_tokens=SINKS, window_tokens=WINDOW, block_size=BLOCK,
+                                    **cfg, **extra))
+    )  # fmt: skip
+
+
+def _check_hold(extra, name="h2o", allow=True, prompt=100, pool=1000, **policy_extra):
+    return check_request(
+        extra, server_policy=name, allow_full=allow, num_tokens=prompt + 10, pool_tokens=pool,
+        block_size=BLOCK, hold=_hold_options(name, **policy_extra), prompt_tokens=prompt,
+    )  # fmt: skip
+
+
+def test_a_request_may_hold_its_prompt_on_a_score_driven_server_that_allows_it():
+    assert _hold_options("h2o") == (True, False, False)
+    assert _hold_options("h2o", prompt_hold=True) == (True, True, False)
+    assert _hold_options("snapkv") == (False, True, False)  # its score needs the hold
+    assert _hold_options("streaming") == (False, False, False)
+    assert _hold_options("h2o", prompt_hold=True, prompt_hold_tokens=160)[2]  # bounded
+    assert _check_hold({"kv_prompt_hold": True}) is False  # accepted (not the full cache)
+    assert _check_hold({"kv_prompt_hold": False}) is False  # what the server does anyway
+    assert _check_hold({"kv_prompt_hold": False}, prompt_hold=True) is False  # declines the server's
+    assert _check_hold({"kv_prompt_hold": True}, name="snapkv") is False  # snapkv holds anyway
+    for extra, kwargs, message in (
+        ({"kv_prompt_hold": 1}, {}, "must be true or false"),
+        ({"kv_prompt_hold": "yes"}, {}, "must be true or false"),
+        ({"kv_prompt_hold": True, "kv_policy": "none"}, {}, "contradict"),
+        ({"kv_prompt_hold": True}, {"allow": False}, "not allowed by this server.*--kv-allow-full"),
+        ({"kv_prompt_hold": True}, {"prompt": 990}, "needs 1006 KV tokens.*pool holds 1000"),
+        ({"kv_prompt_hold": False}, {"name": "snapkv"}, "prompt's last queries"),
+        ({"kv_prompt_hold": True}, {"name": "streaming"}, "chooses no heavy region"),
+        ({"kv_prompt_hold": True}, {"name": "cam-streaming"}, "chooses no heavy region"),
+        ({"kv_prompt_hold": False}, {"prompt_hold": True, "prompt_hold_tokens": 160}, "bounded"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            _check_hold(extra, **kwargs)
+
+
+def test_a_requests_own_hold_is_read_alike_by_scheduler_and_workers():
+    """``request_hold`` (scheduler and workers) says None for anything the API server refuses,
+    and both sides register / plan the same rows."""
+    from types import SimpleNamespace
+
+    from cam_vllm.vllm_plugin import request_policy as rp
+    from cam_vllm.vllm_plugin import step_requests
+
+    def params(**extra):
+        return SimpleNamespace(extra_args=extra)
+
+    h2o, held = _hold_options("h2o"), _hold_options("h2o", prompt_hold=True)
+    assert rp.request_hold(params(kv_prompt_hold=True), h2o, True) is True
+    assert rp.request_hold(params(kv_prompt_hold=True), h2o, False) is None  # not allowed: the policy's
+    assert rp.request_hold(params(kv_prompt_hold=False), h2o, True) is None  # the policy's anyway
+    assert rp.request_hold(params(kv_prompt_hold=False), held, False) is False  # declining needs no leave
+    for bad in (1, "true", None):
+        assert rp.request_hold(params(kv_prompt_hold=bad), h2o, True) is None
+    assert rp.request_hold(params(kv_prompt_hold=True, kv_policy="none"), h2o, True) is None
+    assert rp.request_hold(params(kv_prompt_hold=False), _hold_options("snapkv"), True) is None
+
+    policy = build_policy(
+        KVPolicyConfig(
+            policy="h2o", sink_tokens=SINKS, window_tokens=WINDOW, heavy_tokens=32, block_size=BLOCK
+        )
+    )
+    step_requests.publish(
+        ["a", "b", "c"],
+        [None] * 3,
+        [300, 120, 1],
+        [params(kv_prompt_hold=True), params(), None],
+        [290, 100, 1],
+    )
+    step = step_requests.current(3, torch.tensor([300, 120, 1]))
+    assert step_requests.holds_of(step, policy, allow=True).tolist() == [290, 0, 0]
+    assert step_requests.holds_of(step, policy, allow=False) is None
+
+    # the scheduler: registered where the prompt (and a block) fits, dropped where it cannot
+    manager = SimpleNamespace(block_pool=SimpleNamespace(num_gpu_blocks=40))
+    setattr_ = pytest.MonkeyPatch()
+    setattr_.setattr(rp, "_engine_block_size", 32)
+    setattr_.setattr(rp, "_engine_allows_full", True)
+    setattr_.setattr(rp, "_engine_hold", h2o)
+    try:
+        fits = SimpleNamespace(request_id="a", num_prompt_tokens=1000, max_tokens=5000,
+                               sampling_params=params(kv_prompt_hold=True))  # fmt: skip
+        too_long = SimpleNamespace(request_id="b", num_prompt_tokens=39 * 32, max_tokens=1,
+                                   sampling_params=params(kv_prompt_hold=True))  # fmt: skip
+        rp.on_allocate(manager, fits)
+        rp.on_allocate(manager, too_long)
+        assert rp.REQUEST_HOLDS == {"a": True}
+        assert too_long.sampling_params.extra_args == {}  # what the workers will see: the policy's
+    finally:
+        rp.release_full("a")
+        rp.release_full("b")
+        setattr_.undo()
+    assert not rp.REQUEST_HOLDS

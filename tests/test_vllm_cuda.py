@@ -274,6 +274,16 @@ def test_flash_builder_prompt_hold_reproduces_policy_cache(rule, base, monkeypat
     )
 
 
+@pytest.mark.parametrize("request_holds", [(True, False), (False, True)])
+def test_flash_builder_a_requests_own_prompt_hold_reproduces_policy_cache(request_holds, monkeypatch):
+    """Through the builder's reading of each request's ``vllm_xargs`` (``step_requests.holds_of``)."""
+    chunks = [[150, 1, 1, 37] + [1] * 40 + [40, 1, 1], [1, 70, 1, 1, 1, 100] + [1] * 38 + [30, 1, 1]]
+    run_worker_steps(
+        "cam", "accumulated", "h2o", chunks, monkeypatch, deferred=True, hold=(189, 174), backend="flash",
+        request_holds=request_holds,
+    )  # fmt: skip
+
+
 def test_flash_builder_bounded_prompt_hold_reproduces_policy_cache(monkeypatch):
     chunks = [[150, 1, 1, 137] + [1] * 40 + [40, 1, 1], [1, 70, 1, 1, 1, 200] + [1] * 38 + [30, 1, 1]]
     refs = run_worker_steps(

@@ -444,6 +444,48 @@ def test_a_per_request_kv_field_the_server_cannot_honour_is_a_400(
     assert httpx.get(f"{server}/health", timeout=10).status_code == 200
 
 
+def test_a_request_can_ask_to_have_its_prompt_read_before_the_choice(server, model):
+    """On the h2o server (no hold of its own), a 400-token prompt with kv_prompt_hold true equals
+    the oracle with the prompt hold, next to requests without it that get what they get alone;
+    the route offers it; the other servers refuse it with a 400 naming why."""
+    from cam_vllm.config import KVPolicyConfig
+    from cam_vllm.policies import build_policy
+
+    model_name = httpx.get(f"{server}/v1/models", timeout=10).json()["data"][0]["id"]
+    report = httpx.get(f"{server}/v1/kv_policy", timeout=10).json()
+    prompt, other = token_prompts(2, 400, seed=17)
+    if report["resolved"]["score"] != "h2o":  # streaming chooses nothing; snapkv always holds
+        body = {"model": model_name, "prompt": prompt[:50], "max_tokens": 4}
+        bad = not report["resolved"]["prompt_hold"]
+        r = httpx.post(
+            f"{server}/v1/completions", json={**body, "vllm_xargs": {"kv_prompt_hold": bad}}, timeout=60
+        )
+        assert r.status_code == 400 and "kv_prompt_hold" in r.json()["error"]["message"], r.text
+        assert "kv_prompt_hold" not in report["per_request"]["vllm_xargs"]
+        return
+    assert report["per_request"]["vllm_xargs"]["kv_prompt_hold"] == [True]
+    config = KVPolicyConfig(
+        **{**report["settings"], "prompt_hold": True, "block_size": report["resolved"]["block_size"]}
+    )
+    oracle = build_policy(config, report["resolved"]["max_model_len"])
+    ref_logprobs = _two_beside_two(server, model_name, model, prompt, {"kv_prompt_hold": True}, oracle, other)
+    assert _greedy_with(server, model_name, prompt, None)[1] != pytest.approx(ref_logprobs, abs=2e-3)
+    r = httpx.post(
+        f"{server}/v1/completions",
+        json={
+            "model": model_name,
+            "prompt": prompt[:50],
+            "max_tokens": 4,
+            "vllm_xargs": {"kv_prompt_hold": 1},
+        },
+        timeout=60,
+    )
+    assert r.status_code == 400 and "true or false" in r.json()["error"]["message"], r.text
+    time.sleep(1.0)
+    after = parse_metrics(httpx.get(f"{server}/metrics", timeout=10).text)
+    assert after["cam_vllm:requests_tracked"] == 0
+
+
 # --------------------------------------------------------------------------------------------
 # Per-request smaller window (vllm_xargs {"kv_window_tokens": N}, plain streaming servers)
 # --------------------------------------------------------------------------------------------

@@ -200,6 +200,23 @@ def test_prompt_hold_worker_steps_reproduce_policy_cache_without_an_engine(rule,
     run_worker_steps(rule, "accumulated", base, chunks, monkeypatch, deferred=True, hold=(189, 174))
 
 
+@pytest.mark.parametrize(("rule", "base"), [(None, "h2o"), ("cam", "scissorhands"), ("kvmerger", "tova")])
+def test_a_requests_own_prompt_hold_reproduces_the_held_policy_cache(rule, base, monkeypatch):
+    """A server without the hold, one request asking for it (``vllm_xargs kv_prompt_hold``): that
+    request equals the reference cache with the hold, the other the one without, in one batch."""
+    chunks = [[150, 1, 1, 37] + [1] * 40 + [40, 1, 1], [1, 70, 1, 1, 1, 100] + [1] * 38 + [30, 1, 1]]
+    run_worker_steps(
+        rule,
+        "accumulated",
+        base,
+        chunks,
+        monkeypatch,
+        deferred=True,
+        hold=(189, 174),
+        request_holds=(True, False),
+    )
+
+
 BOUNDED_HOLD_CASES = [(None, "snapkv"), ("cam", "snapkv"), ("kvmerger", "snapkv"), (None, "h2o")]
 
 

@@ -215,12 +215,15 @@ def run_worker_steps(
     hold: tuple | None = None,
     hold_tokens: int | None = None,
     backend: str = "cpu",
+    request_holds: tuple[bool, bool] | None = None,
 ) -> list:
     """Two requests with the given chunkings, step by step, against one reference PolicyCache
     each (outputs, keys, values, Abar and score state), blocks the scheduler frees poisoned with
     NaN. ``backend``: "cpu" (plan functions + CPU impl + vLLM's CPU kernel) or "flash" (the
     FlashAttention builder's ``build`` + the CUDA impl's ``forward`` over a torch model of the
-    FlashAttention kernel, NHD cache layout)."""
+    FlashAttention kernel, NHD cache layout). ``request_holds``: the policy holds no prompt, and
+    each request asks for its own hold or not (``vllm_xargs kv_prompt_hold``; ``hold`` gives the
+    prompt lengths), against an oracle with or without the hold per request."""
     pytest.importorskip("vllm")
     flash = backend == "flash"
     import dataclasses
@@ -242,7 +245,7 @@ def run_worker_steps(
             base=base,
             window=window,
             exact=exact,
-            hold=True if hold else None,
+            hold=True if hold and request_holds is None else None,
             hold_tokens=hold_tokens,
         ),
         score_mode=mode,
@@ -273,6 +276,17 @@ def run_worker_steps(
     layer = SimpleNamespace(isa="vec", layer_name="model.layers.3.self_attn.attn")
     prompts = hold or (0, 0)
     refs = [PolicyCache(oracle, prompt_len=p) for p in prompts]
+    if request_holds is not None:  # the oracle of a request that holds: the policy with the hold
+        held_oracle = dataclasses.replace(
+            oracle, eviction=dataclasses.replace(oracle.eviction, prompt_hold=True)
+        )
+        refs = [
+            PolicyCache(held_oracle if own else oracle, prompt_len=p)
+            for own, p in zip(request_holds, prompts, strict=True)
+        ]
+        prompts = tuple(p if own else 0 for own, p in zip(request_holds, prompts, strict=True))
+        if flash:
+            builder.allow_full = True  # the server lets requests hold their prompts
     hold_t = torch.tensor(prompts, dtype=torch.int64) if hold else None
     planner = StashPlanner(BLOCK) if deferred and mode == "accumulated" and not observe else None
     if flash:
@@ -305,7 +319,11 @@ def run_worker_steps(
         out = torch.empty_like(q_all)
         stash = None
         if flash:  # what the runner publishes, then the builder's build and the impl's forward
-            step_requests.publish(["a", "b"], [None, None], done, (), prompts if hold else ())
+            params = ()
+            if request_holds is not None:  # what each request sent in vllm_xargs
+                params = [SimpleNamespace(extra_args={"kv_prompt_hold": own}) for own in request_holds]
+            prompt_lens = (hold or prompts) if hold else ()
+            step_requests.publish(["a", "b"], [None, None], done, params, prompt_lens)
             qlens = [chunks[0][step], chunks[1][step]]
             meta = builder.build(0, common_metadata(qlens, list(done), table, slot_all))
             waves_seen.append(len(meta.cam_waves or [None]))

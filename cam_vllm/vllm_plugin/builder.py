@@ -314,7 +314,7 @@ class PolicyBuilderMixin:
         step = step_requests.current(cm.num_reqs, host_seq_lens(cm))
         full = step_requests.full_of(step) if self.allow_full else None  # rows keeping the full cache
         window, cut = step_requests.own_windows(policy, step)  # rows with a smaller window of their own
-        hold = step_requests.holds_of(step, policy)  # rows whose prompt is held until read
+        hold = step_requests.holds_of(step, policy, self.allow_full)  # rows whose prompt is held until read
         held = policy.eviction.held if policy.eviction.hold_span else None  # a bounded hold
         tokens = step_tokens(cm, full, window, cut, hold, held)
         seeds = step_requests.seeds_of(step) if policy.merge is not None else None

@@ -48,6 +48,13 @@ def policy_report(vllm_config: Any) -> dict[str, Any]:
             "max": getattr(policy.eviction, "window_tokens", None),
         }
     if policy is not None:
+        from cam_vllm.vllm_plugin.request_policy import hold_options
+
+        choosable, holds, _ = hold_options(policy)
+        if choosable:  # a request may decline the server's whole-prompt hold, or ask for one if allowed
+            options = [False] if holds else ([True] if config.allow_full_cache_requests else [])
+            if options:
+                report["per_request"]["vllm_xargs"]["kv_prompt_hold"] = options
         eviction = policy.eviction
         report["resolved"] = {
             "block_size": vllm_config.cache_config.block_size,

@@ -39,7 +39,12 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from cam_vllm.policies.base import held_window_start, in_held_prompt
 from cam_vllm.vllm_plugin import metrics
-from cam_vllm.vllm_plugin.request_policy import FULL_CACHE_REQUESTS, REQUEST_WINDOWS, release_full
+from cam_vllm.vllm_plugin.request_policy import (
+    FULL_CACHE_REQUESTS,
+    REQUEST_HOLDS,
+    REQUEST_WINDOWS,
+    release_full,
+)
 from cam_vllm.vllm_plugin.startup import KVPolicyStartupError, check_spec_against_config
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +307,8 @@ class PolicyKVCacheManager(FullAttentionManager):
         processed_computed_tokens: int,
         num_prompt_tokens: int | None = None,
     ) -> None:
-        hold_end = (num_prompt_tokens or 0) if self.prompt_hold else 0  # the prompt hold's end
+        holds = REQUEST_HOLDS.get(request_id, self.prompt_hold)  # a request's own choice, or the policy's
+        hold_end = (num_prompt_tokens or 0) if holds else 0  # the prompt hold's end
         if request_id in FULL_CACHE_REQUESTS:  # the request asked for the full cache
             if self.kv_cache_group_id == 0:
                 metrics.STATS.request_step(request_id, 0, 0)
@@ -327,10 +333,10 @@ class PolicyKVCacheManager(FullAttentionManager):
             metrics.STATS.request_step(request_id, 0, max(freed, 0) * self.block_size)
 
     def get_num_blocks_to_allocate(self, request_id: str, *args: Any, **kwargs: Any) -> int:
-        if request_id not in FULL_CACHE_REQUESTS:
+        if request_id not in FULL_CACHE_REQUESTS and not REQUEST_HOLDS.get(request_id, False):
             return super().get_num_blocks_to_allocate(request_id, *args, **kwargs)
         cap, self.max_admission_blocks_per_request = self.max_admission_blocks_per_request, None
-        try:  # a full-cache request holds its whole length: admit it only if all of it fits
+        try:  # a full-cache request (a held prompt) holds all of it: admit it only if all of it fits
             return super().get_num_blocks_to_allocate(request_id, *args, **kwargs)
         finally:
             self.max_admission_blocks_per_request = cap

@@ -1,4 +1,5 @@
-"""Per-request KV policy: one request may ask for the full cache on a server that evicts.
+"""Per-request KV policy: one request may ask for the full cache on a server that evicts, its own
+smaller window (plain ``streaming``), or to have its prompt read before anything is chosen.
 
 A request sends ``vllm_xargs={"kv_policy": "none"}`` (vLLM's per-request extension field, stored
 in ``SamplingParams.extra_args``), e.g. a request whose answer needs every token of a long
@@ -14,10 +15,18 @@ document. Three processes must agree on it, and each reads the same field of the
 * workers (``step_requests``, ``step_plan.StepTokens.full``): its rows keep every token, so its
   queries attend to the whole prefix and nothing of it leaves, merges or moves to a heavy region.
 
+A request on a score-driven server (h2o, tova, scissorhands, corm) may ask for the prompt hold,
+``vllm_xargs={"kv_prompt_hold": true}`` (or decline the server's own whole-prompt hold with
+``false``; snapkv always holds): it keeps every prompt token until the prompt has been read, and
+the heavy region is chosen then, by what the whole prompt attends to. The scheduler registers it
+in :data:`REQUEST_HOLDS` as it does full-cache requests, and the workers read the same field.
+
 The server decides what it allows: ``allow_full_cache_requests`` (``--kv-allow-full-cache-requests
-true``) must be set, since one such request can hold as much of the pool as a full-cache vLLM
-would. A full-cache request must fit in the pool as a whole (prompt + ``max_tokens``), or it could
-never finish; the check uses the pool size the engine reported to the API server at start-up.
+true``) must be set for the full cache and for a prompt hold the server does not make itself,
+since one such request can hold as much of the pool as a full-cache vLLM would (a held prompt
+until it has been read). A full-cache request must fit in the pool as a whole (prompt +
+``max_tokens``), or it could never finish (a held prompt: the prompt and one more block); the
+check uses the pool size the engine reported to the API server at start-up.
 Asking for the server's own policy is accepted (it changes nothing); any other policy, and any
 other per-request ``kv_*`` setting, gets a 400: policies differ per layer and step in the
 workers' plan, and a different window would need its own block arithmetic in the scheduler.
@@ -34,6 +43,7 @@ logger = logging.getLogger("cam_vllm")
 
 XARG_POLICY = "kv_policy"
 XARG_WINDOW = "kv_window_tokens"
+XARG_HOLD = "kv_prompt_hold"
 FULL_CACHE = "none"
 # The one policy whose window a request may shrink: plain eviction plans nothing between the
 # blocks of a chunk (no waves, no scores, no merges), so a per-row window is all it needs.
@@ -60,6 +70,10 @@ _engine_block_size = 0
 _engine_policy: tuple[str, int] = ("", 0)  # (canonical name, window tokens) of this engine's policy
 # Engine core: request id -> its own smaller window (plain streaming; see request_window).
 REQUEST_WINDOWS: dict[str, int] = {}
+# Engine core: request id -> whether it holds its prompt, where that differs from the server's
+# policy (see request_hold).
+REQUEST_HOLDS: dict[str, bool] = {}
+_engine_hold: tuple[bool, bool, bool] = (False, False, False)  # see hold_options
 
 
 def allows_full(vllm_config: Any) -> bool:
@@ -74,7 +88,7 @@ def allows_full(vllm_config: Any) -> bool:
 
 
 def configure_engine(vllm_config: Any) -> None:
-    global _engine_allows_full, _engine_block_size, _engine_policy
+    global _engine_allows_full, _engine_block_size, _engine_policy, _engine_hold
     from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 
     _engine_allows_full = allows_full(vllm_config)
@@ -82,6 +96,19 @@ def configure_engine(vllm_config: Any) -> None:
     policy = policy_from_vllm_config(vllm_config)
     if policy is not None:
         _engine_policy = (policy.name, int(getattr(policy.eviction, "window_tokens", 0) or 0))
+        _engine_hold = hold_options(policy)
+
+
+def hold_options(policy: Any) -> tuple[bool, bool, bool]:
+    """(a request may choose whether to hold its prompt, the server holds prompts, the server's
+    hold is bounded) for ``policy``. Choosing needs a score-driven policy whose hold, if any, is
+    whole (a bounded hold's rule is the server's, for every row) and whose score does not need
+    the hold (SnapKV's observation window is the prompt's end)."""
+    ev = policy.eviction
+    score = getattr(policy, "score", None)
+    holds, bounded = bool(ev.holds_prompt), bool(ev.hold_span)
+    choosable = score is not None and not bounded and score.observation_window is None
+    return choosable, holds, bounded
 
 
 def pool_tokens(num_gpu_blocks: int | None, block_size: int, engines: int = 1) -> int | None:
@@ -120,6 +147,24 @@ def request_window(params: Any, policy_name: str, window_tokens: int, block_size
     return 0 if value == window_tokens else value
 
 
+def request_hold(params: Any, options: tuple[bool, bool, bool], allow: bool) -> bool | None:
+    """Whether the request holds its prompt where it asked for other than the server's policy
+    (``vllm_xargs["kv_prompt_hold"]``); None: the server's policy decides.
+
+    As for windows, the scheduler and the workers call this on the same request fields with the
+    same engine settings (``options``: :func:`hold_options`; ``allow``: the server allows requests
+    to keep more than the policy), so anything :func:`check_request` would refuse counts as None.
+    """
+    extra = getattr(params, "extra_args", None)
+    if not isinstance(extra, Mapping) or XARG_HOLD not in extra or extra.get(XARG_POLICY) == FULL_CACHE:
+        return None
+    value = extra[XARG_HOLD]
+    choosable, holds, _ = options
+    if not isinstance(value, bool) or not choosable or value == holds or (value and not allow):
+        return None
+    return value
+
+
 def _window_problem(value: Any, window: int, block: int) -> str | None:
     """What is wrong with a requested window (None: it can be honoured)."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -143,6 +188,8 @@ def check_request(
     window_tokens: int = 0,
     block_size: int = 1,
     token_exact: bool = False,
+    hold: tuple[bool, bool, bool] = (False, False, False),
+    prompt_tokens: int = 0,
 ) -> bool:
     """Accept the request's per-request KV fields or raise ValueError naming the problem.
 
@@ -151,10 +198,13 @@ def check_request(
     ``max_tokens``; ``pool_tokens``: the KV pool in tokens (None: not known yet). Returns True
     when the request keeps the full cache. ``window_tokens`` / ``block_size``: the server's window
     and block, for a request's own smaller window (plain ``streaming`` servers only, not
-    token-exact ones: ``token_exact``).
+    token-exact ones: ``token_exact``). ``hold``: the server's :func:`hold_options`, and
+    ``prompt_tokens`` the prompt's length, for a request's own prompt hold.
     """
     if not extra_args:
         return False
+    if XARG_HOLD in extra_args:
+        _check_hold(extra_args, server_policy, hold, allow_full, prompt_tokens, pool_tokens, block_size)
     if XARG_WINDOW in extra_args:
         if token_exact:
             raise ValueError(
@@ -167,7 +217,8 @@ def check_request(
         raise ValueError(
             f"vllm_xargs {unsupported} cannot be set per request; this server's KV policy is "
             f"{server_policy!r}. Per request: 'kv_policy' ('none' for the full cache), "
-            "'kv_window_tokens' (a smaller window, on a 'streaming' server) and 'seed' (keys the merge draws)"
+            "'kv_window_tokens' (a smaller window, on a 'streaming' server), 'kv_prompt_hold' (read the "
+            "prompt before choosing, on a score-driven server) and 'seed' (keys the merge draws)"
         )
     if XARG_POLICY not in extra_args:
         return False
@@ -191,6 +242,47 @@ def check_request(
             "prompt, or let the server's policy evict"
         )
     return True
+
+
+def _check_hold(
+    extra_args: Mapping[str, Any],
+    server_policy: str,
+    hold: tuple[bool, bool, bool],
+    allow: bool,
+    prompt_tokens: int,
+    pool: int | None,
+    block: int,
+) -> None:
+    value = extra_args[XARG_HOLD]
+    choosable, holds, bounded = hold
+    if not isinstance(value, bool):
+        raise ValueError(f"vllm_xargs kv_prompt_hold must be true or false, got {value!r}")
+    if extra_args.get(XARG_POLICY) == FULL_CACHE:
+        raise ValueError("vllm_xargs: kv_prompt_hold and kv_policy='none' contradict each other")
+    if value == holds:
+        return  # what the server does anyway
+    if not choosable:
+        if bounded:
+            why = "its prompt hold is bounded (--kv-prompt-hold-tokens), the same for every request"
+        elif holds:
+            why = "its score is taken from the prompt's last queries, which needs the whole prompt read"
+        else:
+            why = "it chooses no heavy region (a request's hold applies to h2o, tova, scissorhands, corm)"
+        raise ValueError(
+            f"vllm_xargs kv_prompt_hold={str(value).lower()} is not available on this server "
+            f"({server_policy!r}): {why}"
+        )
+    if value and not allow:
+        raise ValueError(
+            "vllm_xargs kv_prompt_hold=true (hold the whole prompt until it has been read) is not allowed "
+            "by this server; its operator can allow it with --kv-allow-full-cache-requests"
+        )
+    need = prompt_tokens + block  # the held prompt and the first token after it
+    if value and pool is not None and need > pool:
+        raise ValueError(
+            f"vllm_xargs kv_prompt_hold=true: the held prompt needs {need} KV tokens, but the server's "
+            f"KV pool holds {pool}; drop kv_prompt_hold or shorten the prompt"
+        )
 
 
 def _check_window(extra_args: Mapping[str, Any], server_policy: str, window: int, block: int) -> None:
@@ -277,6 +369,8 @@ def _check_engine_request(
             window_tokens=int(getattr(policy.eviction, "window_tokens", 0) or 0),
             block_size=cache.block_size,
             token_exact=policy.token_exact,
+            hold=hold_options(policy),
+            prompt_tokens=prompt,
         )
     except ValueError as exc:
         raise error(str(exc), parameter="vllm_xargs") from None
@@ -316,12 +410,19 @@ def install_scheduler_hook() -> None:
 
 
 def on_allocate(manager: Any, request: Any) -> None:
-    """Before the scheduler allocates for ``request``: register it if it keeps the full cache or
-    a smaller window of its own."""
+    """Before the scheduler allocates for ``request``: register it if it keeps the full cache, a
+    smaller window of its own, or holds its prompt where the server's policy does not (or the
+    other way round)."""
     params = getattr(request, "sampling_params", None)
     window = request_window(params, *_engine_policy, _engine_block_size)
     if window:
         REQUEST_WINDOWS[request.request_id] = window
+    hold = request_hold(params, _engine_hold, _engine_allows_full)
+    if hold is not None and request.request_id not in REQUEST_HOLDS:
+        if hold and not _fits(manager, request, int(request.num_prompt_tokens) + _engine_block_size):
+            params.extra_args = {k: v for k, v in params.extra_args.items() if k != XARG_HOLD}
+        else:
+            REQUEST_HOLDS[request.request_id] = hold
     if not (_engine_allows_full and wants_full_cache(params)):
         return
     if _fits(manager, request):
@@ -331,20 +432,23 @@ def on_allocate(manager: Any, request: Any) -> None:
         params.extra_args = {k: v for k, v in params.extra_args.items() if k != XARG_POLICY}
 
 
-def _fits(manager: Any, request: Any) -> bool:
+def _fits(manager: Any, request: Any, need: int | None = None) -> bool:
     """Whether the whole request fits this engine's pool; the API server refuses a request that
     does not (HTTP 400), but a server whose check did not run (an API server without the policy in
     its config) must not admit a request that could never finish: it is served by the policy (the
     field is dropped before the request's first scheduling, so the workers, which read it from
     the scheduler's output, plan it as the scheduler does)."""
     pool = pool_tokens(manager.block_pool.num_gpu_blocks, _engine_block_size)
-    need = int(request.num_prompt_tokens) + int(getattr(request, "max_tokens", 0) or 0)
+    full = need is None
+    if full:
+        need = int(request.num_prompt_tokens) + int(getattr(request, "max_tokens", 0) or 0)
     if pool is None or need <= pool:
         return True
     logger.warning(
-        "request %s asked for the full KV cache but needs %d tokens and the pool holds %d; "
+        "request %s asked for %s but needs %d tokens and the pool holds %d; "
         "it is served with the server's policy",
         request.request_id,
+        "the full KV cache" if full else "its prompt held until read",
         need,
         pool,
     )
@@ -359,6 +463,7 @@ def register_full(request_id: str) -> None:
 
 def release_full(request_id: str) -> None:
     REQUEST_WINDOWS.pop(request_id, None)
+    REQUEST_HOLDS.pop(request_id, None)
     if request_id in FULL_CACHE_REQUESTS:
         FULL_CACHE_REQUESTS.discard(request_id)
         _report()

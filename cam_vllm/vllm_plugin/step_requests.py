@@ -35,7 +35,13 @@ from typing import Any
 
 import torch
 
-from cam_vllm.vllm_plugin.request_policy import WINDOW_POLICY, request_window, wants_full_cache
+from cam_vllm.vllm_plugin.request_policy import (
+    WINDOW_POLICY,
+    hold_options,
+    request_hold,
+    request_window,
+    wants_full_cache,
+)
 
 logger = logging.getLogger("cam_vllm")
 
@@ -120,12 +126,22 @@ def own_windows(policy: Any, step: StepRequests | None) -> tuple[torch.Tensor | 
     return windows_of(step, policy.name, window, cut[1]), cut
 
 
-def holds_of(step: StepRequests | None, policy: Any) -> torch.Tensor | None:
-    """[R] int64, each row's prompt length when the policy holds prompts (``EvictionPolicy.kept``);
-    None when it does not, or the step was not published (warm-up rows: no hold)."""
-    if step is None or not step.prompt_lens or not policy.eviction.holds_prompt:
+def holds_of(step: StepRequests | None, policy: Any, allow: bool = False) -> torch.Tensor | None:
+    """[R] int64, each row's prompt length where its prompt is held (``EvictionPolicy.kept``), 0
+    where not: the policy's hold, or the request's own choice (``request_policy.request_hold``;
+    ``allow``: the server lets requests keep more than the policy). None when no row holds, or
+    the step was not published (warm-up rows: no hold)."""
+    if step is None or not step.prompt_lens:
         return None
-    return torch.tensor(step.prompt_lens, dtype=torch.int64)
+    default = bool(policy.eviction.holds_prompt)
+    options = hold_options(policy)
+    if not options[0] or not step.params:  # no request may choose: the policy's hold for all
+        return torch.tensor(step.prompt_lens, dtype=torch.int64) if default else None
+    rows = []
+    for params, prompt in zip(step.params, step.prompt_lens, strict=True):
+        own = request_hold(params, options, allow)
+        rows.append(prompt if (default if own is None else own) else 0)
+    return torch.tensor(rows, dtype=torch.int64) if any(rows) else None
 
 
 def on_finished(listener: Any) -> None:
