@@ -176,7 +176,8 @@ class KVPolicyConfig(BaseModel):
     allow_full_cache_requests: bool = Field(
         False,
         description=(
-            'a request may ask for the full KV cache with vllm_xargs {"kv_policy": "none"} (default: false)'
+            'a request may ask for the full KV cache with vllm_xargs {"kv_policy": "none"}, or on a '
+            'score-driven server to hold its prompt until read, {"kv_prompt_hold": true} (default: false)'
         ),
         json_schema_extra={"cli": ""},
     )

@@ -4,7 +4,9 @@
 
 * ``{"kv_policy": "none"}``: this request keeps the full KV cache, where the server allows it
   (``--kv-allow-full-cache-requests``);
-* ``{"kv_window_tokens": 256}``: a smaller window, on a ``streaming`` server.
+* ``{"kv_window_tokens": 256}``: a smaller window, on a ``streaming`` server;
+* ``{"kv_prompt_hold": True}``: the prompt is read before the heavy region is chosen, on an h2o,
+  tova, scissorhands or corm server that allows it (``--kv-allow-full-cache-requests``).
 
 What the server cannot honour is an HTTP 400 whose message names the problem; this script prints
 the answer or that message for each.
@@ -21,7 +23,7 @@ base = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("BASE_URL", "http://
 client = openai.OpenAI(base_url=base + "/v1", api_key=os.environ.get("VLLM_API_KEY", "unused"))
 model = os.environ.get("MODEL") or client.models.list().data[0].id
 
-for xargs in ({}, {"kv_policy": "none"}, {"kv_window_tokens": 256}):
+for xargs in ({}, {"kv_policy": "none"}, {"kv_window_tokens": 256}, {"kv_prompt_hold": True}):
     try:
         out = client.completions.create(
             model=model,

@@ -221,7 +221,7 @@ def test_a_row_with_its_own_window_is_planned_as_under_a_policy_with_that_window
 
 
 def _hold_options(name: str, **extra):
-    from cam_vllm.vllm_plugin.request_policy import hold_options
+    from cam_vllm.policies import hold_options
 
     cfg = {"heavy_tokens": 32} if name not in ("streaming", "cam-streaming") else {}
     return hold_options(
@@ -244,11 +244,13 @@ def test_a_request_may_hold_its_prompt_on_a_score_driven_server_that_allows_it()
     assert _hold_options("streaming") == (False, False, False)
     assert _hold_options("h2o", prompt_hold=True, prompt_hold_tokens=160)[2]  # bounded
     assert _check_hold({"kv_prompt_hold": True}) is False  # accepted (not the full cache)
+    assert _check_hold({"kv_prompt_hold": 1}) is False  # JSON true, as vLLM's schema passes it
     assert _check_hold({"kv_prompt_hold": False}) is False  # what the server does anyway
     assert _check_hold({"kv_prompt_hold": False}, prompt_hold=True) is False  # declines the server's
     assert _check_hold({"kv_prompt_hold": True}, name="snapkv") is False  # snapkv holds anyway
     for extra, kwargs, message in (
-        ({"kv_prompt_hold": 1}, {}, "must be true or false"),
+        ({"kv_prompt_hold": 2}, {}, "must be true or false"),
+        ({"kv_prompt_hold": 1.0}, {}, "must be true or false"),
         ({"kv_prompt_hold": "yes"}, {}, "must be true or false"),
         ({"kv_prompt_hold": True, "kv_policy": "none"}, {}, "contradict"),
         ({"kv_prompt_hold": True}, {"allow": False}, "not allowed by this server.*--kv-allow-full"),
@@ -278,7 +280,8 @@ def test_a_requests_own_hold_is_read_alike_by_scheduler_and_workers():
     assert rp.request_hold(params(kv_prompt_hold=True), h2o, False) is None  # not allowed: the policy's
     assert rp.request_hold(params(kv_prompt_hold=False), h2o, True) is None  # the policy's anyway
     assert rp.request_hold(params(kv_prompt_hold=False), held, False) is False  # declining needs no leave
-    for bad in (1, "true", None):
+    assert rp.request_hold(params(kv_prompt_hold=1), h2o, True) is True  # JSON true through vLLM
+    for bad in (2, 1.0, "true", None):
         assert rp.request_hold(params(kv_prompt_hold=bad), h2o, True) is None
     assert rp.request_hold(params(kv_prompt_hold=True, kv_policy="none"), h2o, True) is None
     assert rp.request_hold(params(kv_prompt_hold=False), _hold_options("snapkv"), True) is None

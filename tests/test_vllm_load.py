@@ -476,7 +476,7 @@ def test_a_request_can_ask_to_have_its_prompt_read_before_the_choice(server, mod
             "model": model_name,
             "prompt": prompt[:50],
             "max_tokens": 4,
-            "vllm_xargs": {"kv_prompt_hold": 1},
+            "vllm_xargs": {"kv_prompt_hold": 2},
         },
         timeout=60,
     )

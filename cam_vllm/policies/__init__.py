@@ -253,7 +253,20 @@ def build_policy(config: KVPolicyConfig, length: int | None = None) -> KVPolicy:
     return KVPolicy(_FACTORIES[base](config), merge, config.score_mode, canonical_name(base, rule))
 
 
+def hold_options(policy: KVPolicy) -> tuple[bool, bool, bool]:
+    """(a request may choose whether to hold its prompt, the server holds prompts, the server's
+    hold is bounded) for ``policy``. Choosing needs a score-driven policy whose hold, if any, is
+    whole (a bounded hold's rule is the server's, for every row) and whose score does not need
+    the hold (SnapKV's observation window is the prompt's end)."""
+    ev = policy.eviction
+    score = policy.score
+    holds, bounded = bool(ev.holds_prompt), bool(ev.hold_span)
+    choosable = score is not None and not bounded and score.observation_window is None
+    return choosable, holds, bounded
+
+
 __all__ = [
+    "hold_options",
     "EvictionPolicy",
     "FullCache",
     "HeavyPolicy",

@@ -48,7 +48,7 @@ def policy_report(vllm_config: Any) -> dict[str, Any]:
             "max": getattr(policy.eviction, "window_tokens", None),
         }
     if policy is not None:
-        from cam_vllm.vllm_plugin.request_policy import hold_options
+        from cam_vllm.policies import hold_options
 
         choosable, holds, _ = hold_options(policy)
         if choosable:  # a request may decline the server's whole-prompt hold, or ask for one if allowed

@@ -96,19 +96,9 @@ def configure_engine(vllm_config: Any) -> None:
     policy = policy_from_vllm_config(vllm_config)
     if policy is not None:
         _engine_policy = (policy.name, int(getattr(policy.eviction, "window_tokens", 0) or 0))
+        from cam_vllm.policies import hold_options
+
         _engine_hold = hold_options(policy)
-
-
-def hold_options(policy: Any) -> tuple[bool, bool, bool]:
-    """(a request may choose whether to hold its prompt, the server holds prompts, the server's
-    hold is bounded) for ``policy``. Choosing needs a score-driven policy whose hold, if any, is
-    whole (a bounded hold's rule is the server's, for every row) and whose score does not need
-    the hold (SnapKV's observation window is the prompt's end)."""
-    ev = policy.eviction
-    score = getattr(policy, "score", None)
-    holds, bounded = bool(ev.holds_prompt), bool(ev.hold_span)
-    choosable = score is not None and not bounded and score.observation_window is None
-    return choosable, holds, bounded
 
 
 def pool_tokens(num_gpu_blocks: int | None, block_size: int, engines: int = 1) -> int | None:
@@ -158,11 +148,19 @@ def request_hold(params: Any, options: tuple[bool, bool, bool], allow: bool) -> 
     extra = getattr(params, "extra_args", None)
     if not isinstance(extra, Mapping) or XARG_HOLD not in extra or extra.get(XARG_POLICY) == FULL_CACHE:
         return None
-    value = extra[XARG_HOLD]
+    value = _as_bool(extra[XARG_HOLD])
     choosable, holds, _ = options
-    if not isinstance(value, bool) or not choosable or value == holds or (value and not allow):
+    if value is None or not choosable or value == holds or (value and not allow):
         return None
     return value
+
+
+def _as_bool(value: Any) -> bool | None:
+    """A yes/no field of ``vllm_xargs``: vLLM's request schema has no booleans, so JSON ``true``
+    arrives as 1; True/False and 1/0 are accepted (None: anything else)."""
+    if isinstance(value, int) and value in (0, 1):  # bool is an int
+        return bool(value)
+    return None
 
 
 def _window_problem(value: Any, window: int, block: int) -> str | None:
@@ -253,10 +251,10 @@ def _check_hold(
     pool: int | None,
     block: int,
 ) -> None:
-    value = extra_args[XARG_HOLD]
+    value = _as_bool(extra_args[XARG_HOLD])
     choosable, holds, bounded = hold
-    if not isinstance(value, bool):
-        raise ValueError(f"vllm_xargs kv_prompt_hold must be true or false, got {value!r}")
+    if value is None:
+        raise ValueError(f"vllm_xargs kv_prompt_hold must be true or false, got {extra_args[XARG_HOLD]!r}")
     if extra_args.get(XARG_POLICY) == FULL_CACHE:
         raise ValueError("vllm_xargs: kv_prompt_hold and kv_policy='none' contradict each other")
     if value == holds:
@@ -341,6 +339,12 @@ def _server_policy(vllm_config: Any) -> tuple[Any, Any]:
     return config, policy_from_vllm_config(vllm_config)
 
 
+def _hold_options(policy: Any) -> tuple[bool, bool, bool]:
+    from cam_vllm.policies import hold_options  # torch: not on the API server's import path
+
+    return hold_options(policy)
+
+
 def _check_engine_request(
     vllm_config: Any, server: tuple[Any, Any], request: Any, error: type[Exception]
 ) -> None:
@@ -369,7 +373,7 @@ def _check_engine_request(
             window_tokens=int(getattr(policy.eviction, "window_tokens", 0) or 0),
             block_size=cache.block_size,
             token_exact=policy.token_exact,
-            hold=hold_options(policy),
+            hold=_hold_options(policy),
             prompt_tokens=prompt,
         )
     except ValueError as exc:

@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
+from cam_vllm.policies import hold_options
 from cam_vllm.vllm_plugin.request_policy import (
     WINDOW_POLICY,
-    hold_options,
     request_hold,
     request_window,
     wants_full_cache,
