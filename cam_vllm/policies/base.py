@@ -28,6 +28,23 @@ def in_held_prompt(num_tokens: int | torch.Tensor, hold_end: int | torch.Tensor)
     return num_tokens <= hold_end
 
 
+def window_start(
+    num_tokens: int | torch.Tensor,
+    prefix_end: int,
+    window_tokens: int | torch.Tensor,
+    block_size: int,
+) -> int | torch.Tensor:
+    """The window rule, the one copy of it: the first recent-window position of a sequence of
+    ``num_tokens`` tokens is that of the last ``window_tokens / block_size`` blocks (the newest
+    possibly partial), never below ``prefix_end`` (sinks, and a heavy region). Ints (the
+    scheduler) or tensors (the policies, the step plan; ``window_tokens`` per row for requests
+    with a window of their own); ``block_size`` 1 for a token-exact window."""
+    start = -(-num_tokens // block_size) * block_size - window_tokens
+    if isinstance(start, torch.Tensor):
+        return start.clamp(min=prefix_end)
+    return max(prefix_end, start)
+
+
 def held_window_start(window_start: int | torch.Tensor, prefix_end: int, span: int) -> int | torch.Tensor:
     """A bounded hold's window start: the policy's ``window_start`` (already ``>= prefix_end``)
     moved in steps of ``span`` tokens, so a held prompt keeps up to ``span - 1`` blocks' worth

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from cam_vllm.policies.base import EvictionPolicy, held_window_start, in_held_prompt
+from cam_vllm.policies.base import EvictionPolicy, held_window_start, in_held_prompt, window_start
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,7 @@ class StreamingPolicy(EvictionPolicy):
 
     def window_start(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor:
         b = 1 if self.token_exact else self.block_size
-        start = -(-num_tokens // b) * b - self.window_tokens
-        if isinstance(start, torch.Tensor):
-            return start.clamp(min=self.prefix_end)
-        return max(self.prefix_end, start)
+        return window_start(num_tokens, self.prefix_end, self.window_tokens, b)
 
     def retained(self, positions: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
         return (positions < self.prefix_end) | (positions >= self.window_start(num_tokens))

@@ -37,7 +37,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, replace_as
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from cam_vllm.policies.base import held_window_start, in_held_prompt
+from cam_vllm.policies.base import held_window_start, in_held_prompt, window_start
 from cam_vllm.vllm_plugin import metrics
 from cam_vllm.vllm_plugin.request_policy import (
     FULL_CACHE_REQUESTS,
@@ -50,15 +50,6 @@ from cam_vllm.vllm_plugin.startup import KVPolicyStartupError, check_spec_agains
 # --------------------------------------------------------------------------------------------
 # Block arithmetic (pure, shared by the manager, the memory bound and the tests)
 # --------------------------------------------------------------------------------------------
-
-
-def window_start(num_tokens: int, sink_end: int, window_tokens: int, block_size: int) -> int:
-    """First retained window position of a sequence of ``num_tokens`` tokens.
-
-    Same rule as :meth:`StreamingPolicy.window_start`: the last ``window_tokens / block_size``
-    blocks (the newest possibly partial), never below the sink region.
-    """
-    return max(sink_end, cdiv(num_tokens, block_size) * block_size - window_tokens)
 
 
 def freeable_blocks(

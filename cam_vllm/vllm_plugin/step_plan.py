@@ -38,7 +38,7 @@ from cam_vllm.core.attention import TotalsMask, additive_mask, totals_mask
 from cam_vllm.core.merge import build_chain
 from cam_vllm.core.rules import merge_rule
 from cam_vllm.policies import HeavyPolicy, KVPolicy
-from cam_vllm.policies.base import in_held_prompt
+from cam_vllm.policies.base import in_held_prompt, window_start
 
 Retained = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -110,7 +110,7 @@ class StepTokens:
         if self.window is not None:  # also drop what the request's own window no longer holds
             prefix, b = self.cut
             own = self.window[req]
-            start = (((num_tokens + b - 1) // b) * b - own).clamp(min=prefix)
+            start = window_start(num_tokens, prefix, own, b)
             out = out & ~((own > 0) & (positions >= prefix) & (positions < start))
         if self.hold is not None:  # a held prompt: what the hold keeps stays until it has been read
             inside = in_held_prompt(num_tokens, self.hold[req])
