@@ -82,10 +82,15 @@ def test_register_is_idempotent_cheap_and_hooks_once() -> None:
         register()
     assert time.perf_counter() - start < 0.05
     assert registration_error() is None
-    assert getattr(EngineArgs, "_cam_vllm_hooked", False)
+    from cam_vllm.vllm_plugin import patches
+
+    for patch in patches.PATCHES:  # each once: the original under the wrapper is vLLM's own
+        if patch.when is None or patches._load(patch.when)():
+            assert patches.installed(patch), patch.target
     assert EngineArgs.create_engine_config.__wrapped__.__name__ == "create_engine_config"
-    assert getattr(EngineCore._initialize_kv_caches, "_cam_vllm_wrapped", False)
-    assert not hasattr(EngineCore._initialize_kv_caches.__wrapped__, "_cam_vllm_wrapped")
+    assert not hasattr(EngineCore._initialize_kv_caches.__wrapped__, patches.MARK)
+    assert not hasattr(EngineArgs.__dict__["add_cli_args"].__func__.__wrapped__, patches.MARK)
+
     # built-ins are still registered next to ours (the _ensure_registered trap)
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
@@ -104,3 +109,31 @@ def test_register_is_idempotent_cheap_and_hooks_once() -> None:
         assert (
             builtin in __import__("vllm.v1.kv_cache_spec_registry", fromlist=["x"])._REGISTRY_KVCACHESPEC_LIST
         )
+
+
+def test_every_patch_targets_a_listed_internal_and_installs_once_and_undoes() -> None:
+    """The patch table and ``internals.INTERNALS`` agree (a target vLLM renames is caught by the
+    internals check first); installing again changes nothing; uninstalling restores vLLM's own,
+    and installing after that wraps vLLM's own again (never a wrapper of a wrapper)."""
+    from cam_vllm.plugin import register
+    from cam_vllm.vllm_plugin import internals, patches
+
+    register()
+    listed = {e.target for e in internals.INTERNALS}
+    for patch in patches.PATCHES:
+        assert patch.target in listed, f"{patch.target}: add it to internals.INTERNALS"
+    for patch in patches.PATCHES:
+        if not patches.installed(patch):
+            continue  # not needed here (its ``when``)
+        owner, attr = patches._owner(patch.target)
+        stored = patches._raw(owner, attr)
+        assert patches.install(patch) and patches._raw(owner, attr) is stored
+        original = patches._function(stored).__wrapped__
+        patches.uninstall(patch)
+        try:
+            assert patches._function(patches._raw(owner, attr)) is original
+            assert not patches.installed(patch)
+        finally:
+            patches.install(patch)
+        assert patches._function(patches._raw(owner, attr)).__wrapped__ is original
+        assert type(patches._raw(owner, attr)) is type(stored)  # staticmethod stays staticmethod

@@ -9,7 +9,8 @@ a KV policy refuses to start with that message instead of silently running full 
 Scheduler side (this package): KV spec + manager (``kv_manager.py``), ``--kv-*`` flags and the
 engine-args hooks (``cli.py``), start-up validation (``startup.py``). Worker side: the attention
 backend in ``attention_cpu.py`` registers itself through ``register_attention()``, called here if
-that module is installed.
+that module is installed. Every wrapper of vLLM's own functions is listed and installed by
+``patches.py``.
 """
 
 from __future__ import annotations
@@ -91,17 +92,6 @@ def register() -> None:
 
         register_kv_spec()
 
-    def engine_args() -> None:
-        from cam_vllm.vllm_plugin.cli import install_api_server_hook, install_engine_args_hooks
-
-        install_engine_args_hooks()
-        install_api_server_hook()
-
-    def engine_core() -> None:
-        from cam_vllm.vllm_plugin.startup import install_engine_core_check
-
-        install_engine_core_check()
-
     def metrics_dir() -> None:
         from cam_vllm.vllm_plugin.metrics import setup_metrics_dir
 
@@ -109,32 +99,12 @@ def register() -> None:
 
     _step("setting up the metrics directory (metrics.py)", metrics_dir)
     _step("registering the KV policy spec", kv_spec)
-    _step("hooking EngineArgs (--kv-* flags, start-up checks, API server processes)", engine_args)
-    _step("hooking the engine core's KV-cache check", engine_core)
     _step(f"registering the worker side ({WORKER_MODULE})", _register_worker_side)
     _step(f"registering the CUDA worker side ({CUDA_WORKER_MODULE})", _register_cuda_worker_side)
-    _step("fixing seeded sampling during chunked prefill on CPU (cpu_seed_fix.py)", _cpu_seed_fix)
-    _step("publishing the step's requests to the builders (step_requests.py)", _step_requests)
-    _step("checking per-request KV fields (request_policy.py)", _request_policy)
+    from cam_vllm.vllm_plugin import patches
 
-
-def _request_policy() -> None:
-    from cam_vllm.vllm_plugin.request_policy import install_request_check, install_scheduler_hook
-
-    install_request_check()
-    install_scheduler_hook()
-
-
-def _step_requests() -> None:
-    from cam_vllm.vllm_plugin.step_requests import install_step_requests
-
-    install_step_requests()
-
-
-def _cpu_seed_fix() -> None:
-    from cam_vllm.vllm_plugin.cpu_seed_fix import install_cpu_seed_fix
-
-    install_cpu_seed_fix()
+    for patch in patches.PATCHES:  # every change to vLLM's code: patches.py
+        _step(f"wrapping {patch.target} ({patch.purpose})", lambda p=patch: patches.install(p))
 
 
 __all__ = ["register", "registration_error"]

@@ -194,70 +194,57 @@ def prepare_engine_args(engine_args: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def install_engine_args_hooks() -> None:
-    """Wrap ``EngineArgs.add_cli_args``, ``from_cli_args`` and ``create_engine_config`` (idempotent).
+def wrap_add_cli_args(original: Any) -> Any:
+    """``EngineArgs.add_cli_args``: vLLM's flags, then the ``--kv-*`` flags (``patches.py``)."""
 
-    Call only after ``internals.check_vllm_internals()`` passed for these three.
-    """
-    from vllm.engine.arg_utils import EngineArgs
+    def add_cli_args(parser: Any, *args: Any, **kwargs: Any) -> Any:
+        return add_policy_cli_args(original(parser, *args, **kwargs))
 
-    if getattr(EngineArgs, "_cam_vllm_hooked", False):
-        return
-    add_cli_args = EngineArgs.__dict__["add_cli_args"].__func__  # staticmethod
-    from_cli_args = EngineArgs.__dict__["from_cli_args"].__func__  # classmethod
-    create_engine_config = EngineArgs.create_engine_config
+    return add_cli_args
 
-    def add_cli_args_hooked(parser: Any, *args: Any, **kwargs: Any) -> Any:
-        parser = add_cli_args(parser, *args, **kwargs)
-        return add_policy_cli_args(parser)
 
-    def from_cli_args_hooked(cls: Any, args: argparse.Namespace) -> Any:
-        return apply_policy_args(from_cli_args(cls, args), args)
+def wrap_from_cli_args(original: Any) -> Any:
+    """``EngineArgs.from_cli_args``: the ``--kv-*`` flags into ``additional_config``."""
 
-    def create_engine_config_hooked(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def from_cli_args(cls: Any, args: argparse.Namespace) -> Any:
+        return apply_policy_args(original(cls, args), args)
+
+    return from_cli_args
+
+
+def wrap_create_engine_config(original: Any) -> Any:
+    """``EngineArgs.create_engine_config``: the engine arguments a policy needs before, the
+    start-up checks of the resulting config after."""
+
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
         from cam_vllm.vllm_plugin.startup import validate_vllm_config
 
         prepare_engine_args(self)
-        vllm_config = create_engine_config(self, *args, **kwargs)
+        vllm_config = original(self, *args, **kwargs)
         validate_vllm_config(vllm_config)
         return vllm_config
 
-    for fn, orig in (
-        (add_cli_args_hooked, add_cli_args),
-        (from_cli_args_hooked, from_cli_args),
-        (create_engine_config_hooked, create_engine_config),
-    ):
-        fn.__name__, fn.__qualname__, fn.__doc__ = orig.__name__, orig.__qualname__, orig.__doc__
-        fn.__wrapped__ = orig  # type: ignore[attr-defined]
-    EngineArgs.add_cli_args = staticmethod(add_cli_args_hooked)  # type: ignore[method-assign]
-    EngineArgs.from_cli_args = classmethod(from_cli_args_hooked)  # type: ignore[method-assign]
-    EngineArgs.create_engine_config = create_engine_config_hooked  # type: ignore[method-assign]
-    EngineArgs._cam_vllm_hooked = True  # type: ignore[attr-defined]
+    return create_engine_config
 
 
 # --------------------------------------------------------------------------------------------
 # API server processes (--api-server-count > 1, which --data-parallel-size raises by default)
 # --------------------------------------------------------------------------------------------
 
-_ORIGINAL_WORKER = "_cam_vllm_original_run_api_server_worker_proc"
 
-
-def install_api_server_hook() -> None:
-    """Make vLLM's extra API server processes build the front process's policy config (idempotent).
+def wrap_api_server_worker_proc(original: Any) -> Any:
+    """Make vLLM's extra API server processes build the front process's policy config.
 
     vLLM spawns each API server with the parsed arguments; the child builds its engine config
     with ``EngineArgs.from_cli_args`` before anything has loaded the general plugins there, so
     the ``--kv-*`` flags would never reach its ``additional_config``: its per-request checks
     (HTTP 400s for ``vllm_xargs``) and ``/v1/kv_policy`` would see no policy. The process target
     is looked up in ``vllm.v1.utils`` when the processes start, so pointing it at
-    :func:`api_server_worker_proc` registers cam-vllm in each child first.
+    :func:`api_server_worker_proc` (a module-level function: the child unpickles it by name)
+    registers cam-vllm in each child first.
     """
-    import vllm.v1.utils as vutils
-
-    if vutils.run_api_server_worker_proc is api_server_worker_proc:
-        return
-    setattr(vutils, _ORIGINAL_WORKER, vutils.run_api_server_worker_proc)
-    vutils.run_api_server_worker_proc = api_server_worker_proc
+    del original  # api_server_worker_proc finds it again in the child, after registering
+    return api_server_worker_proc
 
 
 def api_server_worker_proc(
@@ -269,8 +256,8 @@ def api_server_worker_proc(
     from cam_vllm.vllm_plugin import register
 
     register()
-    original = getattr(vutils, _ORIGINAL_WORKER, vutils.run_api_server_worker_proc)
-    if original is api_server_worker_proc:  # registered, but the original was lost: cannot happen
+    original = getattr(vutils.run_api_server_worker_proc, "__wrapped__", None)
+    if original is None:  # registered, but the patch is missing: cannot happen
         raise RuntimeError("cam-vllm: vLLM's API server entry point is missing")
     return original(listen_address, sock, args, client_config, **uvicorn_kwargs)
 

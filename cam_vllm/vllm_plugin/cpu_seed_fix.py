@@ -19,13 +19,10 @@ Installed only on the CPU platform, only where CPU generators have no offset.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
 import torch
-
-_installed = False
 
 
 def cpu_generators_lack_offset() -> bool:
@@ -45,20 +42,17 @@ def _discarded_generators(runner: Any) -> dict[int, torch.Generator]:
     return {int(i): batch.generators[int(i)] for i in rows if int(i) in batch.generators}
 
 
-def install_cpu_seed_fix() -> bool:
-    """Wrap ``CPUModelRunner.sample_tokens`` (idempotent); False where it is not needed."""
-    global _installed
-    if _installed:
-        return True
+def needed() -> bool:
+    """On vLLM's CPU platform, with CPU generators that cannot report their offset."""
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu() or not cpu_generators_lack_offset():
-        return False
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    return bool(current_platform.is_cpu()) and cpu_generators_lack_offset()
 
-    original = CPUModelRunner.sample_tokens
 
-    @functools.wraps(original)
+def wrap_sample_tokens(original: Any) -> Any:
+    """``CPUModelRunner.sample_tokens``: the generators of requests whose sample is discarded
+    (a prefill chunk) are set back after sampling (``patches.py``)."""
+
     def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
         discarded = _discarded_generators(self)
         if not discarded:
@@ -74,6 +68,4 @@ def install_cpu_seed_fix() -> bool:
             for i, state in states.items():
                 generators[i].set_state(state)
 
-    CPUModelRunner.sample_tokens = sample_tokens
-    _installed = True
-    return True
+    return sample_tokens

@@ -102,5 +102,5 @@ class KVPolicyEndpoint:
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         # every API server's config carries the policy, extra API servers' included
-        # (cli.install_api_server_hook registers cam-vllm there before vLLM builds it)
+        # (cli.wrap_api_server_worker_proc registers cam-vllm there before vLLM builds it)
         self._report = policy_report(getattr(engine_client, "vllm_config", None))

@@ -5,11 +5,11 @@ A request sends ``vllm_xargs={"kv_policy": "none"}`` (vLLM's per-request extensi
 in ``SamplingParams.extra_args``), e.g. a request whose answer needs every token of a long
 document. Three processes must agree on it, and each reads the same field of the same request:
 
-* API server (:func:`install_request_check`): after vLLM's own input processing
+* API server (:func:`wrap_process_inputs`): after vLLM's own input processing
   (``InputProcessor.process_inputs``, where the prompt is tokenized and ``max_tokens`` resolved),
   :func:`check_request` accepts the field or raises vLLM's ``VLLMValidationError``, which the
   OpenAI server answers with HTTP 400 naming the problem;
-* engine core (:func:`install_scheduler_hook`, ``kv_manager.PolicyKVCacheManager``): such a request
+* engine core (:func:`wrap_allocate_slots`, ``kv_manager.PolicyKVCacheManager``): such a request
   is registered in :data:`FULL_CACHE_REQUESTS` whenever the scheduler allocates for it (also after a
   preemption), and its blocks are never freed nor capped at admission; the entry goes when its blocks do;
 * workers (``step_requests``, ``step_plan.StepTokens.full``): its rows keep every token, so its
@@ -34,7 +34,6 @@ workers' plan, and a different window would need its own block arithmetic in the
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -302,20 +301,12 @@ def _check_window(extra_args: Mapping[str, Any], server_policy: str, window: int
 # API server: the 400
 # --------------------------------------------------------------------------------------------
 
-_frontend_installed = False
 
-
-def install_request_check() -> None:
-    """Wrap ``InputProcessor.process_inputs`` to check per-request KV fields (idempotent)."""
-    global _frontend_installed
-    if _frontend_installed:
-        return
+def wrap_process_inputs(original: Any) -> Any:
+    """``InputProcessor.process_inputs``: check the per-request KV fields after vLLM's own input
+    processing; a refusal is vLLM's ``VLLMValidationError``, an HTTP 400 (``patches.py``)."""
     from vllm.exceptions import VLLMValidationError
-    from vllm.v1.engine.input_processor import InputProcessor
 
-    original = InputProcessor.process_inputs
-
-    @functools.wraps(original)
     def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
         request = original(self, *args, **kwargs)
         if getattr(getattr(request, "sampling_params", None), "extra_args", None):
@@ -325,8 +316,7 @@ def install_request_check() -> None:
             _check_engine_request(self.vllm_config, server, request, VLLMValidationError)
         return request
 
-    InputProcessor.process_inputs = process_inputs
-    _frontend_installed = True
+    return process_inputs
 
 
 def _server_policy(vllm_config: Any) -> tuple[Any, Any]:
@@ -386,31 +376,21 @@ def _check_engine_request(
 # Engine core: the scheduler registers full-cache requests before it allocates for them
 # --------------------------------------------------------------------------------------------
 
-_scheduler_installed = False
 
-
-def install_scheduler_hook() -> None:
-    """Wrap ``KVCacheManager.allocate_slots`` to register full-cache requests (idempotent).
+def wrap_allocate_slots(original: Any) -> Any:
+    """``KVCacheManager.allocate_slots``: register the request's own settings first.
 
     ``allocate_slots`` is the scheduler's one way to give a request blocks, and it calls
     ``remove_skipped_blocks`` (where the policy frees) before it allocates, so the registration
-    is in place before any block of the request could be freed.
+    is in place before any block of the request could be freed (``patches.py``).
     """
-    global _scheduler_installed
-    if _scheduler_installed:
-        return
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-    original = KVCacheManager.allocate_slots
-
-    @functools.wraps(original)
     def allocate_slots(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         if _engine_policy[0]:
             on_allocate(self, request)
         return original(self, request, *args, **kwargs)
 
-    KVCacheManager.allocate_slots = allocate_slots
-    _scheduler_installed = True
+    return allocate_slots
 
 
 def on_allocate(manager: Any, request: Any) -> None:

@@ -325,14 +325,9 @@ def set_step_tokens(vllm_config: Any, kv_cache_config: Any) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def install_engine_core_check() -> None:
-    """Wrap ``EngineCore._initialize_kv_caches`` so the engine core refuses a policy that the
-    workers did not apply (idempotent). Runs before the scheduler is built and before serving."""
-    from vllm.v1.engine.core import EngineCore
-
-    original = EngineCore._initialize_kv_caches
-    if getattr(original, "_cam_vllm_wrapped", False):
-        return
+def wrap_initialize_kv_caches(original: Any) -> Any:
+    """``EngineCore._initialize_kv_caches``: the engine core refuses a policy that the workers did
+    not apply. Runs before the scheduler is built and before serving (``patches.py``)."""
 
     def _initialize_kv_caches(self: Any, vllm_config: Any) -> Any:
         validate_vllm_config(vllm_config)
@@ -341,7 +336,7 @@ def install_engine_core_check() -> None:
         set_step_tokens(vllm_config, kv_cache_config)
         from cam_vllm.vllm_plugin.request_policy import configure_engine
 
-        configure_engine(vllm_config)  # per-request full cache: allowed or not, in this engine core
+        configure_engine(vllm_config)  # per-request settings: what this engine core allows
         if (policy := policy_from_vllm_config(vllm_config)) is not None:
             import logging
 
@@ -349,7 +344,4 @@ def install_engine_core_check() -> None:
             logging.getLogger("vllm.cam_vllm").info("cam-vllm KV policy active: %s", policy.describe())
         return kv_cache_config
 
-    _initialize_kv_caches._cam_vllm_wrapped = True  # type: ignore[attr-defined]
-    _initialize_kv_caches.__wrapped__ = original  # type: ignore[attr-defined]
-    _initialize_kv_caches.__doc__ = original.__doc__
-    EngineCore._initialize_kv_caches = _initialize_kv_caches  # type: ignore[method-assign]
+    return _initialize_kv_caches

@@ -25,7 +25,6 @@ length) and gets None: builders then use the policy's seed and score every query
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import weakref
@@ -156,16 +155,13 @@ def finished(req_ids: Iterable[str]) -> None:
             listener.finished(ids)
 
 
-def _wrap(cls: Any, name: str, after: Callable[..., None]) -> None:
-    original = getattr(cls, name)
-
-    @functools.wraps(original)
+def _after(original: Any, after: Callable[..., None]) -> Any:
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = original(self, *args, **kwargs)
         after(self, *args, **kwargs)
         return out
 
-    setattr(cls, name, wrapper)
+    return wrapper
 
 
 def _after_prepare_inputs(runner: Any, scheduler_output: Any, num_scheduled_tokens: Any, *_: Any) -> None:
@@ -183,13 +179,11 @@ def _after_update_states(runner: Any, scheduler_output: Any, *_: Any) -> None:
     finished(scheduler_output.finished_req_ids)
 
 
-def install_step_requests() -> None:
-    """Wrap ``GPUModelRunner._prepare_inputs`` and ``_update_states``; idempotent."""
-    global _installed
-    if _installed:
-        return
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+def wrap_prepare_inputs(original: Any) -> Any:
+    """``GPUModelRunner._prepare_inputs`` (the CPU runner inherits it): publish the step's rows."""
+    return _after(original, _after_prepare_inputs)
 
-    _wrap(GPUModelRunner, "_prepare_inputs", _after_prepare_inputs)
-    _wrap(GPUModelRunner, "_update_states", _after_update_states)
-    _installed = True
+
+def wrap_update_states(original: Any) -> Any:
+    """``GPUModelRunner._update_states``: tell the listeners which requests finished."""
+    return _after(original, _after_update_states)
