@@ -2,7 +2,7 @@
 # The full-size load test (docs/reliability.md): serve SmolLM2 through scripts/serve.sh on a pool
 # small enough to force preemptions, run `cam-vllm load-test` against it, stop the server.
 #
-#   bash scripts/load_test.sh cam-streaming             # KV_POLICY; extra args go to `cam-vllm load-test`
+#   bash scripts/load_test.sh cam-streaming             # --kv-policy; extra args go to `cam-vllm load-test`
 #   bash scripts/load_test.sh h2o --requests 50         # score-driven: h2o, tova, scissorhands, corm
 #   KV_MERGE=cam bash scripts/load_test.sh h2o          # cam-h2o (KV_MERGE: any merge rule)
 #
@@ -15,7 +15,7 @@ port="${PORT:-8123}"
 log="$(mktemp -t cam-vllm-load-XXXX.log)"
 merge=()
 [[ -n "${KV_MERGE:-}" ]] && merge=(--kv-merge "$KV_MERGE")
-PORT="$port" KV_POLICY="$policy" KV_WINDOW_TOKENS=256 MAX_MODEL_LEN=2048 setsid bash scripts/serve.sh \
+PORT="$port" MAX_MODEL_LEN=2048 setsid bash scripts/serve.sh --kv-policy "$policy" --kv-window-tokens 256 \
     --block-size 32 --enforce-eager --num-gpu-blocks-override "${POOL_BLOCKS:-160}" \
     --no-scheduler-reserve-full-isl --max-num-seqs 48 --max-num-batched-tokens 512 "${merge[@]}" \
     >"$log" 2>&1 &

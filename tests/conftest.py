@@ -70,13 +70,12 @@ class ServeProcess:
         env = dict(
             os.environ,
             PORT=str(port),
-            KV_POLICY="cam-streaming",  # not serve.sh's default (streaming): these tests check merging too
-            KV_SINK_TOKENS=str(SERVE_SINKS),
-            KV_WINDOW_TOKENS=str(SERVE_WINDOW),
             VLLM_CPU_KVCACHE_SPACE="1",
         )
         env.pop("VLLM_PLUGINS", None)  # serve.sh's default (cam_vllm) enables the endpoint plugin
         args = [
+            *("--kv-policy", "cam-streaming"),  # not serve.sh's default (streaming): tests check merging too
+            *("--kv-sink-tokens", str(SERVE_SINKS), "--kv-window-tokens", str(SERVE_WINDOW)),
             "--block-size",
             str(SERVE_BLOCK),
             "--enforce-eager",
