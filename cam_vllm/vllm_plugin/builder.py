@@ -36,6 +36,7 @@ from cam_vllm.vllm_plugin.step_plan import (
     DecodeBatch,
     HeavyEvent,
     MergeEvent,
+    Planner,
     Retained,
     ScorePack,
     StashStep,
@@ -43,6 +44,7 @@ from cam_vllm.vllm_plugin.step_plan import (
     StepTokens,
     compact_for_kernel,
     plan_scores,
+    planner_for,
     split_waves,
 )
 
@@ -183,6 +185,7 @@ def plan_step(
     seeds: list[int | None] | None = None,
     stash: StashStep | None = None,
     defer_decodes: bool = False,
+    planner: Planner | None = None,
 ) -> StepPlan:
     """``plan_scores`` on virtual block ids, translated to the physical slots of the step's block
     table on its device (:func:`translate_plan`). The plan is the same in every layer."""
@@ -193,8 +196,9 @@ def plan_step(
     pos = tokens.token_pos
     slot_mapping = virtual[tokens.token_req, pos // b] * b + pos % b  # the step's own tokens
     host = plan_scores(
-        policy, tokens, virtual, slot_mapping, b, seeds=seeds, stash=stash, defer_decodes=defer_decodes
-    )
+        policy, tokens, virtual, slot_mapping, b, seeds=seeds, stash=stash, defer_decodes=defer_decodes,
+        planner=planner,
+    )  # fmt: skip
     return translate_plan(host, cm.block_table_tensor, b)
 
 
@@ -293,6 +297,7 @@ class PolicyBuilderMixin:
         self.policy = policy
         self.allow_full = allow_full  # per-request full cache (request_policy.py)
         self.defer_decodes = defer_decodes  # deferred scoring of decode queries (query_stash.py)
+        self.planner = None if policy is None else planner_for(policy)  # which queries are scored
         self.stash_planner: StashPlanner | None = None
         if (
             defer_decodes
@@ -365,6 +370,7 @@ class PolicyBuilderMixin:
         if not (plan and policy.tracks_scores):
             return meta, None
         step_plan = plan_step(
-            policy, tokens, cm, block_size, seeds=seeds, stash=stash, defer_decodes=self.defer_decodes
-        )
+            policy, tokens, cm, block_size, seeds=seeds, stash=stash, defer_decodes=self.defer_decodes,
+            planner=self.planner,
+        )  # fmt: skip
         return meta, step_plan

@@ -467,6 +467,92 @@ def _cached_tokens(
     return rr[keep], pos[keep], slots.expand_as(pos)[keep]
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Which queries of a step a policy scores, and which requests' cached tokens the plan reads."""
+
+    q_lo: torch.Tensor  # [R] first row of each request's scored queries
+    q_hi: torch.Tensor  # [R] end of them (q_lo == q_hi: none)
+    in_packs: torch.Tensor  # [R] bool: the request's scored queries go in a score pack
+    active: torch.Tensor  # [R] bool: the plan reads its cached tokens (packs, leaving tokens)
+    one_per_pack: bool  # one request per pack (else requests share packs, block-diagonally)
+    batched: torch.Tensor | None = None  # decoding requests scored in one DecodeBatch now
+
+
+Planner = Callable[[StepTokens, int, "StashStep | None", bool], Selection]
+
+
+def _accumulated(tokens: StepTokens, block_size: int, stash: StashStep | None, defer: bool) -> Selection:
+    """Accumulated scores (H2O, CaM, ...): every query counts. Prompt chunks go in packs shared by
+    requests; decodes are scored together in a DecodeBatch, now or (deferred scoring, ``stash``)
+    once per block."""
+    del defer
+    decoding = stash.deferred if stash is not None else tokens.query_lens == 1
+    block_end = tokens.seq_lens % block_size == 0  # a decode that fills its block: tokens may leave
+    qsl = tokens.query_start_loc
+    batched = torch.nonzero(decoding).flatten() if stash is None and bool(decoding.any()) else None
+    return Selection(qsl[:-1], qsl[1:], ~decoding, ~decoding | block_end, False, batched)
+
+
+def _current(tokens: StepTokens, block_size: int, stash: StashStep | None, defer: bool) -> Selection:
+    """Current scores (only the newest query's attention counts): one request per pack, so the
+    last query of each is known; ``defer``: a decode is scored only in the step that fills its
+    block (the only step whose scores are read)."""
+    decoding = tokens.query_lens == 1
+    block_end = tokens.seq_lens % block_size == 0
+    in_packs = ~decoding | block_end if defer else torch.ones_like(decoding)
+    qsl = tokens.query_start_loc
+    return Selection(qsl[:-1], qsl[1:], in_packs, in_packs | block_end, True)
+
+
+def _token_exact(current: bool) -> Planner:
+    def select(tokens: StepTokens, block_size: int, stash: StashStep | None, defer: bool) -> Selection:
+        """Token-exact windows: the plugin computes every query's output from the packs, and
+        tokens leave at every step, so every query is in a pack and every request is active
+        (``current`` scores: one request per pack)."""
+        if stash is not None:
+            raise ValueError("deferred scoring cannot serve a token-exact policy (every query is attended)")
+        every = torch.ones(tokens.seq_lens.numel(), dtype=torch.bool)
+        qsl = tokens.query_start_loc
+        return Selection(qsl[:-1], qsl[1:], every, every, current)
+
+    return select
+
+
+def _observation(ev: HeavyPolicy) -> Planner:
+    def select(tokens: StepTokens, block_size: int, stash: StashStep | None, defer: bool) -> Selection:
+        """An observation-window score (SnapKV): only the observed queries (the prompt's last),
+        each request's one run in a pack of its own; no decode is scored, and every chunk takes
+        part (its tokens may leave the window)."""
+        if stash is not None:
+            raise ValueError("deferred scoring cannot serve an observation-window score")
+        num_tokens, num_reqs = tokens.token_pos.numel(), tokens.seq_lens.numel()
+        seen = ev.observed(tokens.token_pos, tokens.query_hold)
+        rows = torch.arange(num_tokens)
+        q_lo = torch.full((num_reqs,), num_tokens, dtype=torch.int64).scatter_reduce(
+            0, tokens.token_req[seen], rows[seen], "amin"
+        )
+        q_hi = torch.zeros(num_reqs, dtype=torch.int64).scatter_reduce(
+            0, tokens.token_req[seen], rows[seen] + 1, "amax"
+        )
+        in_packs = q_hi > q_lo
+        active = in_packs | (tokens.seq_lens % block_size == 0) | (tokens.query_lens != 1)
+        return Selection(q_lo, q_hi, in_packs, active, True)
+
+    return select
+
+
+def planner_for(policy: KVPolicy) -> Planner:
+    """The policy's planner (which queries are scored), chosen once per builder."""
+    if policy.token_exact:
+        return _token_exact(policy.score_mode != "accumulated")
+    score = policy.score
+    if score is not None and score.observation_window is not None:
+        assert isinstance(policy.eviction, HeavyPolicy)
+        return _observation(policy.eviction)
+    return _accumulated if policy.score_mode == "accumulated" else _current
+
+
 def plan_scores(
     policy: KVPolicy,
     tokens: StepTokens,
@@ -477,69 +563,31 @@ def plan_scores(
     seeds: list[int | None] | None = None,
     stash: StashStep | None = None,
     defer_decodes: bool = False,
+    planner: Planner | None = None,
 ) -> StepPlan:
-    """Score packs and merge events of one step of a merging policy.
+    """Score packs and merge events (or heavy-region events) of one step of a policy that tracks
+    scores.
 
-    Decoding requests are scored in one :class:`DecodeBatch` (not in packs) where the mode allows.
+    ``planner`` (:func:`planner_for`; chosen here when not given): which queries are scored.
     ``seeds``: each request's own seed of the merge draws (``step_requests``), None: the policy's.
     ``stash``: deferred scoring (``query_stash``, accumulated scores): the stashed decode queries
     are scored, and their slots reset, only in the step their row is scored. ``defer_decodes``:
-    in ``current`` mode (only the newest query's attention counts) score a decode only in the
-    step that fills its block. Either way scores are read only where tokens leave a window,
-    which a decoding request does only in the step that fills its newest block."""
+    in ``current`` mode score a decode only in the step that fills its block. Either way scores
+    are read only where tokens leave a window, which a decoding request does only in the step
+    that fills its newest block."""
     ev = policy.eviction
-    exact = policy.token_exact
-    batch_decodes = True
-    if exact:  # every query's output is computed from the packs, and tokens leave at every step
-        if stash is not None:
-            raise ValueError(
-                "deferred scoring cannot serve a token-exact policy (every query is attended now)"
-            )
-        batch_decodes = defer_decodes = False
+    sel = (planner or planner_for(policy))(tokens, block_size, stash, defer_decodes)
     num_tokens = tokens.token_pos.numel()
     nq = tokens.query_lens
     num_reqs = tokens.seq_lens.numel()
-    one_per_pack = policy.score_mode != "accumulated"  # "current" keeps each request's last query
-    decoding = nq == 1
-    q_lo, q_hi = tokens.query_start_loc[:-1], tokens.query_start_loc[1:]
-    observe = policy.score is not None and policy.score.observation_window is not None
-    if observe:
-        # only the observation window's queries are scored (SnapKV: the prompt's last queries):
-        # each request's observed rows are one run, scored in a pack of their own; no decode is
-        # scored, and every chunk takes part in the plan (its tokens may leave the window)
-        if stash is not None:
-            raise ValueError("deferred scoring cannot serve an observation-window score")
-        assert isinstance(ev, HeavyPolicy)
-        seen = ev.observed(tokens.token_pos, tokens.query_hold)
-        rows = torch.arange(num_tokens)
-        q_lo = torch.full((num_reqs,), num_tokens, dtype=torch.int64).scatter_reduce(
-            0, tokens.token_req[seen], rows[seen], "amin"
-        )
-        q_hi = torch.zeros(num_reqs, dtype=torch.int64).scatter_reduce(
-            0, tokens.token_req[seen], rows[seen] + 1, "amax"
-        )
-        one_per_pack, batch_decodes, defer_decodes = True, False, False
-    if stash is not None:  # the stash scores its decodes; any other row (a one-token wave) is scored now
-        decoding = stash.deferred
-    block_end = tokens.seq_lens % block_size == 0  # a decode that fills its block: tokens may leave
-    if exact:
-        block_end = torch.ones_like(block_end)
-    if observe:
-        in_packs = q_hi > q_lo
-    elif one_per_pack:  # decodes too, one request per pack (deferred: only those filling a block)
-        in_packs = ~decoding | block_end if defer_decodes else torch.ones_like(decoding)
-    else:
-        in_packs = ~decoding if batch_decodes else torch.ones_like(decoding)
-    active = in_packs | block_end  # requests whose cached tokens the plan needs (packs, events)
-    if observe:
-        active = active | ~decoding
+    q_lo, q_hi, in_packs, one_per_pack = sel.q_lo, sel.q_hi, sel.in_packs, sel.one_per_pack
     written = slot_mapping[:num_tokens].to(torch.int64)
     if stash is not None:
         written = torch.where(stash.deferred[tokens.token_req], -1, written)  # reset when scored
     reset = written[written >= 0]
     reset_pos = tokens.token_pos[: written.numel()][written >= 0]
     kv_req, kv_pos, kv_slot = _cached_tokens(
-        ev.retained, tokens, block_table, block_size, active, ev.block_retained
+        ev.retained, tokens, block_table, block_size, sel.active, ev.block_retained
     )
 
     nk = torch.bincount(kv_req, minlength=num_reqs)
@@ -558,11 +606,10 @@ def plan_scores(
         sreq = stash.flush_req[:, None].expand_as(scored)[scored]
         sslot = block_table[sreq, spos // block_size].to(torch.int64) * block_size + spos % block_size
         reset, reset_pos = torch.cat([reset, sslot]), torch.cat([reset_pos, spos])
-    elif stash is None and batch_decodes and not one_per_pack and bool(decoding.any()):
+    elif sel.batched is not None:
         decode = plan_decodes(
-            ev.retained, tokens, block_table, block_size, torch.nonzero(decoding).flatten(),
-            block_retained=ev.block_retained,
-        )  # fmt: skip
+            ev.retained, tokens, block_table, block_size, sel.batched, block_retained=ev.block_retained
+        )
     nq_l, nk_l, pack_l = nq.tolist(), nk.tolist(), in_packs.tolist()
     first = 0
     while first < num_reqs:
