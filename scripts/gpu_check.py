@@ -1,8 +1,8 @@
 """Check cam-vllm's CUDA kernels against the PyTorch code they replace, on a GPU, at serving shapes.
 
-Needs torch and Triton only (no vLLM). Prints, per check, whether the kernel equals the torch code,
-its time, the torch code's time, and the kernel's achieved memory bandwidth against the device's
-(a measured device-to-device copy, and the nominal peak where the device is known):
+Needs torch and Triton only (no vLLM, no pydantic). Prints, per check, whether the kernel equals
+the torch code, its time, the torch code's time, and the kernel's achieved memory bandwidth against
+the device's (a measured device-to-device copy, and the nominal peak where the device is known):
 
 * decode scores (``kernels.triton_ops.decode_scores`` against ``scoring._score_decodes``):
   Llama-3-8B-like shapes (32 query heads, 8 KV heads, head_dim 128, paged blocks of 16), 4k-32k
@@ -70,9 +70,8 @@ def copy_bandwidth(device: torch.device, mib: int) -> float:
 def check_decode_scores(
     device: torch.device, ctx: int, reqs: int, queries: int, shape: dict, repeats: int
 ) -> dict:
-    from cam_vllm.config import KVPolicyConfig
     from cam_vllm.kernels import triton_ops
-    from cam_vllm.policies import build_policy
+    from cam_vllm.policies.streaming import StreamingPolicy
     from cam_vllm.vllm_plugin.paged import NHDPagedKV
     from cam_vllm.vllm_plugin.scoring import _score_decodes
     from cam_vllm.vllm_plugin.step_plan import StepTokens, plan_decodes
@@ -80,10 +79,9 @@ def check_decode_scores(
     hq, hkv, d, b = shape["q_heads"], shape["kv_heads"], shape["head_dim"], shape["block"]
     dtype = shape["dtype"]
     gen = torch.Generator().manual_seed(ctx + queries)
-    # every block retained: the kernel reads the whole context (a window as long as the context)
-    policy = build_policy(
-        KVPolicyConfig(policy="cam-streaming", sink_tokens=b, window_tokens=ctx, block_size=b)
-    )
+    # every block retained: the kernel reads the whole context (a window as long as the context);
+    # the policy built directly (the GPU machine has torch and Triton, not the settings' pydantic)
+    eviction = StreamingPolicy(block_size=b, sink_tokens=b, window_tokens=ctx)
     nblk = ctx // b
     num_blocks = reqs * nblk + 1
     kv = torch.randn(num_blocks, b, hkv, 2 * d, generator=gen).to(dtype).to(device).permute(0, 2, 1, 3)
@@ -95,7 +93,7 @@ def check_decode_scores(
     tokens = StepTokens.from_batch(torch.arange(reqs + 1, dtype=torch.int32), lens, reqs)
     count = torch.full((reqs,), queries, dtype=torch.int64)
     host = plan_decodes(
-        policy.eviction.retained,
+        eviction.retained,
         tokens,
         table,
         b,
