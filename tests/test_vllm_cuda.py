@@ -7,7 +7,7 @@ torch model of ``flash_attn_varlen_func``'s documented semantics (paged K/V via 
 ``seqused_k``, bottom-right aligned causal mask), the per-step score/merge plan and impl against
 the reference ``PolicyCache``, registration (CUDA backends untouched on a CPU platform), the
 start-up rules, and the internals list. ``gpu``-marked tests run the real kernels and engines;
-they are skipped without CUDA and HAVE NOT BEEN RUN (no GPU was available when they were written).
+they are skipped without CUDA and have not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -468,7 +468,7 @@ def test_every_vllm_import_of_the_cuda_path_is_listed():
     assert len(cuda_entries) == len(internals.CUDA_INTERNALS) > 10
 
 
-# --- on a GPU (skipped without CUDA; NOT RUN so far) ----------------------------------------------
+# --- on a GPU (skipped without CUDA; not run on a GPU yet) ----------------------------------------
 
 
 @pytest.mark.gpu

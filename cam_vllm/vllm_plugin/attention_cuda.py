@@ -1,6 +1,6 @@
 """The worker side of cam-vllm on CUDA: vLLM's ``FLASH_ATTN`` backend, taught a KV policy.
 
-Not run on a GPU yet (no GPU with vLLM was at hand). What runs here is the code the CPU path runs:
+Not run on a GPU yet. What runs here is the code the CPU path runs:
 the metadata builder's sequence (``builder.PolicyBuilderMixin``: the kernel batch compacted on a
 table of logical blocks, the score plan made on virtual block ids, both translated on the device in
 one gather), and the impl's score-and-merge step (``impl_common.PolicyImplMixin``: torch ops on the

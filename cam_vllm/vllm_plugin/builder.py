@@ -315,7 +315,10 @@ class PolicyBuilderMixin:
             return stock(common_prefix_len, common_attn_metadata, fast_build)
         policy, cm = self.policy, common_attn_metadata
         if isinstance(cm.causal, torch.Tensor) or not cm.causal or cm.mm_req_doc_ranges:
-            raise NotImplementedError("KV policies support causal decoder attention only")
+            raise ValueError(
+                "a KV policy serves causal decoder attention only; this batch has bidirectional "
+                "attention (an encoder or multimodal ranges): serve this model without --kv-policy"
+            )
         step = step_requests.current(cm.num_reqs, host_seq_lens(cm))
         full = step_requests.full_of(step) if self.allow_full else None  # rows keeping the full cache
         window, cut = step_requests.own_windows(policy, step)  # rows with a smaller window of their own

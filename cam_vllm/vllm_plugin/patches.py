@@ -13,11 +13,12 @@ specs, plugins' entry points) are used as registries, not patched.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from cam_vllm.vllm_plugin.internals import _resolve  # the one reading of "module:Class.attr"
 
 MARK = "__cam_vllm_patch__"
 
@@ -101,24 +102,18 @@ PATCHES: tuple[Patch, ...] = (
 
 
 def _load(path: str) -> Any:
-    module, _, name = path.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return _resolve(path)[1]
 
 
 def _owner(target: str) -> tuple[Any, str]:
-    module, _, name = target.partition(":")
-    owner_path, _, attr = name.rpartition(".")
-    owner = _load(f"{module}:{owner_path}") if owner_path else importlib.import_module(module)
+    owner, _, attr = _resolve(target)
     return owner, attr
 
 
 def _raw(owner: Any, attr: str) -> Any:
     """The attribute as stored (a staticmethod / classmethod object on a class; inherited ones
     too: the wrapper is then set on ``owner`` only)."""
-    return inspect.getattr_static(owner, attr) if isinstance(owner, type) else getattr(owner, attr)
+    return inspect.getattr_static(owner, attr)
 
 
 def _function(stored: Any) -> Callable[..., Any]:

@@ -95,9 +95,7 @@ def configure_engine(vllm_config: Any) -> None:
     policy = policy_from_vllm_config(vllm_config)
     if policy is not None:
         _engine_policy = (policy.name, int(getattr(policy.eviction, "window_tokens", 0) or 0))
-        from cam_vllm.policies import hold_options
-
-        _engine_hold = hold_options(policy)
+        _engine_hold = _hold_options(policy)
 
 
 def pool_tokens(num_gpu_blocks: int | None, block_size: int, engines: int = 1) -> int | None:
