@@ -205,3 +205,42 @@ def test_token_exact_settings_are_checked_and_the_window_is_not_rounded():
             KVPolicyConfig(token_exact=True, budget=0.2, **bad) if bad[
                 "policy"
             ] != "none" else KVPolicyConfig(token_exact=True, **bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    prefix_blocks=st.integers(0, 3),
+    window_blocks=st.integers(1, 5),
+    block=st.sampled_from([1, 4, 16]),
+    span_blocks=st.integers(0, 3),
+    exact=st.booleans(),
+    own=st.integers(0, 3),
+)
+def test_block_layout_answers_alike_for_ints_and_tensors(
+    prefix_blocks, window_blocks, block, span_blocks, exact, own
+):
+    """The layout's one rule gives the same window start, held start and kept start for an int
+    and per element of a tensor (the scheduler asks with ints, the workers with tensors), and the
+    blocks it frees are exactly those holding no kept token."""
+    from cam_vllm.policies.layout import BlockLayout
+
+    prefix = prefix_blocks * block - (1 if exact and prefix_blocks else 0)
+    window = window_blocks * block + (1 if exact and block > 1 else 0)
+    span = (span_blocks + window_blocks) * block if span_blocks and not exact else 0  # as HeavyPolicy's
+    layout = BlockLayout(prefix, window, block, exact, span)
+    hold = 5 * block + 3
+    ns = torch.arange(1, 12 * block)
+    own_window = own * block if own and not exact else None
+    starts = layout.window_start(ns, own_window)
+    kept = layout.kept_start(ns, hold, own_window)
+    for i, n in enumerate(ns.tolist()):
+        assert int(starts[i]) == layout.window_start(n, own_window)
+        assert int(kept[i]) == layout.kept_start(n, hold, own_window)
+        assert layout.kept_start(n, hold) <= layout.window_start(n)  # a hold never keeps less
+        first, last = layout.freeable(n - 1, hold)
+        blocks = -(-n // block)
+        pos = torch.arange(blocks * block)
+        keep = layout.retained(pos, n, hold).view(blocks, block).any(dim=1)
+        assert list(range(first, last)) == [j for j in range(blocks) if not keep[j]], (n, first, last)
+        if span or n > hold:  # a whole-prompt hold keeps its prompt: no bound while it lasts
+            assert blocks - (last - first) <= layout.max_blocks(1, 1 << 30)

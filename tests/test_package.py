@@ -176,6 +176,31 @@ def test_no_import_cycles_anywhere():
     assert cycles == [], f"modules on an import cycle: {sorted(cycles)}"
 
 
+def test_the_plugins_process_state_lives_in_one_module():
+    """No module of the vLLM glue rebinds a module global (``global``): what a process remembers
+    between vLLM's calls is in ``process_state`` (registrations, the engine's request settings,
+    the workers' step), where a test can see and reset it."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "cam_vllm" / "vllm_plugin").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Global):
+                offenders.append(f"{path.name}:{node.lineno} global {', '.join(node.names)}")
+    assert offenders == []
+
+
+def test_process_state_reset_puts_a_record_back_in_place():
+    from cam_vllm.vllm_plugin import process_state as ps
+
+    record = ps.EngineState()
+    held = record.request_holds
+    record.request_holds["a"] = True
+    record.block_size = 32
+    ps.reset(record)
+    assert record.block_size == 0 and record.request_holds == {} and held == {"a": True}
+
+
 def test_cuda_builds_of_torchvision_next_to_cpu_torch_are_named_with_the_fix():
     import importlib.metadata as md
 

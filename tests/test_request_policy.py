@@ -126,9 +126,10 @@ def test_the_engine_serves_a_full_cache_request_that_cannot_fit_with_its_policy(
     from types import SimpleNamespace
 
     from cam_vllm.vllm_plugin import request_policy as rp
+    from cam_vllm.vllm_plugin.process_state import ENGINE
 
-    monkeypatch.setattr(rp, "_engine_block_size", 32)
-    monkeypatch.setattr(rp, "_engine_allows_full", True)
+    monkeypatch.setattr(ENGINE, "block_size", 32)
+    monkeypatch.setattr(ENGINE, "allows_full", True)
     assert rp.pool_tokens(40, 32) == 39 * 32 and rp.pool_tokens(80, 32, engines=2) == 39 * 32
     assert rp.pool_tokens(None, 32) is None
     manager = SimpleNamespace(block_pool=SimpleNamespace(num_gpu_blocks=40))
@@ -144,12 +145,12 @@ def test_the_engine_serves_a_full_cache_request_that_cannot_fit_with_its_policy(
     rp.on_allocate(manager, fits)
     rp.on_allocate(manager, too_long)
     try:
-        assert "a" in rp.FULL_CACHE_REQUESTS and "b" not in rp.FULL_CACHE_REQUESTS
+        assert "a" in ENGINE.full_cache_requests and "b" not in ENGINE.full_cache_requests
         assert too_long.sampling_params.extra_args == {"other": 1}  # what the workers will see
         assert fits.sampling_params.extra_args["kv_policy"] == "none"
     finally:
         rp.release_full("a")
-    assert not rp.FULL_CACHE_REQUESTS
+    assert not ENGINE.full_cache_requests
 
 
 def test_a_requests_own_window_is_read_alike_by_scheduler_and_workers():
@@ -203,8 +204,7 @@ def test_a_row_with_its_own_window_is_planned_as_under_a_policy_with_that_window
             KVPolicyConfig(policy="streaming", sink_tokens=SINKS, window_tokens=16, block_size=BLOCK)
         ),
     )
-    cut = (wide.eviction.prefix_end, BLOCK)
-    own = StepTokens.from_batch(qsl, seq_lens, 2, window=torch.tensor([0, 16]), cut=cut)
+    own = StepTokens.from_batch(qsl, seq_lens, 2, window=torch.tensor([0, 16]), layout=wide.eviction.layout)
     got = compact_for_kernel(wide.eviction.retained, own, table, BLOCK)
     base_wide = compact_for_kernel(
         wide.eviction.retained, StepTokens.from_batch(qsl, seq_lens, 2), table, BLOCK
@@ -271,6 +271,7 @@ def test_a_requests_own_hold_is_read_alike_by_scheduler_and_workers():
 
     from cam_vllm.vllm_plugin import request_policy as rp
     from cam_vllm.vllm_plugin import step_requests
+    from cam_vllm.vllm_plugin.process_state import ENGINE
 
     def params(**extra):
         return SimpleNamespace(extra_args=extra)
@@ -305,9 +306,9 @@ def test_a_requests_own_hold_is_read_alike_by_scheduler_and_workers():
     # the scheduler: registered where the prompt (and a block) fits, dropped where it cannot
     manager = SimpleNamespace(block_pool=SimpleNamespace(num_gpu_blocks=40))
     setattr_ = pytest.MonkeyPatch()
-    setattr_.setattr(rp, "_engine_block_size", 32)
-    setattr_.setattr(rp, "_engine_allows_full", True)
-    setattr_.setattr(rp, "_engine_hold", h2o)
+    setattr_.setattr(ENGINE, "block_size", 32)
+    setattr_.setattr(ENGINE, "allows_full", True)
+    setattr_.setattr(ENGINE, "hold", h2o)
     try:
         fits = SimpleNamespace(request_id="a", num_prompt_tokens=1000, max_tokens=5000,
                                sampling_params=params(kv_prompt_hold=True))  # fmt: skip
@@ -315,10 +316,10 @@ def test_a_requests_own_hold_is_read_alike_by_scheduler_and_workers():
                                    sampling_params=params(kv_prompt_hold=True))  # fmt: skip
         rp.on_allocate(manager, fits)
         rp.on_allocate(manager, too_long)
-        assert rp.REQUEST_HOLDS == {"a": True}
+        assert ENGINE.request_holds == {"a": True}
         assert too_long.sampling_params.extra_args == {}  # what the workers will see: the policy's
     finally:
         rp.release_full("a")
         rp.release_full("b")
         setattr_.undo()
-    assert not rp.REQUEST_HOLDS
+    assert not ENGINE.request_holds

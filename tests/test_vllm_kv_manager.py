@@ -1,4 +1,4 @@
-"""Scheduler side without an engine: block arithmetic against the policy, and the policy manager
+"""Scheduler side without an engine: the block layout's arithmetic against the policy, and the policy manager
 driven by vLLM's real ``KVCacheManager.allocate_slots`` (which decides when frees happen)."""
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from cam_vllm.policies import StreamingPolicy  # noqa: E402
 from cam_vllm.vllm_plugin.kv_manager import (  # noqa: E402
     PolicyAttentionSpec,
     PolicyKVCacheManager,
-    freeable_blocks,
-    max_blocks_per_request,
     policy_kv_spec,
     register_kv_spec,
 )
@@ -36,7 +34,7 @@ def test_freeable_blocks_match_policy_retained(sinks: int, window: int, block: i
         num_blocks = -(-n // block)
         pos = torch.arange(num_blocks * block)
         kept = policy.retained(pos, n).view(num_blocks, block).any(dim=1)
-        first, last = freeable_blocks(processed, policy.sink_end, window, block)
+        first, last = policy.layout.freeable(processed)
         expected = [i for i in range(num_blocks) if not kept[i]]
         assert list(range(first, max(first, last))) == expected, (processed, first, last, expected)
 
@@ -59,7 +57,7 @@ def test_token_exact_policies_free_a_block_once_its_last_token_is_hidden(sinks, 
         num_blocks = -(-n // block)
         pos = torch.arange(num_blocks * block)
         kept = policy.retained(pos, n).view(num_blocks, block).any(dim=1)
-        first, last = freeable_blocks(processed, spec.sink_end, spec.window_tokens, block, spec.exact_window)
+        first, last = spec.layout.freeable(processed)
         assert list(range(first, max(first, last))) == [i for i in range(num_blocks) if not kept[i]], (
             processed
         )
@@ -167,7 +165,7 @@ def test_manager_frees_exactly_the_dropped_blocks(chunk: int, prompt_len: int) -
     kvm, manager = _manager_and_pool(spec, num_blocks=64)
     req = _request("a", prompt_len)
     total = kvm.block_pool.get_num_free_blocks()
-    bound = max_blocks_per_request(32, 64, B, chunk, 1 << 30)
+    bound = policy.layout.max_blocks(chunk, 1 << 30)
     peak = 0
     for computed, n, blocks in _run(kvm, req, chunk, steps_after_prompt=300):
         live = [i for i, blk in enumerate(blocks) if not blk.is_null]
@@ -265,9 +263,7 @@ def test_a_held_prompt_frees_what_the_policy_stops_keeping_and_stays_within_the_
         num_blocks = -(-n // B)
         pos = torch.arange(num_blocks * B)
         kept = ev.kept(pos, n, prompt).view(num_blocks, B).any(dim=1)
-        first, last = freeable_blocks(
-            processed, spec.sink_end, spec.window_tokens, B, 0, prompt, spec.hold_span
-        )
+        first, last = spec.layout.freeable(processed, prompt)
         assert list(range(first, max(first, last))) == [i for i in range(num_blocks) if not kept[i]], (
             processed
         )

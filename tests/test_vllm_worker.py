@@ -225,7 +225,7 @@ def test_bounded_prompt_hold_worker_steps_reproduce_policy_cache_without_an_engi
     """A bounded hold of 192 tokens (the policy keeps 160): prompts of 289 and 274 tokens are
     compressed each time they reach it (inside chunks too, between waves) and once more at their
     end; SnapKV's scores start afresh after each compression. The blocks freed are the block
-    manager's own (``freeable_blocks``), poisoned, so the worker must never read one again."""
+    manager's own (``BlockLayout.freeable``), poisoned, so the worker must never read one again."""
     chunks = [[150, 1, 1, 137] + [1] * 40 + [40, 1, 1], [1, 70, 1, 1, 1, 200] + [1] * 38 + [30, 1, 1]]
     refs = run_worker_steps(
         rule, "accumulated", base, chunks, monkeypatch, deferred=True, hold=(289, 274), hold_tokens=192

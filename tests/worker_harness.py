@@ -231,7 +231,6 @@ def run_worker_steps(
 
     from cam_vllm.reference.cache import PolicyCache
     from cam_vllm.vllm_plugin import step_plan, step_requests
-    from cam_vllm.vllm_plugin.kv_manager import freeable_blocks
     from cam_vllm.vllm_plugin.paged import _write
     from cam_vllm.vllm_plugin.query_stash import StashPlanner, stash_for_wave
     from cam_vllm.vllm_plugin.step_plan import StepTokens, compact_for_kernel, plan_scores, split_waves
@@ -376,10 +375,7 @@ def run_worker_steps(
                 for name, t in st.state.items():  # score-driven: per-head token positions, scores
                     torch.testing.assert_close(impl._state[name][slot], t, atol=1e-6, rtol=1e-5)
             if hold:  # the blocks the scheduler frees now (its own rule): poison them
-                ev = policy.eviction
-                first, last = freeable_blocks(
-                    done[r], ev.prefix_end, ev.window_tokens, BLOCK, 0, prompts[r], ev.hold_span
-                )
+                first, last = policy.eviction.layout.freeable(done[r], prompts[r])
                 kv[table[r, first:last].long()] = float("nan")
                 continue
             for j in range(widths[r]):  # blocks the scheduler frees now: poison them

@@ -4,7 +4,8 @@ A policy answers two questions about one sequence, for one layer:
   * which cached tokens may a query at position ``q`` attend to (``visible``), and
   * which cached tokens does the cache drop once ``num_tokens`` tokens exist (``retained``).
 CaM merging is not a policy: it wraps any policy (see :class:`cam_vllm.policies.KVPolicy`) and
-merges what the policy drops into the policy's recent window, whose start ``window_start`` gives.
+merges what the policy drops into the policy's recent window, whose start ``window_start`` gives
+(the block layout's one rule, :mod:`cam_vllm.policies.layout`).
 
 Policies here are *positional*: their decisions depend only on token positions and the sequence
 length, so vLLM's scheduler (which frees blocks) and its workers (which attend and merge)
@@ -20,37 +21,7 @@ from typing import ClassVar
 
 import torch
 
-
-def in_held_prompt(num_tokens: int | torch.Tensor, hold_end: int | torch.Tensor) -> bool | torch.Tensor:
-    """The prompt hold's one rule: a query that sees ``num_tokens`` tokens is still inside a held
-    prompt of ``hold_end`` tokens (0: no hold), so every token stays. The scheduler, the step plan
-    and the reference cache all ask this (:meth:`EvictionPolicy.kept`)."""
-    return num_tokens <= hold_end
-
-
-def window_start(
-    num_tokens: int | torch.Tensor,
-    prefix_end: int,
-    window_tokens: int | torch.Tensor,
-    block_size: int,
-) -> int | torch.Tensor:
-    """The window rule, the one copy of it: the first recent-window position of a sequence of
-    ``num_tokens`` tokens is that of the last ``window_tokens / block_size`` blocks (the newest
-    possibly partial), never below ``prefix_end`` (sinks, and a heavy region). Ints (the
-    scheduler) or tensors (the policies, the step plan; ``window_tokens`` per row for requests
-    with a window of their own); ``block_size`` 1 for a token-exact window."""
-    start = -(-num_tokens // block_size) * block_size - window_tokens
-    if isinstance(start, torch.Tensor):
-        return start.clamp(min=prefix_end)
-    return max(prefix_end, start)
-
-
-def held_window_start(window_start: int | torch.Tensor, prefix_end: int, span: int) -> int | torch.Tensor:
-    """A bounded hold's window start: the policy's ``window_start`` (already ``>= prefix_end``)
-    moved in steps of ``span`` tokens, so a held prompt keeps up to ``span - 1`` blocks' worth
-    more than the policy and compresses each time a step is reached (``span``: a positive
-    multiple of the block size). The scheduler and the policy both compute it here."""
-    return prefix_end + (window_start - prefix_end) // span * span
+from cam_vllm.policies.layout import in_held_prompt
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from cam_vllm.core.scores import TokenScore
-from cam_vllm.policies.base import in_held_prompt
+from cam_vllm.policies.layout import in_held_prompt
 from cam_vllm.policies.streaming import StreamingPolicy
 
 

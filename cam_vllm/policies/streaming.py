@@ -17,11 +17,13 @@ therefore computes the attention output itself (the fused kernel has no per-toke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import torch
 
-from cam_vllm.policies.base import EvictionPolicy, held_window_start, in_held_prompt, window_start
+from cam_vllm.policies.base import EvictionPolicy
+from cam_vllm.policies.layout import BlockLayout
 
 
 @dataclass(frozen=True)
@@ -68,24 +70,25 @@ class StreamingPolicy(EvictionPolicy):
         Token-exact: the sinks themselves."""
         return self.sink_tokens if self.token_exact else self.sink_end
 
+    @cached_property
+    def layout(self) -> BlockLayout:
+        """The policy's block layout: the one window / hold rule the scheduler and the workers ask."""
+        b, exact = self.block_size, self.token_exact
+        return BlockLayout(self.prefix_end, self.window_tokens, b, exact, self.hold_span)
+
     @property
     def block_prefix_end(self) -> int:
         """End of the blocks that are never freed (the prefix rounded up to whole blocks)."""
-        b = self.block_size
-        return -(-self.prefix_end // b) * b
+        return self.layout.block_prefix_end
 
     @property
     def block_window_tokens(self) -> int:
         """Window tokens the held blocks cover: the window, or (token-exact) enough whole blocks
         that the last ``window_tokens`` are always in them: ``W + B - 1`` rounded up."""
-        b = self.block_size
-        if not self.token_exact:
-            return self.window_tokens
-        return -(-(self.window_tokens + b - 1) // b) * b
+        return self.layout.block_window_tokens
 
     def window_start(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor:
-        b = 1 if self.token_exact else self.block_size
-        return window_start(num_tokens, self.prefix_end, self.window_tokens, b)
+        return self.layout.window_start(num_tokens)
 
     def retained(self, positions: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
         return (positions < self.prefix_end) | (positions >= self.window_start(num_tokens))
@@ -102,11 +105,8 @@ class StreamingPolicy(EvictionPolicy):
         return self.prefix_end + self.window_tokens
 
     def held_window_start(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor:
-        """First window position a held prompt keeps at ``num_tokens``: the prefix end for a
-        whole-prompt hold (nothing goes), else the window start moved in steps of ``hold_span``."""
-        if not self.hold_span:
-            return num_tokens * 0 + self.prefix_end
-        return held_window_start(self.window_start(num_tokens), self.prefix_end, self.hold_span)
+        """First window position a held prompt keeps at ``num_tokens`` (``BlockLayout``)."""
+        return self.layout.held_window_start(num_tokens)
 
     def held(self, positions: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
         return (positions < self.prefix_end) | (positions >= self.held_window_start(num_tokens))
@@ -130,10 +130,7 @@ class StreamingPolicy(EvictionPolicy):
         bounded hold compresses, and the first query past the prompt starts a new one (the policy
         chooses before it attends).
         """
-        starts = self.window_start(positions + 1)
-        if not (isinstance(hold_end, int) and hold_end <= 0):
-            held = self.held_window_start(positions + 1)
-            starts = torch.where(in_held_prompt(positions + 1, hold_end), held, starts)
+        starts = self.layout.kept_start(positions + 1, hold_end)
         new = torch.zeros_like(positions, dtype=torch.int64)
         if positions.numel() > 1:
             same = torch.ones_like(positions[1:], dtype=torch.bool)

@@ -19,25 +19,24 @@ import importlib
 import importlib.util
 import logging
 
+from cam_vllm.vllm_plugin.process_state import PLUGIN
+
 logger = logging.getLogger("cam_vllm")
 
 WORKER_MODULE = "cam_vllm.vllm_plugin.attention_cpu"
 CUDA_WORKER_MODULE = "cam_vllm.vllm_plugin.attention_cuda"
 
-_registered = False
-_errors: list[str] = []
-
 
 def registration_error() -> str | None:
     """Why cam-vllm could not hook into this vLLM process (None: everything is in place)."""
-    return "\n".join(_errors) if _errors else None
+    return "\n".join(PLUGIN.errors) if PLUGIN.errors else None
 
 
 def _step(what: str, fn) -> bool:  # noqa: ANN001
     try:
         fn()
     except Exception as exc:  # never break vLLM itself; a configured policy fails loudly later
-        _errors.append(f"{what}: {type(exc).__name__}: {exc}")
+        PLUGIN.errors.append(f"{what}: {type(exc).__name__}: {exc}")
         logger.error("cam-vllm: %s failed: %s", what, exc, exc_info=True)
         return False
     return True
@@ -72,10 +71,9 @@ def _register_cuda_worker_side() -> None:
 
 def register() -> None:
     """Register cam-vllm with vLLM (idempotent, never raises)."""
-    global _registered
-    if _registered:
+    if "plugin" in PLUGIN.registered:
         return
-    _registered = True
+    PLUGIN.registered.add("plugin")
     from cam_vllm.vllm_plugin import internals
 
     problems = internals.check_vllm_internals(raise_on_error=False)
@@ -83,7 +81,7 @@ def register() -> None:
         try:
             internals.check_vllm_internals()
         except internals.VLLMInternalsChanged as exc:
-            _errors.append(str(exc))
+            PLUGIN.errors.append(str(exc))
             logger.error("%s\nKV policies are disabled in this process.", exc)
         return
 

@@ -24,6 +24,7 @@ With a policy (see docs/vllm-worker.md):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from vllm.logger import init_logger
@@ -74,6 +75,19 @@ class PolicyCPUAttentionBackend(PolicyBackendMixin, CPUAttentionBackend):
         """With a policy, the scheduler side's spec (see :func:`impl_common.policy_spec`)."""
         return policy_spec(super().customize_spec(spec))
 
+    @classmethod
+    def layer_problems(cls, impl: Any, policy: KVPolicy) -> list[str]:
+        problems = []
+        if impl.alibi_slopes is not None:
+            problems.append("ALiBi (positions are compacted)")
+        if impl.sliding_window != -1:
+            problems.append("sliding-window attention")
+        if policy.tracks_scores and (impl.logits_soft_cap or impl.sinks is not None):
+            problems.append("logit soft-capping or learned sinks with score tracking")
+        if impl.is_fp8_kv_cache and policy.tracks_scores:
+            problems.append("an fp8 KV cache with merging")
+        return problems
+
 
 @dataclass
 class PolicyCPUAttentionMetadata(CPUAttentionMetadata):
@@ -97,19 +111,7 @@ class PolicyCPUAttentionBackendImpl(PolicyImplMixin, CPUAttentionBackendImpl):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._setup_policy(self._unsupported_features)
-
-    def _unsupported_features(self, policy: KVPolicy) -> list[str]:
-        problems = []
-        if self.alibi_slopes is not None:
-            problems.append("ALiBi (positions are compacted)")
-        if self.sliding_window != -1:
-            problems.append("sliding-window attention")
-        if policy.tracks_scores and (self.logits_soft_cap or self.sinks is not None):
-            problems.append("logit soft-capping or learned sinks with score tracking")
-        if self.is_fp8_kv_cache and policy.tracks_scores:
-            problems.append("an fp8 KV cache with merging")
-        return problems
+        self._setup_policy(PolicyCPUAttentionBackend)
 
     def _paged_view(self, layer, kv_cache: torch.Tensor) -> PagedKV:
         """The layer's cache through the layout the CPU kernel writes (probed once per layout)."""

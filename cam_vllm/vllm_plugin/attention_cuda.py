@@ -144,6 +144,23 @@ class PolicyFlashAttentionBackend(PolicyBackendMixin, FlashAttentionBackend):
             problems.append(f"a quantized KV cache ({dtype})")
         return problems
 
+    @classmethod
+    def layer_problems(cls, impl: Any, policy: KVPolicy) -> list[str]:
+        from vllm.utils.torch_utils import is_quantized_kv_cache
+
+        problems = []
+        if impl.alibi_slopes is not None:
+            problems.append("ALiBi (positions are compacted)")
+        if tuple(impl.sliding_window) != (-1, -1):
+            problems.append("sliding-window attention")
+        if impl.sinks is not None:
+            problems.append("learned attention sinks")
+        if policy.tracks_scores and impl.logits_soft_cap:
+            problems.append("logit soft-capping with score tracking")
+        if is_quantized_kv_cache(str(impl.kv_cache_dtype)):
+            problems.append(f"a quantized ({impl.kv_cache_dtype}) KV cache")
+        return problems
+
 
 @dataclass
 class PolicyFlashAttentionMetadata(FlashAttentionMetadata):
@@ -166,23 +183,7 @@ class PolicyFlashAttentionImpl(PolicyImplMixin, FlashAttentionImpl):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._setup_policy(self._unsupported_features, where=" on CUDA")
-
-    def _unsupported_features(self, policy: KVPolicy) -> list[str]:
-        from vllm.utils.torch_utils import is_quantized_kv_cache
-
-        problems = []
-        if self.alibi_slopes is not None:
-            problems.append("ALiBi (positions are compacted)")
-        if tuple(self.sliding_window) != (-1, -1):
-            problems.append("sliding-window attention")
-        if self.sinks is not None:
-            problems.append("learned attention sinks")
-        if policy.tracks_scores and self.logits_soft_cap:
-            problems.append("logit soft-capping with score tracking")
-        if is_quantized_kv_cache(str(self.kv_cache_dtype)):
-            problems.append(f"a quantized ({self.kv_cache_dtype}) KV cache")
-        return problems
+        self._setup_policy(PolicyFlashAttentionBackend, where=" on CUDA")
 
     def _paged_view(self, layer, kv_cache: torch.Tensor) -> NHDPagedKV:
         """The layer's cache as FlashAttention reads it (the K and V halves of the last axis)."""

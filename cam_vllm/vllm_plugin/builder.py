@@ -103,6 +103,12 @@ class PolicyBackendMixin:
             )
         return problems + cls.engine_problems(vllm_config)
 
+    @classmethod
+    def layer_problems(cls, impl: Any, policy: KVPolicy) -> list[str]:
+        """What one attention layer (its stock ``impl``, built) has that ``policy`` cannot run
+        with on this backend (empty: nothing); asked by each layer's impl."""
+        return []
+
 
 # --------------------------------------------------------------------------------------------
 # The step's rows, the kernel batch, the plan: host planning, one translation on the device
@@ -321,10 +327,10 @@ class PolicyBuilderMixin:
             )
         step = step_requests.current(cm.num_reqs, host_seq_lens(cm))
         full = step_requests.full_of(step) if self.allow_full else None  # rows keeping the full cache
-        window, cut = step_requests.own_windows(policy, step)  # rows with a smaller window of their own
+        window, layout = step_requests.own_windows(policy, step)  # rows with a smaller window of their own
         hold = step_requests.holds_of(step, policy, self.allow_full)  # rows whose prompt is held until read
         held = policy.eviction.held if policy.eviction.hold_span else None  # a bounded hold
-        tokens = step_tokens(cm, full, window, cut, hold, held)
+        tokens = step_tokens(cm, full, window, layout, hold, held)
         seeds = step_requests.seeds_of(step) if policy.merge is not None else None
         stash = None
         if step is not None and self.stash_planner is not None:

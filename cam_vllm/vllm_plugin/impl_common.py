@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from cam_vllm.policies import KVPolicy
+from cam_vllm.vllm_plugin.process_state import WORKER
 from cam_vllm.vllm_plugin.query_stash import ensure_rows
 from cam_vllm.vllm_plugin.scoring import global_kv_heads, new_score_state, reset_slots, score_and_merge
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
@@ -80,15 +80,15 @@ def wave_common_metadata(cm: CommonAttentionMetadata, wave: Wave) -> CommonAtten
     )
 
 
-# The vLLM config the attention layers of this process were built under. The worker asks for the
-# layers' KV specs (``customize_spec``) outside any ``set_current_vllm_config`` context, after the
-# model (and so every impl) was built under it; a worker process serves exactly one config.
-_layers_config: VllmConfig | None = None
+# ``WORKER.layers_config``: the vLLM config the attention layers of this process were built
+# under. The worker asks for the layers' KV specs (``customize_spec``) outside any
+# ``set_current_vllm_config`` context, after the model (and so every impl) was built under it;
+# a worker process serves exactly one config.
 
 
 def layers_config() -> VllmConfig | None:
     """The current vLLM config, else the one this process's attention layers were built under."""
-    return get_current_vllm_config_or_none() or _layers_config
+    return get_current_vllm_config_or_none() or WORKER.layers_config
 
 
 def policy_of(vllm_config: VllmConfig | None) -> KVPolicy | None:
@@ -117,7 +117,6 @@ def total_kv_heads() -> int | None:
 # requests fail with an error, the server exits) and never hangs. Unset (0): never.
 FAULT_ENV = "CAM_VLLM_INJECT_FAULT"
 FAULT_AFTER_STEPS = int(os.environ.get(FAULT_ENV, "0") or 0)
-_scored_steps = 0
 
 
 class PolicyImplMixin(ABC):
@@ -126,22 +125,22 @@ class PolicyImplMixin(ABC):
 
     policy: KVPolicy | None
 
-    def _setup_policy(self, unsupported: Callable[[KVPolicy], list[str]], where: str = "") -> None:
-        """Pick this layer's policy (None: stock behaviour) and refuse what it cannot serve.
+    def _setup_policy(self, backend: Any, where: str = "") -> None:
+        """Pick this layer's policy (None: stock behaviour) and refuse what it cannot serve
+        (``backend.layer_problems``, ``builder.PolicyBackendMixin``).
 
         Call at the end of the impl's ``__init__`` (the stock attributes must exist). Encoder,
         cross-attention and KV-sharing layers keep stock attention.
         """
-        global _layers_config
-        _layers_config = get_current_vllm_config_or_none()
-        policy = policy_of(_layers_config)
+        WORKER.layers_config = get_current_vllm_config_or_none()
+        policy = policy_of(WORKER.layers_config)
         impl: Any = self
         if policy is not None and (
             impl.attn_type != AttentionType.DECODER or impl.kv_sharing_target_layer_name is not None
         ):
             policy = None
         if policy is not None:
-            problems = unsupported(policy)
+            problems = backend.layer_problems(self, policy)
             if problems:
                 raise NotImplementedError(
                     f"KV policy {policy.name!r}{where} does not support {', '.join(problems)}"
@@ -202,10 +201,9 @@ class PolicyImplMixin(ABC):
         plan: Any,
         output: torch.Tensor | None = None,
     ) -> None:
-        global _scored_steps
         if FAULT_AFTER_STEPS and self._layer_index in (None, 0):
-            _scored_steps += 1
-            if _scored_steps >= FAULT_AFTER_STEPS:
+            WORKER.scored_steps += 1
+            if WORKER.scored_steps >= FAULT_AFTER_STEPS:
                 raise RuntimeError(f"cam-vllm: fault injected by {FAULT_ENV}={FAULT_AFTER_STEPS} (test hook)")
         self._score_and_merge(layer, query, kv_cache, plan, output)
 

@@ -1,7 +1,8 @@
 """Scheduler side of a KV policy: the KV-cache spec that carries it and the manager that frees blocks.
 
 Worker and scheduler never talk about evictions: both derive the retained set from the same
-positional rule (:meth:`EvictionPolicy.retained`). Here, in the engine core, a request's block is
+positional rule, the policy's :class:`~cam_vllm.policies.layout.BlockLayout`, which the spec carries.
+Here, in the engine core, a request's block is
 freed (and replaced by vLLM's null block, as ``RSWAManager`` does) exactly when none of its
 positions is retained for ``n = processed + 1``, where ``processed`` counts the tokens whose forward
 has completed. The next query (position ``processed``) no longer sees the block, and the worker
@@ -37,67 +38,11 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, replace_as
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from cam_vllm.policies.base import held_window_start, in_held_prompt, window_start
+from cam_vllm.policies.layout import BlockLayout
 from cam_vllm.vllm_plugin import metrics
-from cam_vllm.vllm_plugin.request_policy import (
-    FULL_CACHE_REQUESTS,
-    REQUEST_HOLDS,
-    REQUEST_WINDOWS,
-    release_full,
-)
+from cam_vllm.vllm_plugin.process_state import ENGINE, PLUGIN
+from cam_vllm.vllm_plugin.request_policy import release_full
 from cam_vllm.vllm_plugin.startup import KVPolicyStartupError, check_spec_against_config
-
-# --------------------------------------------------------------------------------------------
-# Block arithmetic (pure, shared by the manager, the memory bound and the tests)
-# --------------------------------------------------------------------------------------------
-
-
-def freeable_blocks(
-    processed_tokens: int,
-    sink_end: int,
-    window_tokens: int,
-    block_size: int,
-    exact_window: int = 0,
-    hold_end: int = 0,
-    hold_span: int = 0,
-) -> tuple[int, int]:
-    """``[first, last)`` block indices that no query from now on attends to.
-
-    ``processed_tokens`` counts tokens whose forward has completed; the next query sits at that
-    position and sees ``retained(., processed_tokens + 1)``, so everything outside that set can
-    go. Empty (first >= last) while the window still reaches the sinks. ``exact_window`` (a
-    token-exact policy's window ``W``, 0: none): a block goes once its last token is older than
-    the last ``W`` tokens (``window_tokens`` is then only the bound on what is held).
-    ``hold_end``: a held prompt's length (``EvictionPolicy.kept``): while the next query is inside
-    it nothing goes, or (``hold_span``, a bounded hold) the window start moves in steps of the span.
-    """
-    first = sink_end // block_size
-    n = processed_tokens + 1
-    if in_held_prompt(n, hold_end):
-        if not hold_span:
-            return first, first
-        start = window_start(n, sink_end, window_tokens, block_size)
-        return first, held_window_start(start, sink_end, hold_span) // block_size
-    if exact_window:
-        last = max(sink_end, (n - exact_window) // block_size * block_size) // block_size
-    else:
-        last = window_start(n, sink_end, window_tokens, block_size) // block_size
-    return first, last
-
-
-def max_blocks_per_request(
-    sink_end: int, window_tokens: int, block_size: int, step_tokens: int, max_model_len: int
-) -> int:
-    """Most blocks one request ever holds under the policy.
-
-    Blocks are freed at the start of a step for ``processed + 1`` tokens, then the step allocates
-    blocks for up to ``step_tokens`` new (or in-flight) tokens. Held then:
-    ``sink + cdiv(p + c, B) - (cdiv(p + 1, B) - W/B) <= sink + W/B + cdiv(c - 1, B)``.
-    Never more than full attention needs for ``max_model_len`` tokens.
-    """
-    bound = sink_end // block_size + window_tokens // block_size + cdiv(max(step_tokens - 1, 0), block_size)
-    return min(bound, cdiv(max_model_len, block_size))
-
 
 # --------------------------------------------------------------------------------------------
 # Spec
@@ -121,7 +66,7 @@ class PolicyAttentionSpec(FullAttentionSpec):
     sink_end: int
     window_tokens: int
     step_tokens: int
-    exact_window: int = 0  # a token-exact policy's window (freeable_blocks); 0: block-granular
+    exact_window: int = 0  # a token-exact policy's window (``layout``); 0: block-granular
     prompt_hold: bool = False  # every prompt block is kept until the prompt has been read
     hold_span: int = 0  # a bounded hold: its window start moves in steps of this many tokens
 
@@ -158,22 +103,23 @@ class PolicyAttentionSpec(FullAttentionSpec):
         }
 
     @property
+    def layout(self) -> BlockLayout:
+        """The policy's block layout as the scheduler runs it (a token-exact window's prefix in
+        whole blocks: the blocks it frees are the same)."""
+        exact = self.exact_window > 0
+        window = self.exact_window if exact else self.window_tokens
+        return BlockLayout(self.sink_end, window, self.block_size, exact, self.hold_span)
+
+    @property
     def holds_whole_prompts(self) -> bool:
         """A prompt is held whole until read: a request may hold ``max_model_len`` tokens."""
         return self.prompt_hold and not self.hold_span
-
-    @property
-    def held_window_tokens(self) -> int:
-        """Most window tokens held in whole blocks (a bounded hold's during the prompt)."""
-        return self.window_tokens + (self.hold_span - self.block_size if self.hold_span else 0)
 
     def max_blocks(self, max_model_len: int, step_tokens: int | None = None) -> int:
         if self.holds_whole_prompts:  # a prompt of max_model_len - 1 tokens is held until it is read
             return cdiv(max_model_len, self.block_size)
         step = self.step_tokens if step_tokens is None else step_tokens
-        return max_blocks_per_request(
-            self.sink_end, self.held_window_tokens, self.block_size, step, max_model_len
-        )
+        return self.layout.max_blocks(step, max_model_len)
 
     def max_memory_usage_bytes(self, vllm_config: Any) -> int:
         # Called in the engine core by the start-up capacity check, before the scheduler
@@ -269,11 +215,8 @@ class PolicyKVCacheManager(FullAttentionManager):
 
     def __init__(self, kv_cache_spec: PolicyAttentionSpec, **kwargs: Any) -> None:
         super().__init__(kv_cache_spec, **kwargs)
-        self.sink_end = kv_cache_spec.sink_end
-        self.window_tokens = kv_cache_spec.window_tokens
-        self.exact_window = kv_cache_spec.exact_window
+        self.layout = kv_cache_spec.layout
         self.prompt_hold = kv_cache_spec.prompt_hold
-        self.hold_span = kv_cache_spec.hold_span
         if self.dcp_world_size != 1 or self.pcp_world_size != 1:
             raise ValueError("KV policies do not support decode/prefill context parallelism")
         if (
@@ -284,13 +227,7 @@ class PolicyKVCacheManager(FullAttentionManager):
             # Admission (scheduler_reserve_full_isl) must reserve what a request really holds,
             # not its full length, or a request longer than the pool would wait forever. Same
             # number as the start-up bound (max_memory_usage_bytes), as vLLM does for SWA.
-            self.max_admission_blocks_per_request = max_blocks_per_request(
-                self.sink_end,
-                kv_cache_spec.held_window_tokens,
-                self.block_size,
-                kv_cache_spec.step_tokens,
-                1 << 62,
-            )
+            self.max_admission_blocks_per_request = self.layout.max_blocks(kv_cache_spec.step_tokens, 1 << 62)
 
     def remove_skipped_blocks(
         self,
@@ -298,22 +235,14 @@ class PolicyKVCacheManager(FullAttentionManager):
         processed_computed_tokens: int,
         num_prompt_tokens: int | None = None,
     ) -> None:
-        holds = REQUEST_HOLDS.get(request_id, self.prompt_hold)  # a request's own choice, or the policy's
+        holds = ENGINE.request_holds.get(request_id, self.prompt_hold)  # the request's, or the policy's
         hold_end = (num_prompt_tokens or 0) if holds else 0  # the prompt hold's end
-        if request_id in FULL_CACHE_REQUESTS:  # the request asked for the full cache
+        if request_id in ENGINE.full_cache_requests:  # the request asked for the full cache
             if self.kv_cache_group_id == 0:
                 metrics.STATS.request_step(request_id, 0, 0)
             return
-        window = REQUEST_WINDOWS.get(request_id, self.window_tokens)  # a request's own smaller window
-        first, last = freeable_blocks(
-            processed_computed_tokens,
-            self.sink_end,
-            window,
-            self.block_size,
-            self.exact_window,
-            hold_end,
-            self.hold_span,
-        )
+        window = ENGINE.request_windows.get(request_id)  # a request's own smaller window
+        first, last = self.layout.freeable(processed_computed_tokens, hold_end, window)
         free_before = self.block_pool.get_num_free_blocks()
         self._remove_blocks_in_range(request_id, first, last)
         freed = self.block_pool.get_num_free_blocks() - free_before  # evicted blocks are never shared
@@ -324,7 +253,7 @@ class PolicyKVCacheManager(FullAttentionManager):
             metrics.STATS.request_step(request_id, 0, max(freed, 0) * self.block_size)
 
     def get_num_blocks_to_allocate(self, request_id: str, *args: Any, **kwargs: Any) -> int:
-        if request_id not in FULL_CACHE_REQUESTS and not REQUEST_HOLDS.get(request_id, False):
+        if request_id not in ENGINE.full_cache_requests and not ENGINE.request_holds.get(request_id, False):
             return super().get_num_blocks_to_allocate(request_id, *args, **kwargs)
         cap, self.max_admission_blocks_per_request = self.max_admission_blocks_per_request, None
         try:  # a full-cache request (a held prompt) holds all of it: admit it only if all of it fits
@@ -356,9 +285,6 @@ class PolicyKVCacheManager(FullAttentionManager):
         return tuple([] for _ in kv_cache_group_ids), 0
 
 
-_registered = False
-
-
 def register_kv_spec() -> None:
     """Map :class:`PolicyAttentionSpec` to :class:`PolicyKVCacheManager` (idempotent).
 
@@ -366,11 +292,10 @@ def register_kv_spec() -> None:
     (``KVCacheSpecRegistry._ensure_registered``); registering first would leave it non-empty and
     the built-ins missing, so the built-ins are registered before ours.
     """
-    global _registered
-    if _registered:
+    if "kv_spec" in PLUGIN.registered:
         return
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(
         PolicyAttentionSpec, PolicyKVCacheManager, uniform_type_base_spec=PolicyAttentionSpec
     )
-    _registered = True
+    PLUGIN.registered.add("kv_spec")

@@ -63,6 +63,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cam_vllm.vllm_plugin.process_state import PLUGIN
+
 logger = logging.getLogger("cam_vllm")
 
 METRICS_DIR_ENV = "CAM_VLLM_METRICS_DIR"
@@ -108,8 +110,6 @@ HISTOGRAMS = {
     ),
 }
 
-_metrics_dir: tempfile.TemporaryDirectory | None = None
-
 
 def observe(counts: list, bounds: tuple[float, ...], value: float) -> None:
     """One histogram observation; ``counts``: a count per bound, one above them all, then the sum."""
@@ -125,12 +125,11 @@ def setup_metrics_dir() -> None:
     loaded the plugin (a test suite, a notebook) inherits that process's variable through
     ``os.environ``, and the two would then sum each other's counts and gauges.
     """
-    global _metrics_dir
     if os.environ.get(METRICS_DIR_ENV) and multiprocessing.parent_process() is not None:
         return
-    if _metrics_dir is None:
-        _metrics_dir = tempfile.TemporaryDirectory(prefix="cam-vllm-metrics-")
-    os.environ[METRICS_DIR_ENV] = _metrics_dir.name
+    if PLUGIN.metrics_dir is None:
+        PLUGIN.metrics_dir = tempfile.TemporaryDirectory(prefix="cam-vllm-metrics-")
+    os.environ[METRICS_DIR_ENV] = PLUGIN.metrics_dir.name
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,14 +387,10 @@ class CamCollector:
             yield family
 
 
-_collector: CamCollector | None = None
-
-
 def install_collector(vllm_config: Any) -> CamCollector | None:
     """Register :class:`CamCollector` in the registry vLLM's ``/metrics`` serves (once)."""
-    global _collector
-    if _collector is not None:
-        return _collector
+    if PLUGIN.collector is not None:
+        return PLUGIN.collector
     from prometheus_client import REGISTRY
 
     from cam_vllm.vllm_plugin.settings import policy_config_from_additional
@@ -425,9 +420,9 @@ def install_collector(vllm_config: Any) -> CamCollector | None:
         resolved = policy_report(vllm_config).get("resolved") or {}
         info = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in resolved.items()}
         info = {k: v for k, v in info.items() if v != "None" and k != "name"}
-    _collector = CamCollector({"model_name": str(model_name), "policy": str(policy)}, info=info)
-    REGISTRY.register(_collector)
-    return _collector
+    PLUGIN.collector = CamCollector({"model_name": str(model_name), "policy": str(policy)}, info=info)
+    REGISTRY.register(PLUGIN.collector)
+    return PLUGIN.collector
 
 
 def _make_stat_logger() -> type:

@@ -10,8 +10,9 @@ document. Three processes must agree on it, and each reads the same field of the
   :func:`check_request` accepts the field or raises vLLM's ``VLLMValidationError``, which the
   OpenAI server answers with HTTP 400 naming the problem;
 * engine core (:func:`wrap_allocate_slots`, ``kv_manager.PolicyKVCacheManager``): such a request
-  is registered in :data:`FULL_CACHE_REQUESTS` whenever the scheduler allocates for it (also after a
-  preemption), and its blocks are never freed nor capped at admission; the entry goes when its blocks do;
+  is registered in ``process_state.ENGINE.full_cache_requests`` whenever the scheduler
+  allocates for it (also after a preemption), and its blocks are never freed nor capped at
+  admission; the entry goes when its blocks do;
 * workers (``step_requests``, ``step_plan.StepTokens.full``): its rows keep every token, so its
   queries attend to the whole prefix and nothing of it leaves, merges or moves to a heavy region.
 
@@ -19,7 +20,7 @@ A request on a score-driven server (h2o, tova, scissorhands, corm) may ask for t
 ``vllm_xargs={"kv_prompt_hold": true}`` (or decline the server's own whole-prompt hold with
 ``false``; snapkv always holds): it keeps every prompt token until the prompt has been read, and
 the heavy region is chosen then, by what the whole prompt attends to. The scheduler registers it
-in :data:`REQUEST_HOLDS` as it does full-cache requests, and the workers read the same field.
+in ``ENGINE.request_holds`` as it does full-cache requests, and the workers read the same field.
 
 The server decides what it allows: ``allow_full_cache_requests`` (``--kv-allow-full-cache-requests
 true``) must be set for the full cache and for a prompt hold the server does not make itself,
@@ -37,6 +38,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from typing import Any
+
+from cam_vllm.vllm_plugin.process_state import ENGINE
 
 logger = logging.getLogger("cam_vllm")
 
@@ -59,20 +62,10 @@ _UNSUPPORTED = (
     "kv_seed",
 )
 
-# Engine core: ids of the running requests that keep the full cache (see the module docstring).
-FULL_CACHE_REQUESTS: set[str] = set()
-# Engine core: whether this engine's policy allows them (set at start-up, :func:`configure_engine`).
-# The scheduler and the workers each read it from their own copy of the config, never from the
-# API server, so the two agree even where an API server's check did not run.
-_engine_allows_full = False
-_engine_block_size = 0
-_engine_policy: tuple[str, int] = ("", 0)  # (canonical name, window tokens) of this engine's policy
-# Engine core: request id -> its own smaller window (plain streaming; see request_window).
-REQUEST_WINDOWS: dict[str, int] = {}
-# Engine core: request id -> whether it holds its prompt, where that differs from the server's
-# policy (see request_hold).
-REQUEST_HOLDS: dict[str, bool] = {}
-_engine_hold: tuple[bool, bool, bool] = (False, False, False)  # see hold_options
+# The engine core's settings (set at start-up, :func:`configure_engine`) and its running requests'
+# own choices live in ``process_state.ENGINE``. The scheduler and the workers each read the
+# settings from their own copy of the config, never from the API server, so the two agree even
+# where an API server's check did not run.
 
 
 def allows_full(vllm_config: Any) -> bool:
@@ -87,15 +80,14 @@ def allows_full(vllm_config: Any) -> bool:
 
 
 def configure_engine(vllm_config: Any) -> None:
-    global _engine_allows_full, _engine_block_size, _engine_policy, _engine_hold
     from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 
-    _engine_allows_full = allows_full(vllm_config)
-    _engine_block_size = int(vllm_config.cache_config.block_size)
+    ENGINE.allows_full = allows_full(vllm_config)
+    ENGINE.block_size = int(vllm_config.cache_config.block_size)
     policy = policy_from_vllm_config(vllm_config)
     if policy is not None:
-        _engine_policy = (policy.name, int(getattr(policy.eviction, "window_tokens", 0) or 0))
-        _engine_hold = _hold_options(policy)
+        ENGINE.policy = (policy.name, int(getattr(policy.eviction, "window_tokens", 0) or 0))
+        ENGINE.hold = _hold_options(policy)
 
 
 def pool_tokens(num_gpu_blocks: int | None, block_size: int, engines: int = 1) -> int | None:
@@ -384,7 +376,7 @@ def wrap_allocate_slots(original: Any) -> Any:
     """
 
     def allocate_slots(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        if _engine_policy[0]:
+        if ENGINE.policy[0]:
             on_allocate(self, request)
         return original(self, request, *args, **kwargs)
 
@@ -396,16 +388,16 @@ def on_allocate(manager: Any, request: Any) -> None:
     smaller window of its own, or holds its prompt where the server's policy does not (or the
     other way round)."""
     params = getattr(request, "sampling_params", None)
-    window = request_window(params, *_engine_policy, _engine_block_size)
+    window = request_window(params, *ENGINE.policy, ENGINE.block_size)
     if window:
-        REQUEST_WINDOWS[request.request_id] = window
-    hold = request_hold(params, _engine_hold, _engine_allows_full)
-    if hold is not None and request.request_id not in REQUEST_HOLDS:
-        if hold and not _fits(manager, request, int(request.num_prompt_tokens) + _engine_block_size):
+        ENGINE.request_windows[request.request_id] = window
+    hold = request_hold(params, ENGINE.hold, ENGINE.allows_full)
+    if hold is not None and request.request_id not in ENGINE.request_holds:
+        if hold and not _fits(manager, request, int(request.num_prompt_tokens) + ENGINE.block_size):
             params.extra_args = {k: v for k, v in params.extra_args.items() if k != XARG_HOLD}
         else:
-            REQUEST_HOLDS[request.request_id] = hold
-    if not (_engine_allows_full and wants_full_cache(params)):
+            ENGINE.request_holds[request.request_id] = hold
+    if not (ENGINE.allows_full and wants_full_cache(params)):
         return
     if _fits(manager, request):
         register_full(request.request_id)
@@ -420,7 +412,7 @@ def _fits(manager: Any, request: Any, need: int | None = None) -> bool:
     its config) must not admit a request that could never finish: it is served by the policy (the
     field is dropped before the request's first scheduling, so the workers, which read it from
     the scheduler's output, plan it as the scheduler does)."""
-    pool = pool_tokens(manager.block_pool.num_gpu_blocks, _engine_block_size)
+    pool = pool_tokens(manager.block_pool.num_gpu_blocks, ENGINE.block_size)
     full = need is None
     if full:
         need = int(request.num_prompt_tokens) + int(getattr(request, "max_tokens", 0) or 0)
@@ -438,20 +430,20 @@ def _fits(manager: Any, request: Any, need: int | None = None) -> bool:
 
 
 def register_full(request_id: str) -> None:
-    if request_id not in FULL_CACHE_REQUESTS:
-        FULL_CACHE_REQUESTS.add(request_id)
+    if request_id not in ENGINE.full_cache_requests:
+        ENGINE.full_cache_requests.add(request_id)
         _report()
 
 
 def release_full(request_id: str) -> None:
-    REQUEST_WINDOWS.pop(request_id, None)
-    REQUEST_HOLDS.pop(request_id, None)
-    if request_id in FULL_CACHE_REQUESTS:
-        FULL_CACHE_REQUESTS.discard(request_id)
+    ENGINE.request_windows.pop(request_id, None)
+    ENGINE.request_holds.pop(request_id, None)
+    if request_id in ENGINE.full_cache_requests:
+        ENGINE.full_cache_requests.discard(request_id)
         _report()
 
 
 def _report() -> None:
     from cam_vllm.vllm_plugin import metrics
 
-    metrics.STATS.set_gauge("requests_full_cache_running", 0, len(FULL_CACHE_REQUESTS))
+    metrics.STATS.set_gauge("requests_full_cache_running", 0, len(ENGINE.full_cache_requests))

@@ -22,6 +22,7 @@ from cam_vllm.core.rules import merge_leaving, merge_rule
 from cam_vllm.core.selection import Tokens, choose_heavy, merge_evicted
 from cam_vllm.policies import KVPolicy
 from cam_vllm.vllm_plugin.metrics import record_merge
+from cam_vllm.vllm_plugin.process_state import WORKER
 
 
 def global_kv_heads(num_local: int, total: int | None, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -164,20 +165,14 @@ def score_and_merge(
         record_merge(int((res.decisions.num_targets > 0).sum()) * ev, res.decisions, count_tokens)
 
 
-# Set by the CUDA worker side (``attention_cuda.install_triton_kernels``) or a test: the Triton
-# decode-score kernel and its ``available(tensor)``; None: torch ops everywhere.
-_decode_kernel: tuple[Callable[[torch.Tensor], bool], Callable[..., None]] | None = None
-
-
 def use_triton_kernels(available: Callable[[torch.Tensor], bool] | None, decode_scores=None) -> None:  # noqa: ANN001
     """Score decodes with ``decode_scores`` (``kernels.triton_ops``) where ``available`` says it
     runs; None: never."""
-    global _decode_kernel
-    _decode_kernel = None if available is None else (available, decode_scores)
+    WORKER.decode_kernel = None if available is None else (available, decode_scores)
 
 
 def _decode_kernel_for(t: torch.Tensor) -> Callable[..., None] | None:
-    k = _decode_kernel
+    k = WORKER.decode_kernel  # set by the CUDA worker side or a test
     return k[1] if k is not None and k[0](t) else None
 
 

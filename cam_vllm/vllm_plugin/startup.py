@@ -209,18 +209,26 @@ def validate_vllm_config(vllm_config: Any) -> Any:
         raise KVPolicyStartupError(
             f"KV policy {policy.name!r} is configured but cam-vllm could not hook into this vLLM: {err}"
         )
-    problems = model_problems(vllm_config.model_config)
+    problems = policy_problems(vllm_config, policy)
     if problems:
-        raise KVPolicyStartupError(
-            f"KV policy {policy.name!r} cannot serve model {vllm_config.model_config.model!r}: "
-            + "; ".join(problems)
-            + ". "
-            + _MODEL_FIX
-        )
-    problems = engine_problems(vllm_config) + score_problems(vllm_config, policy)
-    if problems:
-        raise KVPolicyStartupError(f"KV policy {policy.name!r}: " + "; ".join(problems) + ".")
+        raise KVPolicyStartupError(f"KV policy {policy.name!r}: " + " ".join(problems))
     return policy
+
+
+def policy_problems(vllm_config: Any, policy: Any) -> list[str]:
+    """Why ``policy`` cannot run under this engine config, each with its fix (empty: it can):
+    the model, the engine's features, tensor parallelism for a score. What only a backend
+    knows (its block size, CUDA graphs) its builder adds (``PolicyBackendMixin.policy_problems``);
+    what only a layer knows (ALiBi, soft-capping), ``PolicyBackendMixin.layer_problems``."""
+    out = []
+    model = model_problems(vllm_config.model_config)
+    if model:
+        name = vllm_config.model_config.model
+        out.append(f"cannot serve model {name!r}: " + "; ".join(model) + ". " + _MODEL_FIX)
+    engine = engine_problems(vllm_config) + score_problems(vllm_config, policy)
+    if engine:
+        out.append("; ".join(engine) + ".")
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from cam_vllm.core.attention import TotalsMask, additive_mask, totals_mask
 from cam_vllm.core.merge import build_chain
 from cam_vllm.core.rules import merge_rule
 from cam_vllm.policies import HeavyPolicy, KVPolicy
-from cam_vllm.policies.base import in_held_prompt, window_start
+from cam_vllm.policies.layout import BlockLayout, in_held_prompt
 
 Retained = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -67,9 +67,9 @@ class StepTokens:
     # keeps every token, so nothing of it leaves, is scored for a decision, or merges. None: no such row.
     full: torch.Tensor | None = None
     # [R] int64: a request's own smaller window (0: the policy's), plain streaming only
-    # (``vllm_xargs={"kv_window_tokens": N}``); ``cut`` = (policy's prefix end, block size) for it.
+    # (``vllm_xargs={"kv_window_tokens": N}``); ``layout``: the policy's, which places it.
     window: torch.Tensor | None = None
-    cut: tuple[int, int] = (0, 1)
+    layout: BlockLayout | None = None
     # [R] int64: the prompt length of each row whose policy holds its prompt (0: no hold;
     # ``EvictionPolicy.kept``); None: no row holds one
     hold: torch.Tensor | None = None
@@ -83,7 +83,7 @@ class StepTokens:
         num_reqs: int,
         full: torch.Tensor | None = None,
         window: torch.Tensor | None = None,
-        cut: tuple[int, int] = (0, 1),
+        layout: BlockLayout | None = None,
         hold: torch.Tensor | None = None,
         held: Retained | None = None,
     ) -> StepTokens:
@@ -94,7 +94,7 @@ class StepTokens:
         total = int(qsl[-1])
         req = torch.repeat_interleave(torch.arange(num_reqs), qlens, output_size=total)
         pos = ctx[req] + torch.arange(total) - qsl[:-1][req]
-        return StepTokens(qsl, lens, ctx, req, pos, full, window, cut, hold, held)
+        return StepTokens(qsl, lens, ctx, req, pos, full, window, layout, hold, held)
 
     @property
     def query_hold(self) -> torch.Tensor | int:
@@ -107,11 +107,10 @@ class StepTokens:
         """``retained(positions, num_tokens)``, and everything for full-cache requests (``req``
         gives each row's request, shaped to broadcast like ``num_tokens``)."""
         out = retained(positions, num_tokens)
-        if self.window is not None:  # also drop what the request's own window no longer holds
-            prefix, b = self.cut
+        if self.window is not None and self.layout is not None:  # what a request's own window dropped
             own = self.window[req]
-            start = window_start(num_tokens, prefix, own, b)
-            out = out & ~((own > 0) & (positions >= prefix) & (positions < start))
+            start = self.layout.window_start(num_tokens, own)
+            out = out & ~((own > 0) & (positions >= self.layout.prefix_end) & (positions < start))
         if self.hold is not None:  # a held prompt: what the hold keeps stays until it has been read
             inside = in_held_prompt(num_tokens, self.hold[req])
             out = out | (inside if self.held is None else inside & self.held(positions, num_tokens))
@@ -156,7 +155,7 @@ def split_waves(policy: KVPolicy, tokens: StepTokens) -> list[Wave]:
         window = None if tokens.window is None else tokens.window[reqs]
         hold = None if tokens.hold is None else tokens.hold[reqs]
         step = StepTokens(
-            qsl, last + 1, pos[qsl[:-1]], local, pos, full, window, tokens.cut, hold, tokens.held
+            qsl, last + 1, pos[qsl[:-1]], local, pos, full, window, tokens.layout, hold, tokens.held
         )
         out.append(Wave(rows, reqs, step))
     return out

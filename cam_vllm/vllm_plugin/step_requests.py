@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from cam_vllm.policies import hold_options
+from cam_vllm.vllm_plugin.process_state import WORKER
 from cam_vllm.vllm_plugin.request_policy import (
     WINDOW_POLICY,
     request_hold,
@@ -58,7 +59,6 @@ class StepRequests:
     prompt_lens: tuple[int, ...] = ()  # per row: the request's prompt length (the prompt hold's end)
 
 
-_step: StepRequests | None = None
 _serials = itertools.count(1)
 _installed = False
 _listeners: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -71,8 +71,7 @@ def publish(
     params: Iterable[Any] = (),
     prompt_lens: Iterable[int] = (),
 ) -> None:
-    global _step
-    _step = StepRequests(
+    WORKER.step = StepRequests(
         next(_serials),
         tuple(req_ids),
         tuple(seeds),
@@ -84,7 +83,7 @@ def publish(
 
 def current(num_reqs: int, seq_lens: torch.Tensor) -> StepRequests | None:
     """The publication of the step whose metadata is being built (None: not a published step)."""
-    step = _step
+    step: StepRequests | None = WORKER.step
     if step is None or len(step.req_ids) != num_reqs:
         return None
     if tuple(seq_lens[:num_reqs].tolist()) != step.seq_lens:
@@ -115,14 +114,13 @@ def windows_of(step: StepRequests | None, policy_name: str, window: int, block: 
     return torch.tensor(own, dtype=torch.int64) if any(own) else None
 
 
-def own_windows(policy: Any, step: StepRequests | None) -> tuple[torch.Tensor | None, tuple[int, int]]:
-    """(each row's own smaller window or None, (prefix end, block size)) for a step."""
+def own_windows(policy: Any, step: StepRequests | None) -> tuple[torch.Tensor | None, Any]:
+    """(each row's own smaller window or None, the policy's block layout that places it) for a step."""
     eviction = policy.eviction
     window = int(getattr(eviction, "window_tokens", 0) or 0)
     if policy.name != WINDOW_POLICY or not window or policy.token_exact:
-        return None, (0, 1)
-    cut = (int(eviction.prefix_end), int(eviction.block_size))
-    return windows_of(step, policy.name, window, cut[1]), cut
+        return None, None
+    return windows_of(step, policy.name, window, int(eviction.block_size)), eviction.layout
 
 
 def holds_of(step: StepRequests | None, policy: Any, allow: bool = False) -> torch.Tensor | None:
