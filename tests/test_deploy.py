@@ -234,6 +234,92 @@ def test_helm_chart_renders_to_valid_manifests(helm, sets, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+# LeaderWorkerSet v1 (kubernetes-sigs/lws, api/leaderworkerset/v1): the fields of its spec and of
+# its leaderWorkerTemplate, and the values its enums allow.
+LWS_SPEC = {"replicas", "leaderWorkerTemplate", "rolloutStrategy", "startupPolicy", "networkConfig"}
+LWS_TEMPLATE = {
+    "leaderTemplate",
+    "workerTemplate",
+    "size",
+    "restartPolicy",
+    "subGroupPolicy",
+    "volumeClaimTemplates",
+    "persistentVolumeClaimRetentionPolicy",
+}
+LWS_STARTUP = {"LeaderCreated", "LeaderReady"}
+LWS_RESTART = {"Default", "RecreateGroupOnPodRestart", "RecreateGroupAfterStart", "None"}
+
+
+def test_multi_node_chart_renders_a_leader_worker_set(helm, tmp_path):
+    """``multiNode.enabled``: a LeaderWorkerSet in place of the Deployment, whose leader serves and
+    whose workers run headless, tensor parallelism over every GPU of the group, vLLM's own
+    multi-node flags (they parse as ``vllm serve`` flags), pod templates valid Kubernetes."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    sets = ("multiNode.enabled=true", "multiNode.nodes=3", "multiNode.gpusPerNode=4")
+    r = _helm_template(helm, *sets, "autoscaling.enabled=true", "apiKey.value=k", "kvPolicy.policy=snapkv")
+    assert r.returncode == 0, r.stdout + r.stderr
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    kinds = {d["kind"] for d in docs}
+    assert "Deployment" not in kinds and {"LeaderWorkerSet", "Service", "HorizontalPodAutoscaler"} <= kinds
+    lws = next(d for d in docs if d["kind"] == "LeaderWorkerSet")
+    assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
+    spec, template = lws["spec"], lws["spec"]["leaderWorkerTemplate"]
+    assert set(spec) <= LWS_SPEC and set(template) <= LWS_TEMPLATE
+    assert spec["startupPolicy"] in LWS_STARTUP and template["restartPolicy"] in LWS_RESTART
+    assert template["size"] == 3
+    service = next(d for d in docs if d["kind"] == "Service")
+    hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
+    assert service["spec"]["selector"]["cam-vllm/role"] == "leader"
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == "LeaderWorkerSet"
+
+    parser = FlexibleArgumentParser(prog="vllm")
+    ServeSubcommand().subparser_init(parser.add_subparsers(dest="subparser"))
+    pods = {}
+    for role in ("leader", "worker"):
+        pod = template[f"{role}Template"]
+        assert pod["metadata"]["labels"]["cam-vllm/role"] == role
+        container = pod["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == 4
+        argv = [
+            a.replace("$(LWS_LEADER_ADDRESS)", "10.0.0.1").replace("$(LWS_WORKER_INDEX)", "2")
+            for a in container["args"]
+        ]
+        args = parser.parse_args(["serve", *argv])
+        assert (args.tensor_parallel_size, args.nnodes, args.master_addr) == (12, 3, "10.0.0.1")
+        assert args.pipeline_parallel_size == 1  # refused with a KV policy
+        args.model = args.model_tag  # what `vllm serve` does with the positional model
+        assert AsyncEngineArgs.from_cli_args(args).additional_config["kv_policy"]["policy"] == "snapkv"
+        env = {e["name"] for e in container.get("env", [])}
+        if role == "leader":
+            assert args.node_rank == 0 and not args.headless
+            assert container["readinessProbe"]["httpGet"]["path"] == "/health" and env == {"VLLM_API_KEY"}
+            assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        else:
+            assert args.node_rank == 2 and args.headless
+            assert "readinessProbe" not in container and "ports" not in container and not env
+        pods[role] = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": role}, "template": pod}
+    out = tmp_path / "rendered.yaml"
+    out.write_text(
+        yaml.safe_dump_all([d for d in docs if d["kind"] != "LeaderWorkerSet"] + list(pods.values()))
+    )
+    r = _run(_tool("kubernetes-validate"), "--strict", "--quiet", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_single_node_chart_is_unchanged_by_the_multi_node_option(helm):
+    """The pod spec is one helper for the Deployment and both LeaderWorkerSet templates; without
+    ``multiNode`` the server pod has no multi-node flag."""
+    r = _helm_template(helm)
+    deployment = next(d for d in yaml.safe_load_all(r.stdout) if d and d["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in args if a.startswith(("--nnodes", "--node-rank", "--headless", "--master-addr"))]
+    assert "cam-vllm/role" not in deployment["spec"]["template"]["metadata"]["labels"]
+
+
 def test_rendered_flags_parse_as_vllm_serve_flags(helm):
     """Every --kv-* argument the chart writes is one of the plugin's flags, and parses."""
     import argparse

@@ -48,17 +48,25 @@ def test_readme_flags_table_is_the_plugins_flags():
 
 
 def test_docs_links_resolve():
+    """Inline and reference-style links of every page resolve, anchors included."""
     for page in sorted((ROOT / "docs").glob("*.md")):
-        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
-            if link.startswith(("http://", "https://", "#", "mailto:")):
+        text = page.read_text()
+        links = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r"^\[[\w-]+\]: (\S+)$", text, flags=re.M)
+        for link in links:
+            if link.startswith(("http://", "https://", "mailto:")):
                 continue
-            target = link.split("#", 1)[0]
-            assert (page.parent / target).exists(), f"{page.name} links to a missing {target}"
+            target, _, anchor = link.partition("#")
+            path = page.parent / target if target else page
+            assert path.exists(), f"{page.name} links to a missing {target}"
+            if anchor and path.suffix == ".md":
+                assert anchor in _anchors(path), f"{page.name} links to #{anchor}, not a heading of {path.name}"
 
 
 def test_the_product_speaks_of_itself_only():
     """No internal tracker numbers or work-session names in the docs, the README or the code."""
-    pattern = re.compile(r"\b(issues? \d+|stops? \d+(-\d+)?)\b", re.I)
+    pattern = re.compile(
+        r"\b(issues? \d+|stops? \d+(-\d+)?|this session|colleagues?|project notes|not drawn)\b", re.I
+    )
     files = [README, *(ROOT / "docs").glob("*.md"), *(ROOT / "cam_vllm").rglob("*.py")]
     hits = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in files for m in pattern.finditer(p.read_text())]
     assert not hits, hits

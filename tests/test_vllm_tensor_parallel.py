@@ -82,3 +82,64 @@ def test_tensor_parallel_2_equals_1_with_cam(tmp_path, name):
     for (tokens1, lps1), (tokens2, lps2) in zip(one, two, strict=True):
         assert tokens2 == tokens1
         assert max(abs(a - b) for a, b in zip(lps1, lps2, strict=True)) < 1e-3
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two nodes of one rank each need 2 cores")
+def test_two_nodes_equal_one_node_with_cam(tmp_path, monkeypatch):
+    """vLLM's multiprocessing across nodes, run as the Helm chart's ``multiNode`` runs it (every
+    node ``vllm serve`` with the same arguments plus ``--nnodes``, ``--node-rank``,
+    ``--master-addr``; all but the first ``--headless``), here two nodes of one rank each on one
+    machine: tensor parallelism 2 across the nodes gives TP 1's greedy tokens and logprobs, so
+    the policy runs on the headless node's rank too."""
+    import json
+    import socket
+    import subprocess
+
+    import httpx
+    from vllm_helpers import make_peaky_model, token_prompts
+
+    from cam_vllm.launch import served, stop_group, vllm_command
+
+    model = make_peaky_model(
+        tmp_path / "model", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    prompts = [token_prompts(1, n, seed=n)[0] for n in PROMPT_LENS]
+    policy = POLICIES["cam-streaming"]
+    one = _run(model, 1, prompts, policy)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        master_port = s.getsockname()[1]
+    flags = [
+        *("--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1"),
+        *("--master-port", str(master_port), "--block-size", "32", "--max-model-len", "1024"),
+        *("--enforce-eager", "--no-enable-prefix-caching", "--dtype", "float32"),
+        *("--additional-config", json.dumps({"kv_policy": policy})),
+    ]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="1")
+    with open(tmp_path / "node1.log", "w") as log:
+        node1 = subprocess.Popen(
+            [*vllm_command(), "serve", str(model), *flags, "--node-rank", "1", "--headless"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    try:
+        with served(model, tmp_path / "node0.log", *flags, "--node-rank", "0") as base:
+            two = []
+            for prompt in prompts:
+                body = {"model": str(model), "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0}
+                body |= {"ignore_eos": True, "logprobs": 0, "return_token_ids": True}
+                choice = httpx.post(f"{base}/v1/completions", json=body, timeout=300).json()["choices"][0]
+                two.append((choice["token_ids"], choice["logprobs"]["token_logprobs"]))
+            metrics = httpx.get(f"{base}/metrics", timeout=30).text
+    finally:
+        stop_group(node1)
+    assert node1.returncode is not None
+    for (tokens1, lps1), (tokens2, lps2) in zip(one, two, strict=True):
+        assert tokens2 == tokens1
+        assert max(abs(a - b) for a, b in zip(lps1, lps2, strict=True)) < 1e-3
+    evicted = [ln for ln in metrics.splitlines() if ln.startswith("cam_vllm:kv_tokens_evicted_total")]
+    assert evicted and float(evicted[0].split()[-1]) > 0, evicted
