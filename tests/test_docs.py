@@ -59,7 +59,7 @@ def test_docs_links_resolve():
             path = page.parent / target if target else page
             assert path.exists(), f"{page.name} links to a missing {target}"
             if anchor and path.suffix == ".md":
-                assert anchor in _anchors(path), f"{page.name} links to #{anchor}, not a heading of {path.name}"
+                assert anchor in _anchors(path), f"{page.name}: #{anchor} is not a heading of {path.name}"
 
 
 def test_the_product_speaks_of_itself_only():
