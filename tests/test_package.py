@@ -176,6 +176,35 @@ def test_no_import_cycles_anywhere():
     assert cycles == [], f"modules on an import cycle: {sorted(cycles)}"
 
 
+# docs/architecture.md's layers: what each may import of ours (besides itself)
+_LAYERS = {
+    "cam_vllm.core": set(),
+    "cam_vllm.policies": {"cam_vllm.core"},
+    "cam_vllm.config": {"cam_vllm.core", "cam_vllm.policies"},
+    "cam_vllm.reference": {"cam_vllm.core", "cam_vllm.policies", "cam_vllm.config"},
+    "cam_vllm.vllm_plugin": {"cam_vllm.core", "cam_vllm.policies", "cam_vllm.config", "cam_vllm.errors"},
+}
+
+
+def test_no_import_goes_up_the_layers():
+    """Each layer of docs/architecture.md imports only the layers below it (imports inside
+    functions included): the math, the policies, the settings and the reference engine never
+    reach the vLLM glue (the tools, above them all, may)."""
+    graph = _import_graph()
+
+    def layer(mod: str) -> str | None:
+        return next((name for name in _LAYERS if mod == name or mod.startswith(name + ".")), None)
+
+    up = []
+    for mod, uses in graph.items():
+        own = layer(mod)
+        for used in uses:
+            there = layer(used)
+            if own is not None and there not in (own, None) and there not in _LAYERS[own]:
+                up.append(f"{mod} -> {used}")
+    assert up == []
+
+
 def test_the_plugins_process_state_lives_in_one_module():
     """No module of the vLLM glue rebinds a module global (``global``): what a process remembers
     between vLLM's calls is in ``process_state`` (registrations, the engine's request settings,
