@@ -67,7 +67,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, float]:
     from cam_vllm.vllm_plugin import step_requests
     from cam_vllm.vllm_plugin.builder import plan_step
     from cam_vllm.vllm_plugin.paged import _write
-    from cam_vllm.vllm_plugin.query_stash import StashPlanner, stash_for_wave
+    from cam_vllm.vllm_plugin.query_stash import StashPlanner, defers_decodes, stash_for_wave
     from cam_vllm.vllm_plugin.step_plan import StepTokens, compact_for_kernel, split_waves
 
     policy_name = name
@@ -88,7 +88,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, float]:
     impls = [_impl(policy, hq, hkv, d, scale) for _ in range(layers)]
     lnames = [SimpleNamespace(isa="vec", layer_name=f"model.layers.{i}.attn") for i in range(layers)]
     scoring = policy.tracks_scores
-    planner = StashPlanner(b) if scoring and policy.score_mode == "accumulated" else None
+    planner = StashPlanner(b) if defers_decodes(policy) else None
     ids = [f"r{i}" for i in range(r)]
     times = {"plan": 0.0, "score": 0.0, "kernel": 0.0, "prefill_plan": 0.0, "prefill_score": 0.0}
     times["prefill_kernel"] = 0.0

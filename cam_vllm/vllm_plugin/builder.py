@@ -29,7 +29,7 @@ import torch
 from cam_vllm.policies import KVPolicy
 from cam_vllm.vllm_plugin import step_requests
 from cam_vllm.vllm_plugin.impl_common import NO_BATCH_CACHES, WavePart, wave_common_metadata
-from cam_vllm.vllm_plugin.query_stash import StashPlanner, stash_for_wave
+from cam_vllm.vllm_plugin.query_stash import StashPlanner, defers_decodes, stash_for_wave
 from cam_vllm.vllm_plugin.request_policy import allows_full
 from cam_vllm.vllm_plugin.settings import policy_from_vllm_config
 from cam_vllm.vllm_plugin.step_plan import (
@@ -305,14 +305,7 @@ class PolicyBuilderMixin:
         self.defer_decodes = defer_decodes  # deferred scoring of decode queries (query_stash.py)
         self.planner = None if policy is None else planner_for(policy)  # which queries are scored
         self.stash_planner: StashPlanner | None = None
-        if (
-            defer_decodes
-            and policy is not None
-            and policy.tracks_scores
-            and policy.score_mode == "accumulated"
-            and not policy.token_exact  # every query is attended by the plugin in its own step
-            and not (policy.score is not None and policy.score.observation_window is not None)
-        ):  # an observation-window score (SnapKV) scores no decode at all
+        if defer_decodes and policy is not None and defers_decodes(policy):
             self.stash_planner = StashPlanner(self.block_size)  # type: ignore[attr-defined]
 
     def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import torch
 
@@ -39,6 +40,19 @@ logger = logging.getLogger("cam_vllm")
 # Queries stashed per request before they are scored (also scored whenever a block ends).
 # Memory per layer and decoding request: length * Hq * D elements of the query dtype.
 DEFAULT_STASH_LENGTH = 32
+
+
+def defers_decodes(policy: Any) -> bool:
+    """Whether ``policy``'s decode queries are stashed and scored once per block: accumulated
+    scores, attended by the stock kernel (not token-exact), and not an observation-window score
+    (SnapKV scores no decode at all)."""
+    score = policy.score
+    return (
+        policy.tracks_scores
+        and policy.score_mode == "accumulated"
+        and not policy.token_exact  # every query is attended by the plugin in its own step
+        and not (score is not None and score.observation_window is not None)
+    )
 
 
 class StashPlanner:
