@@ -101,6 +101,10 @@ class BlockLayout:
         """Bool: is the token at ``positions`` kept while the sequence has ``num_tokens``?"""
         return (positions < self.prefix_end) | (positions >= self.kept_start(num_tokens, hold_end))
 
+    def held(self, positions: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
+        """Bool: does a held prompt keep the token at ``positions`` at ``num_tokens``?"""
+        return (positions < self.prefix_end) | (positions >= self.held_window_start(num_tokens))
+
     def freeable(
         self, processed_tokens: int, hold_end: int = 0, window_tokens: int | None = None
     ) -> tuple[int, int]:

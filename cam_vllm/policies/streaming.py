@@ -91,7 +91,7 @@ class StreamingPolicy(EvictionPolicy):
         return self.layout.window_start(num_tokens)
 
     def retained(self, positions: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
-        return (positions < self.prefix_end) | (positions >= self.window_start(num_tokens))
+        return self.layout.retained(positions, num_tokens)
 
     def block_retained(self, starts: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
         """Whether the blocks starting at ``starts`` hold any retained token (token-exact: the
@@ -109,7 +109,7 @@ class StreamingPolicy(EvictionPolicy):
         return self.layout.held_window_start(num_tokens)
 
     def held(self, positions: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
-        return (positions < self.prefix_end) | (positions >= self.held_window_start(num_tokens))
+        return self.layout.held(positions, num_tokens)
 
     def max_held_tokens(self) -> int:
         """Most cached tokens a sequence holds in whole blocks (what its memory costs)."""
