@@ -93,41 +93,41 @@ def test_pip_installed_wheel_makes_vllm_cpus_command_work(wheel, venv, tmp_path)
     assert "cam-vllm: torchvision" not in after.stderr  # the checkout's environment has no CUDA builds
 
     model = make_peaky_model(tmp_path / "model")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    flags = ("--kv-policy", "streaming", "--kv-window-tokens", "64")
+    r, policy = _serve_and_ask([py, "-c", VLLM_SCRIPT], env, model, tmp_path, *flags)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 4
+    assert json.dumps(policy).count("streaming") >= 1, policy
+
+
+def _serve_and_ask(
+    vllm: list[str], env: dict[str, str], model: Path, tmp_path: Path, *flags: str, prompt=None
+):
+    """``vllm serve model flags`` (``vllm``: the command) on a free port; one greedy completion of
+    4 tokens and ``/v1/kv_policy``, as (completion response, policy report)."""
+    from cam_vllm.launch import stop_group, wait_healthy
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
-    env = dict(os.environ, VLLM_PLUGINS="cam_vllm", VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("PYTHONPATH", None)
     args = ["serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
-    args += [
-        "--max-model-len",
-        "512",
-        "--enforce-eager",
-        "--kv-policy",
-        "streaming",
-        "--kv-window-tokens",
-        "64",
-    ]
-    args += ["--block-size", "32", "--served-model-name", "tiny"]
-    proc = subprocess.Popen(
-        [py, "-c", VLLM_SCRIPT, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    from cam_vllm.launch import stop_group, wait_healthy
-
+    args += ["--max-model-len", "512", "--enforce-eager", "--block-size", "32", "--served-model-name", "tiny"]
+    env = dict(env, VLLM_PLUGINS="cam_vllm", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(
+            [*vllm, *args, *flags], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
         problem = wait_healthy(proc, base, 400)
         assert problem is None, f"vllm serve {problem}:\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
-        body = {"model": "tiny", "prompt": [1, 2, 3, 4], "max_tokens": 4, "temperature": 0}
+        body = {"model": "tiny", "prompt": prompt or [1, 2, 3, 4], "max_tokens": 4, "temperature": 0}
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
-        assert r.status_code == 200, r.text
-        assert r.json()["usage"]["completion_tokens"] == 4
-        policy = httpx.get(f"{base}/v1/kv_policy", timeout=30).json()
-        assert json.dumps(policy).count("streaming") >= 1, policy
+        return r, httpx.get(f"{base}/v1/kv_policy", timeout=30).json()
     finally:
         stop_group(proc)
-        log.close()
 
 
 def _readme_cpu_install() -> list[str]:
@@ -181,35 +181,8 @@ def test_the_readmes_cpu_install_gives_a_working_vllm(tmp_path):
     assert version.stdout.strip().startswith("0.32.0"), version.stdout
 
     model = make_peaky_model(tmp_path / "model")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve = [vllm, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
-    serve += [
-        "--max-model-len",
-        "512",
-        "--enforce-eager",
-        "--block-size",
-        "32",
-        "--served-model-name",
-        "tiny",
-    ]
-    serve += ["--kv-policy", "snapkv", "--kv-budget", "0.25"]
-    env |= {"VLLM_PLUGINS": "cam_vllm", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    from cam_vllm.launch import stop_group, wait_healthy
-
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen(
-            serve, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        problem = wait_healthy(proc, base, 400)
-        assert problem is None, f"vllm serve {problem}:\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
-        body = {"model": "tiny", "prompt": list(range(1, 200)), "max_tokens": 4, "temperature": 0}
-        r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
-        assert r.status_code == 200, r.text
-        assert r.json()["usage"]["completion_tokens"] == 4
-        assert httpx.get(f"{base}/v1/kv_policy", timeout=30).json()["policy"] == "snapkv"
-    finally:
-        stop_group(proc)
+    flags = ("--kv-policy", "snapkv", "--kv-budget", "0.25")
+    r, policy = _serve_and_ask([vllm], env, model, tmp_path, *flags, prompt=list(range(1, 200)))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 4
+    assert policy["policy"] == "snapkv"
