@@ -22,14 +22,72 @@ import time
 from types import SimpleNamespace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def _impl(policy, hq: int, hkv: int, d: int, scale: float):
+class _Parts:
+    """Seconds inside the parts of ``score_and_merge`` (``--breakdown``): the heavy-region choices
+    and merges (``scoring._choose_heavy`` and ``scoring.merge_leaving``, their own gathers and
+    writes included) and the gathers of the score packs' keys (``PagedKV.gather_k`` outside
+    those); the score arithmetic is the rest."""
+
+    def __init__(self) -> None:
+        self.choose = self.gather = 0.0
+        self.calls = 0  # choice and merge calls
+        self._inside = False
+
+    def install(self) -> None:
+        from cam_vllm.vllm_plugin import paged, scoring
+
+        gather = paged.PagedKV.gather_k
+
+        def timed(fn):  # noqa: ANN001, ANN202
+            def call(*a, **k):  # noqa: ANN002, ANN003, ANN202
+                t = time.perf_counter()
+                self._inside = True
+                try:
+                    return fn(*a, **k)
+                finally:
+                    self._inside = False
+                    self.choose += time.perf_counter() - t
+                    self.calls += 1
+
+            return call
+
+        def timed_gather(pk, slots):  # noqa: ANN001, ANN202
+            if self._inside:
+                return gather(pk, slots)
+            t = time.perf_counter()
+            out = gather(pk, slots)
+            self.gather += time.perf_counter() - t
+            return out
+
+        scoring._choose_heavy = timed(scoring._choose_heavy)
+        scoring.merge_leaving = timed(scoring.merge_leaving)
+        paged.PagedKV.gather_k = timed_gather
+
+
+PARTS = _Parts()
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the ATen operators dispatched while active (``--breakdown``: per wave and layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _impl(policy, hq: int, hkv: int, d: int, scale: float, dtype: torch.dtype):
     from vllm.v1.attention.backends import cpu_attn
 
     from cam_vllm.vllm_plugin.attention_cpu import PolicyCPUAttentionBackendImpl
 
-    config = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))
+    config = SimpleNamespace(model_config=SimpleNamespace(dtype=dtype))
     original = cpu_attn.get_current_vllm_config
     cpu_attn.get_current_vllm_config = lambda: config
     try:
@@ -40,7 +98,7 @@ def _impl(policy, hq: int, hkv: int, d: int, scale: float):
     return impl
 
 
-def _kernel(q: torch.Tensor, kv: torch.Tensor, batch, scale: float) -> torch.Tensor:
+def _kernel(q: torch.Tensor, kv: torch.Tensor, batch, scale: float, isa: str) -> torch.Tensor:
     from vllm import _custom_ops as ops
 
     nb, h, b, _ = kv.shape
@@ -49,7 +107,7 @@ def _kernel(q: torch.Tensor, kv: torch.Tensor, batch, scale: float) -> torch.Ten
     meta = ops.cpu_attn_get_scheduler_metadata(
         num_reqs=batch.seq_lens.numel(), num_heads=q.shape[1], num_kv_heads=h, head_dim=q.shape[2],
         seq_lens=batch.seq_lens, dtype=q.dtype, query_start_loc=batch.query_start_loc, causal=True,
-        sliding_window_size=-1, isa="vec", enable_kv_split=False,
+        sliding_window_size=-1, isa=isa, enable_kv_split=False,
     )  # fmt: skip
     ops.cpu_attention_with_kv_cache(
         query=q, key_cache=key_cache, value_cache=value_cache, output=out,
@@ -60,8 +118,9 @@ def _kernel(q: torch.Tensor, kv: torch.Tensor, batch, scale: float) -> torch.Ten
     return out
 
 
-def run(name: str, args: argparse.Namespace) -> dict[str, float]:
-    """Prefill ``batch`` prompts (untimed), then ``steps`` decode steps; seconds per step of each part."""
+def run(name: str, args: argparse.Namespace, count_ops: bool = False) -> dict[str, float]:
+    """Prefill ``batch`` prompts (untimed), then ``steps`` decode steps; seconds per step of each part
+    (``count_ops``: also the ATen operators of the policy's per-layer work, ``prefill_ops``)."""
     from cam_vllm.config import KVPolicyConfig
     from cam_vllm.policies import build_policy, same_memory_settings
     from cam_vllm.vllm_plugin import step_requests
@@ -84,14 +143,21 @@ def run(name: str, args: argparse.Namespace) -> dict[str, float]:
     width = -(-total // b)
     num_blocks = r * width + 1
     table = (torch.arange(r * width, dtype=torch.int32) + 1).view(r, width)
-    kv = torch.randn(num_blocks, hkv, b, 2 * d)
-    impls = [_impl(policy, hq, hkv, d, scale) for _ in range(layers)]
-    lnames = [SimpleNamespace(isa="vec", layer_name=f"model.layers.{i}.attn") for i in range(layers)]
+    dtype = getattr(torch, args.dtype)
+    # the KV layout vLLM's CPU backend picks: AMX tiles for bfloat16 where the CPU has them (after
+    # asking for the tile permission, as its worker does), else the vector kernel's
+    amx = dtype == torch.bfloat16 and b % 32 == 0 and torch._C._cpu._init_amx()
+    isa = "amx" if amx else "vec"
+    kv = torch.randn(num_blocks, hkv, b, 2 * d, dtype=dtype)
+    impls = [_impl(policy, hq, hkv, d, scale, dtype) for _ in range(layers)]
+    lnames = [SimpleNamespace(isa=isa, layer_name=f"model.layers.{i}.attn") for i in range(layers)]
     scoring = policy.tracks_scores
     planner = StashPlanner(b) if defers_decodes(policy) else None
     ids = [f"r{i}" for i in range(r)]
     times = {"plan": 0.0, "score": 0.0, "kernel": 0.0, "prefill_plan": 0.0, "prefill_score": 0.0}
     times["prefill_kernel"] = 0.0
+    for k in ("gather", "choose", "waves", "ops"):
+        times[k] = times["prefill_" + k] = 0.0
     done = [0] * r
 
     def step(qlens: list[int], timed: bool) -> None:
@@ -102,17 +168,19 @@ def run(name: str, args: argparse.Namespace) -> dict[str, float]:
         pos = torch.cat([torch.arange(c, c + n) for c, n in zip(done, qlens, strict=True)])
         req = torch.repeat_interleave(torch.arange(r), torch.tensor(qlens))
         slots = table[req].long().gather(1, (pos // b)[:, None]).flatten() * b + pos % b
-        k, v = torch.randn(pos.numel(), hkv, d), torch.randn(pos.numel(), hkv, d)
-        _write(kv, k, v, slots, "vec")  # the step's KV (vLLM writes it before attending)
-        q = torch.randn(pos.numel(), hq, d)
+        k, v = torch.randn(pos.numel(), hkv, d, dtype=dtype), torch.randn(pos.numel(), hkv, d, dtype=dtype)
+        _write(kv, k, v, slots, isa)  # the step's KV (vLLM writes it before attending)
+        q = torch.randn(pos.numel(), hq, d, dtype=dtype)
         t1 = time.perf_counter()  # the builder's share starts here
-        tokens = StepTokens.from_batch(qsl, lens, r)
-        stash = None
-        if scoring and (policy.merge is not None or planner is not None):
-            step_requests.publish(ids, [None] * r, lens.tolist())
+        stash = hold = held = None
+        if scoring:  # the step's requests as the runner publishes them (seeds, prompt lengths)
+            step_requests.publish(ids, [None] * r, lens.tolist(), prompt_lens=[args.prompt_len] * r)
             pub = step_requests.current(r, lens)
-            if planner is not None:
-                stash = planner.plan(tokens.query_lens.tolist(), tokens.context_lens.tolist(), pub)
+            hold = step_requests.holds_of(pub, policy)  # as the builder asks: a held prompt is read whole
+            held = policy.eviction.held if policy.eviction.hold_span else None
+        tokens = StepTokens.from_batch(qsl, lens, r, hold=hold, held=held)
+        if planner is not None:
+            stash = planner.plan(tokens.query_lens.tolist(), tokens.context_lens.tolist(), pub)
         waves = split_waves(policy, tokens)
         parts = []
         for i, w in enumerate(waves):
@@ -135,13 +203,18 @@ def run(name: str, args: argparse.Namespace) -> dict[str, float]:
             parts.append((w.rows, batch, plan))
         t2 = time.perf_counter()
         t_kernel = t_score = 0.0
+        g0, c0 = PARTS.gather, PARTS.choose
         for impl, layer in zip(impls, lnames, strict=True):
             for rows, batch, plan in parts:
                 qw = q[rows].contiguous()
                 a = time.perf_counter()
-                _kernel(qw, kv, batch, scale)
+                _kernel(qw, kv, batch, scale, isa)
                 c = time.perf_counter()
-                if plan is not None:
+                if plan is not None and count_ops:
+                    with _CountOps() as counter:
+                        impl._score_and_merge(layer, qw, kv, plan)
+                    times[("" if timed else "prefill_") + "ops"] += counter.count
+                elif plan is not None:
                     impl._score_and_merge(layer, qw, kv, plan)
                 t_kernel += c - a
                 t_score += time.perf_counter() - c
@@ -149,6 +222,9 @@ def run(name: str, args: argparse.Namespace) -> dict[str, float]:
         times[key + "plan"] += t2 - t1
         times[key + "score"] += t_score
         times[key + "kernel"] += t_kernel
+        times[key + "gather"] += PARTS.gather - g0
+        times[key + "choose"] += PARTS.choose - c0
+        times[key + "waves"] += len(parts) * layers
         done = lens.tolist()
         del t0
 
@@ -180,7 +256,17 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also split the prefill score+merge time into the packs' key gathers, the score "
+        "arithmetic and the heavy-region choices or merges, per wave and layer, with the ATen "
+        "operators each runs",
+    )
     args = ap.parse_args()
+    if args.breakdown:
+        PARTS.install()
     torch.set_num_threads(1)  # vLLM's CPU worker runs attention on one thread per rank here
     names = args.policies.split(",")
     best: dict[str, dict[str, float]] = {}
@@ -193,7 +279,7 @@ def main() -> None:
     print(
         f"batch {args.batch}, prompt {args.prompt_len}, {args.steps} decode steps, {args.layers} layers, "
         f"{args.q_heads}/{args.kv_heads} heads x {args.head_size}, block {args.block_size}, "
-        f"sinks {args.sinks} + {args.window} tokens, float32, best of {args.repeats}; ms per decode step"
+        f"sinks {args.sinks} + {args.window} tokens, {args.dtype}, best of {args.repeats}; ms per decode step"
     )
     print(f"{'policy':<22}{'plan':>8}{'score+merge':>13}{'policy total':>14}{'stock kernel':>14}")
     for name in names:
@@ -210,6 +296,23 @@ def main() -> None:
             f"{name:<22}{t['prefill_plan'] * 1e3:>8.2f}{t['prefill_score'] * 1e3:>13.2f}"
             f"{(t['prefill_plan'] + t['prefill_score']) * 1e3:>14.2f}{t['prefill_kernel'] * 1e3:>14.2f}"
         )
+    if args.breakdown:
+        print("\nprefill, microseconds per wave and layer (a kernel call, a score pass, a choice or merge)")
+        print(
+            f"{'policy':<22}{'waves':>7}{'kernel':>9}{'gather K':>10}{'score':>9}{'choice/merge':>14}"
+            f"{'plan':>8}{'ATen ops':>10}"
+        )
+        for name in names:
+            t = best[name]
+            n = max(t["prefill_waves"], 1.0)
+            ops = run(name, args, count_ops=True)["prefill_ops"] / n
+            score = t["prefill_score"] - t["prefill_gather"] - t["prefill_choose"]
+            cells = [t["prefill_kernel"], t["prefill_gather"], score, t["prefill_choose"], t["prefill_plan"]]
+            print(
+                f"{name:<22}{n:>7.0f}"
+                + "".join(f"{c / n * 1e6:>{w}.0f}" for c, w in zip(cells, (9, 10, 9, 14, 8), strict=True))
+                + f"{ops:>10.0f}"
+            )
 
 
 if __name__ == "__main__":
