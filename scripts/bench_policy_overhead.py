@@ -54,11 +54,11 @@ class _Parts:
 
             return call
 
-        def timed_gather(pk, slots):  # noqa: ANN001, ANN202
+        def timed_gather(pk, slots, memo=None):  # noqa: ANN001, ANN202
             if self._inside:
-                return gather(pk, slots)
+                return gather(pk, slots, memo)
             t = time.perf_counter()
-            out = gather(pk, slots)
+            out = gather(pk, slots, memo)
             self.gather += time.perf_counter() - t
             return out
 

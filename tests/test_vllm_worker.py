@@ -64,6 +64,29 @@ def test_layout_probe_reads_what_the_backend_writes(isa, head, dtype):
         assert torch.equal(layout.v_offsets, BLOCK * head + t * head + d)
 
 
+@pytest.mark.parametrize("isa", ["vec", "amx"])
+def test_a_steps_memo_reads_and_writes_every_layers_cache_at_the_same_slots(isa):
+    """The element indices a step's first layer makes (``memo``) serve the other layers' caches:
+    the same slots, each layer's own numbers, reads and writes alike."""
+    pytest.importorskip("vllm")
+    from cam_vllm.vllm_plugin.paged import PagedKV, probe_layout
+
+    dtype = torch.bfloat16 if isa == "amx" else torch.float32
+    layout = probe_layout(isa, dtype, BLOCK, 64)
+    layers = [PagedKV(torch.randn(6, 2, BLOCK, 128).to(dtype), layout) for _ in range(3)]
+    slots = torch.tensor([33, 34, 70, 5, 150, 151, 152])
+    memo: dict = {}
+    for paged in layers:
+        plain_k, plain_v = paged.gather_k(slots), paged.gather_v(slots)
+        assert torch.equal(paged.gather_k(slots, memo), plain_k)
+        assert torch.equal(paged.gather_v(slots, memo), plain_v)
+        new = torch.randn(slots.numel(), 2, 64).to(dtype)
+        paged.scatter_v(slots, new, memo)
+        paged.scatter_k(slots, -new, memo)
+        assert torch.equal(paged.gather_v(slots), new) and torch.equal(paged.gather_k(slots), -new)
+    assert memo  # made once, by the first layer
+
+
 # --- the compacted batch, run through vLLM's own CPU kernel -------------------------------------
 
 

@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+# A dict kept with one set of slots for one step (``PagedKV._where``), or None.
+Memo = dict[Any, Any] | None
 
 
 class LayoutError(RuntimeError):
@@ -171,15 +175,36 @@ class PagedKV:
         block = (slots // self.block_size).view(-1, 1, 1) * (self.num_heads * region)
         return block + self._heads * region + offsets[slots % self.block_size].unsqueeze(1)
 
-    def _gather(self, slots: torch.Tensor, view: torch.Tensor | None, offsets: torch.Tensor) -> torch.Tensor:
-        slots = slots.to(torch.int64)
-        if view is not None:
-            return view[slots // self.block_size, :, slots % self.block_size]
-        return torch.take(self.flat, self._index(slots, offsets))
+    def _where(
+        self, slots: torch.Tensor, view: torch.Tensor | None, offsets: torch.Tensor, memo: Memo
+    ) -> Any:
+        """How to reach ``slots``: (block, token) for a strided ``view``, else the linear element
+        indices of :meth:`_index`. With ``memo`` (a dict kept with one set of slots for one step),
+        made once and reused by every layer of the step: the layers' caches share one shape and
+        layout, and for the ``amx`` layout the indices cost as much as the read itself."""
+        key = (view is not None, offsets.data_ptr(), tuple(self.flat.shape))
+        got = None if memo is None else memo.get(key)
+        if got is None:
+            slots = slots.to(torch.int64)
+            if view is not None:
+                got = (slots // self.block_size, slots % self.block_size)
+            else:
+                got = self._index(slots, offsets)
+            if memo is not None:
+                memo[key] = got
+        return got
 
-    def gather_k(self, slots: torch.Tensor) -> torch.Tensor:
-        """Keys of ``slots`` [N] as [N, H, D] (a copy)."""
-        return self._gather(slots, self._k_view, self.layout.k_offsets)
+    def _gather(
+        self, slots: torch.Tensor, view: torch.Tensor | None, offsets: torch.Tensor, memo: Memo = None
+    ) -> torch.Tensor:
+        where = self._where(slots, view, offsets, memo)
+        if view is not None:
+            return view[where[0], :, where[1]]
+        return torch.take(self.flat, where)
+
+    def gather_k(self, slots: torch.Tensor, memo: Memo = None) -> torch.Tensor:
+        """Keys of ``slots`` [N] as [N, H, D] (a copy). ``memo``: see :meth:`_where`."""
+        return self._gather(slots, self._k_view, self.layout.k_offsets, memo)
 
     def gather_block_kt(self, blocks: torch.Tensor) -> torch.Tensor:
         """Transposed keys of whole blocks: ``blocks`` [R, nb] -> [R, nb, H, D, block_size].
@@ -198,25 +223,32 @@ class PagedKV:
         k = self.gather_k(slots).view(r, nb, b, self.num_heads, d)
         return k.permute(0, 1, 3, 4, 2)
 
-    def gather_v(self, slots: torch.Tensor) -> torch.Tensor:
-        """Values of ``slots`` [N] as [N, H, D] (a copy)."""
-        return self._gather(slots, self._v_view, self.layout.v_offsets)
+    def gather_v(self, slots: torch.Tensor, memo: Memo = None) -> torch.Tensor:
+        """Values of ``slots`` [N] as [N, H, D] (a copy). ``memo``: see :meth:`_where`."""
+        return self._gather(slots, self._v_view, self.layout.v_offsets, memo)
 
-    def _scatter(self, slots: torch.Tensor, x: torch.Tensor, view: torch.Tensor | None, offsets) -> None:  # noqa: ANN001
-        slots = slots.to(torch.int64)
+    def _scatter(
+        self,
+        slots: torch.Tensor,
+        x: torch.Tensor,
+        view: torch.Tensor | None,
+        offsets: torch.Tensor,
+        memo: Memo,
+    ) -> None:
+        where = self._where(slots, view, offsets, memo)
         x = x.to(self.flat.dtype)
         if view is not None:
-            view[slots // self.block_size, :, slots % self.block_size] = x
+            view[where[0], :, where[1]] = x
         else:
-            self.flat.put_(self._index(slots, offsets), x)
+            self.flat.put_(where, x)
 
-    def scatter_v(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+    def scatter_v(self, slots: torch.Tensor, values: torch.Tensor, memo: Memo = None) -> None:
         """Write values [N, H, D] to ``slots`` in place (slots must be distinct)."""
-        self._scatter(slots, values, self._v_view, self.layout.v_offsets)
+        self._scatter(slots, values, self._v_view, self.layout.v_offsets, memo)
 
-    def scatter_k(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
+    def scatter_k(self, slots: torch.Tensor, keys: torch.Tensor, memo: Memo = None) -> None:
         """Write keys [N, H, D] to ``slots`` in place (merge rules that merge keys)."""
-        self._scatter(slots, keys, self._k_view, self.layout.k_offsets)
+        self._scatter(slots, keys, self._k_view, self.layout.k_offsets, memo)
 
 
 class NHDPagedKV:
@@ -253,11 +285,11 @@ class NHDPagedKV:
         slots = slots.to(device=self._k.device, dtype=torch.int64)
         return slots // self.block_size, slots % self.block_size
 
-    def gather_k(self, slots: torch.Tensor) -> torch.Tensor:
-        """Keys of ``slots`` [N] as [N, H, D] (a copy)."""
+    def gather_k(self, slots: torch.Tensor, memo: Memo = None) -> torch.Tensor:
+        """Keys of ``slots`` [N] as [N, H, D] (a copy); ``memo`` is not needed here (plain indexing)."""
         return self._k[self._where(slots)]
 
-    def gather_v(self, slots: torch.Tensor) -> torch.Tensor:
+    def gather_v(self, slots: torch.Tensor, memo: Memo = None) -> torch.Tensor:
         """Values of ``slots`` [N] as [N, H, Dv] (a copy)."""
         return self._v[self._where(slots)]
 
@@ -270,10 +302,10 @@ class NHDPagedKV:
         """The keys as ``[num_blocks, block_size, H, D]`` (a view; the Triton kernels read it)."""
         return self._k
 
-    def scatter_v(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+    def scatter_v(self, slots: torch.Tensor, values: torch.Tensor, memo: Memo = None) -> None:
         """Write values [N, H, Dv] to ``slots`` in place (slots must be distinct)."""
         self._v[self._where(slots)] = values.to(self._v.dtype)
 
-    def scatter_k(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
+    def scatter_k(self, slots: torch.Tensor, keys: torch.Tensor, memo: Memo = None) -> None:
         """Write keys [N, H, D] to ``slots`` in place (merge rules that merge keys)."""
         self._k[self._where(slots)] = keys.to(self._k.dtype)

@@ -110,11 +110,11 @@ def score_and_merge(
     fields = score is not None and bool(score.fields)
     scoring = policy.merge is not None or score is not None  # token-exact streaming: output only
     for pack in packs:
-        k = paged.gather_k(pack.kv_slots)
+        k = paged.gather_k(pack.kv_slots, pack.memo)
         if output is not None:
-            out, probs = attention_with_probs(
-                query[pack.q_rows], k, paged.gather_v(pack.kv_slots), pack.visible, scale, hidden=pack.hidden
-            )
+            v = paged.gather_v(pack.kv_slots, pack.memo)
+            q = query[pack.q_rows]
+            out, probs = attention_with_probs(q, k, v, pack.visible, scale, hidden=pack.hidden)
             output[pack.q_rows] = out.reshape(out.shape[0], *output.shape[1:])
             if not scoring:
                 continue
@@ -145,9 +145,10 @@ def score_and_merge(
     for event in merges:  # each: Ev chains of one shape, merged in one call (heads side by side)
         ev, flat = event.num_events, event.slots.flatten()
         n = event.leaving.numel()
+        chains, written = event.memo.setdefault("chains", {}), event.memo.setdefault("written", {})
         res = merge_leaving(
-            values=_side_by_side(paged.gather_v(flat), ev),
-            keys=_side_by_side(paged.gather_k(flat), ev) if rule.needs_keys else None,
+            values=_side_by_side(paged.gather_v(flat, chains), ev),
+            keys=_side_by_side(paged.gather_k(flat, chains), ev) if rule.needs_keys else None,
             abar=_side_by_side(abar[flat], ev),
             leaving=event.leaving,
             positions=event.positions.T[:, :, None].expand(n, ev, num_heads).reshape(n, ev * num_heads),
@@ -158,10 +159,10 @@ def score_and_merge(
         )
         stays = ~event.leaving  # a leaving token's slot is freed after this step: skip the write
         kept = event.slots[:, stays].flatten()
-        paged.scatter_v(kept, _per_event(res.values[stays], ev))
+        paged.scatter_v(kept, _per_event(res.values[stays], ev), written)
         abar[kept] = _per_event(res.abar[stays], ev).to(abar.dtype)
         if res.keys is not None:
-            paged.scatter_k(kept, _per_event(res.keys[stays], ev))
+            paged.scatter_k(kept, _per_event(res.keys[stays], ev), written)
         record_merge(int((res.decisions.num_targets > 0).sum()) * ev, res.decisions, count_tokens)
 
 
@@ -257,13 +258,18 @@ def _per_event(t: torch.Tensor, events: int) -> torch.Tensor:
 
 
 def _gather_side_by_side(
-    paged: Any, abar: torch.Tensor, state: dict[str, torch.Tensor], slots: torch.Tensor
+    paged: Any,
+    abar: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    slots: torch.Tensor,
+    memo: dict | None = None,
 ) -> Tokens:
-    """Tokens of ``slots`` [Ev, C] with the events side by side on the head axis."""
+    """Tokens of ``slots`` [Ev, C] with the events side by side on the head axis (``memo``: see
+    ``PagedKV._where``)."""
     ev, flat = slots.shape[0], slots.flatten()
     return Tokens(
-        _side_by_side(paged.gather_k(flat), ev),
-        _side_by_side(paged.gather_v(flat), ev),
+        _side_by_side(paged.gather_k(flat, memo), ev),
+        _side_by_side(paged.gather_v(flat, memo), ev),
         _side_by_side(abar[flat], ev),
         {n: _side_by_side(t[flat], ev) for n, t in state.items()},
     )
@@ -335,20 +341,22 @@ def _choose_heavy(
         if not merges_now:
             continue
         recv_slots = torch.stack([e.receivers for e in group])
+        # the group is the same in every layer of the step: its first event keeps the indices
+        recv_memo = group[0].memo.setdefault(("receivers", ev), {})
         assert policy.merge is not None
         v, k, r_abar, decisions = merge_evicted(
             sub.take(where[choice.evicted]),
-            _gather_side_by_side(paged, abar, state, recv_slots),
+            _gather_side_by_side(paged, abar, state, recv_slots, recv_memo),
             policy.merge,
             layer_index,
             seed=seed,
             heads=heads.repeat(ev),
         )
         rs = recv_slots.flatten()
-        paged.scatter_v(rs, _per_event(v, ev))
+        paged.scatter_v(rs, _per_event(v, ev), recv_memo)
         abar[rs] = _per_event(r_abar, ev).to(abar.dtype)
         if k is not None:
-            paged.scatter_k(rs, _per_event(k, ev))
+            paged.scatter_k(rs, _per_event(k, ev), recv_memo)
         record_merge(int((decisions.num_targets > 0).sum()) * ev, decisions, count_tokens)
     for e in events:  # a bounded hold's next observation window scores afresh
         if e.restart is not None:

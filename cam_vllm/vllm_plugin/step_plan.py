@@ -245,6 +245,8 @@ class ScorePack:
     kv_slots: torch.Tensor  # [Nk] physical slots of the scored tokens
     visible: torch.Tensor  # [Nq, Nk] bool (policy visibility within the same request)
     _masks: dict[int, TotalsMask] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    # the element indices of ``kv_slots`` in the paged cache, made by the step's first layer
+    memo: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
     @functools.cached_property
     def hidden(self) -> torch.Tensor:
@@ -350,6 +352,9 @@ class MergeEvent:
     positions: torch.Tensor  # [Ev, N] (a leaving token's position keys its CaM draws)
     leaving: torch.Tensor  # [N] bool: leaves the retained set now (else a receiver that stays)
     seed: int | None = None  # the requests' own seed of the merge draws (None: the policy's)
+    # the paged cache's element indices of the chains and of the slots written back, per name,
+    # made by the step's first layer (``PagedKV._where``)
+    memo: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def num_events(self) -> int:
@@ -387,6 +392,9 @@ class HeavyEvent:
     # slots whose accumulated attention restarts at 0 after the choice (a bounded hold's
     # compression inside the prompt, ``HeavyPolicy.restarts_scores``); None: none
     restart: torch.Tensor | None = None
+    # the paged cache's element indices of this event's (and its group's) receivers, made by the
+    # step's first layer (``PagedKV._where``)
+    memo: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
