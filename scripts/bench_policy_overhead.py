@@ -33,7 +33,6 @@ class _Parts:
 
     def __init__(self) -> None:
         self.choose = self.gather = 0.0
-        self.calls = 0  # choice and merge calls
         self._inside = False
 
     def install(self) -> None:
@@ -50,7 +49,6 @@ class _Parts:
                 finally:
                     self._inside = False
                     self.choose += time.perf_counter() - t
-                    self.calls += 1
 
             return call
 

@@ -182,17 +182,19 @@ class PagedKV:
         indices of :meth:`_index`. With ``memo`` (a dict kept with one set of slots for one step),
         made once and reused by every layer of the step: the layers' caches share one shape and
         layout, and for the ``amx`` layout the indices cost as much as the read itself."""
+        if memo is None:
+            return self._make_where(slots, view, offsets)
         key = (view is not None, offsets.data_ptr(), tuple(self.flat.shape))
-        got = None if memo is None else memo.get(key)
+        got = memo.get(key)
         if got is None:
-            slots = slots.to(torch.int64)
-            if view is not None:
-                got = (slots // self.block_size, slots % self.block_size)
-            else:
-                got = self._index(slots, offsets)
-            if memo is not None:
-                memo[key] = got
+            got = memo[key] = self._make_where(slots, view, offsets)
         return got
+
+    def _make_where(self, slots: torch.Tensor, view: torch.Tensor | None, offsets: torch.Tensor) -> Any:
+        slots = slots.to(torch.int64)
+        if view is not None:
+            return slots // self.block_size, slots % self.block_size
+        return self._index(slots, offsets)
 
     def _gather(
         self, slots: torch.Tensor, view: torch.Tensor | None, offsets: torch.Tensor, memo: Memo = None
